@@ -1,0 +1,102 @@
+"""``maskrcnn predict IMAGES... --out results.json``: offline batch prediction
+writing the COCO results format."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model.coco import to_coco_results
+from model.errors import InvalidImageError
+from model.images import list_images, read_image
+from model.loading import load_model
+from model.options import PredictOptions
+from model.predictor import Predictor
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment image files and write COCO results JSON",
+        description="Run the model on image files (or directories of them) and write "
+        "detections in the COCO results format (bbox as x,y,w,h; RLE segmentation).",
+    )
+    parser.add_argument("images", nargs="+", help="image files or directories")
+    parser.add_argument("--model", default="auto", help="auto, coco, coco-v2, demo or a file")
+    parser.add_argument("--classes-file", help="class names, one per line (background first)")
+    parser.add_argument("--out", default="results.json", help="output file (- for stdout)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--iou-threshold", type=float, default=0.5)
+    parser.add_argument("--mask-threshold", type=float, default=0.5)
+    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument(
+        "--annotations",
+        help="a COCO annotations file: take image ids from it, matching file names",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = list_images(args.images)
+    if not paths:
+        print("maskrcnn predict: no image files found", file=sys.stderr)
+        return 2
+    image_ids = resolve_image_ids(paths, args.annotations)
+    loaded = load_model(args.model, classes_file=args.classes_file, device=args.device)
+    predictor = Predictor(loaded.network, loaded.info, device=next(loaded.network.parameters()).device)
+    options = PredictOptions(
+        score_threshold=args.score_threshold,
+        iou_threshold=args.iou_threshold,
+        mask_threshold=args.mask_threshold,
+        max_detections=args.max_detections,
+    )
+    rows, failed = [], 0
+    with tqdm(total=len(paths), unit="img", desc=f"predict ({loaded.info.id})") as bar:
+        for start in range(0, len(paths), max(1, args.batch_size)):
+            chunk = paths[start : start + args.batch_size]
+            images, kept = [], []
+            for path in chunk:
+                try:
+                    images.append(read_image(path))
+                    kept.append(path)
+                except InvalidImageError as e:
+                    failed += 1
+                    tqdm.write(f"skipped: {e}", file=sys.stderr)
+            results = predictor.predict(images, [options] * len(images)) if images else []
+            for path, result in zip(kept, results, strict=True):
+                rows.extend(to_coco_results(result, image_ids[path], str(path)))
+            bar.update(len(chunk))
+    write_json(rows, args.out)
+    print(f"{len(rows)} detections in {len(paths) - failed} images -> {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def resolve_image_ids(paths: list[Path], annotations: str | None) -> dict[Path, int]:
+    """Ids 1..n in order, or the ids a COCO file gives these file names."""
+    if not annotations:
+        return {path: i for i, path in enumerate(paths, start=1)}
+    with open(annotations, encoding="utf-8") as f:
+        images = json.load(f)["images"]
+    by_name = {img["file_name"]: img["id"] for img in images}
+    by_base = {Path(img["file_name"]).name: img["id"] for img in images}
+    ids = {}
+    for path in paths:
+        match = [by_name.get(str(path)), by_name.get(path.as_posix()), by_base.get(path.name)]
+        found = next((m for m in match if m is not None), None)
+        if found is None:
+            raise InvalidImageError(f"{path}: not listed in {annotations}")
+        ids[path] = found
+    return ids
+
+
+def write_json(rows: list[dict], out: str) -> None:
+    if out == "-":
+        json.dump(rows, sys.stdout)
+        return
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(rows), encoding="utf-8")
+    tmp.replace(out)

@@ -1,0 +1,51 @@
+"""Image files and Pillow images to the predictor's uint8 ``[3, H, W]`` tensors."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.errors import InvalidImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """EXIF-upright RGB uint8 ``[3, H, W]`` from any single-frame Pillow image.
+
+    Grayscale, palette, RGBA/LA, CMYK and 16/32-bit modes become 8-bit RGB
+    (high-bit-depth values are scaled, not clipped).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        array = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image file (JPEG, PNG, WebP, BMP) as an uint8 RGB ``[3, H, W]`` tensor."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return pil_to_tensor(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InvalidImageError(f"{path}: not a readable image ({e})") from e
+
+
+def list_images(paths: list[str]) -> list[Path]:
+    """Files as given, and the image files inside directories (sorted)."""
+    found = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            found.extend(
+                sorted(p for p in entry.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            )
+        else:
+            found.append(entry)
+    return found

@@ -1,0 +1,237 @@
+"""Batched prediction: a list of images and per-image options in, detections out.
+
+``Predictor`` wraps a torchvision ``MaskRCNN`` and adds, over calling the network:
+
+* per-image options (score / NMS IoU / mask thresholds, class filter, top-k,
+  mask format) applied after one batched forward of the whole list;
+* batched mask pasting and thresholding on the model's device instead of
+  torchvision's per-mask loop, and COCO RLE encoding from run lengths found on
+  the device (see ``model.masks`` and ``model.rle``);
+* boxes and masks in the pixel frame of each input image, class ids and names
+  from the model's metadata.
+
+The work is split in two stages so a caller can overlap them: ``forward`` (the
+network and everything on the device) and ``finish`` (string encoding on the CPU).
+``predict`` runs both.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.transform import resize_boxes
+
+from model.errors import InvalidImageError, InvalidOptionError
+from model.heads import predict_masks, select_boxes
+from model.info import ModelInfo
+from model.masks import paste_masks
+from model.options import MaskFormat, PredictOptions, check_options
+from model.rle import encode_polygons, find_runs, pack_runs
+
+__all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
+
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Detection:
+    """One instance. ``box`` is ``(x1, y1, x2, y2)`` in input-image pixels.
+
+    ``mask`` is a COCO compressed RLE ``{"size": [h, w], "counts": str}`` for
+    ``rle``, a list of polygons ``[[x0, y0, x1, y1, ...], ...]`` for ``polygon``,
+    ``None`` for ``none``.
+    """
+
+    class_id: int
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask: dict | list | None = None
+
+
+@dataclass
+class ImageResult:
+    width: int
+    height: int
+    detections: list[Detection] = field(default_factory=list)
+
+
+@dataclass
+class PendingBatch:
+    """What ``Predictor.forward`` hands to ``Predictor.finish``: everything already
+    on the CPU, only string and polygon encoding left."""
+
+    sizes: list[tuple[int, int]]
+    options: list[PredictOptions]
+    labels: list[list[int]]
+    scores: list[list[float]]
+    boxes: list[list[list[float]]]
+    runs: list[list[np.ndarray]]  # per image, per detection (rle)
+    crops: list[list[np.ndarray]]  # per image, per detection (polygon)
+
+
+class Predictor:
+    """Runs a torchvision ``MaskRCNN`` on a list of images with per-image options.
+
+    Args:
+        network: a ``MaskRCNN`` (any backbone); it is moved to ``device``, eval mode.
+        info: its ``ModelInfo`` (class ids and names).
+        device: where the network runs.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
+
+    ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
+    any device) and one ``PredictOptions`` per image, and returns one
+    ``ImageResult`` per image, in order, boxes ``(x1, y1, x2, y2)`` in that
+    image's pixels, highest scores first.
+    """
+
+    def __init__(
+        self,
+        network: MaskRCNN,
+        info: ModelInfo,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ):
+        if precision not in _AUTOCAST_DTYPES:
+            raise InvalidOptionError(
+                f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}"
+            )
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.info = info
+        self.precision = precision
+
+    def predict(
+        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
+    ) -> list[ImageResult]:
+        return self.finish(self.forward(images, options))
+
+    @torch.inference_mode()
+    def forward(
+        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
+    ) -> PendingBatch:
+        """The network and all device work for one batch; blocking."""
+        options = list(options) if options is not None else [PredictOptions()] * len(images)
+        if len(options) != len(images):
+            raise InvalidOptionError(
+                f"expected one PredictOptions per image, got {len(options)} for {len(images)}"
+            )
+        for opts in options:
+            check_options(opts)
+        batch = [to_float_image(image, self.device) for image in images]
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
+        if not batch:
+            return PendingBatch([], [], [], [], [], [], [])
+        with self._autocast():
+            detections = self._detect(batch, options)
+        return self._postprocess(detections, sizes, options)
+
+    def finish(self, pending: PendingBatch) -> list[ImageResult]:
+        """Encode masks and build the results; CPU only."""
+        results = []
+        for i, (height, width) in enumerate(pending.sizes):
+            fmt = pending.options[i].mask_format
+            if fmt == "rle":
+                masks = pack_runs(pending.runs[i], (height, width))
+            elif fmt == "polygon":
+                masks = [polygons_at(crop, offset) for crop, offset in pending.crops[i]]
+            else:
+                masks = [None] * len(pending.labels[i])
+            detections = [
+                Detection(
+                    class_id=self.info.class_ids[label],
+                    class_name=self.info.class_names[label],
+                    score=score,
+                    box=tuple(box),
+                    mask=mask,
+                )
+                for label, score, box, mask in zip(
+                    pending.labels[i], pending.scores[i], pending.boxes[i], masks, strict=True
+                )
+            ]
+            results.append(ImageResult(width=width, height=height, detections=detections))
+        return results
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        enabled = dtype is not None and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    def _detect(self, batch: list[torch.Tensor], options: list[PredictOptions]) -> list[dict]:
+        """Transform, backbone, RPN and box head as torchvision does, then per-image
+        selection with each image's options, then the mask head on the kept boxes."""
+        net = self.network
+        original_sizes = [tuple(image.shape[-2:]) for image in batch]
+        image_list, _ = net.transform(batch)
+        features = net.backbone(image_list.tensors)
+        proposals, _ = net.rpn(image_list, features)
+        kept = select_boxes(net.roi_heads, features, proposals, image_list.image_sizes, options)
+        mask_probs = predict_masks(net.roi_heads, features, kept, image_list.image_sizes)
+        for det, probs, resized, original in zip(
+            kept, mask_probs, image_list.image_sizes, original_sizes, strict=True
+        ):
+            det["boxes"] = resize_boxes(det["boxes"], resized, original).float()
+            det["mask_probs"] = probs.float()
+        return kept
+
+    def _postprocess(
+        self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
+    ) -> PendingBatch:
+        pending = PendingBatch(sizes, options, [], [], [], [], [])
+        for det, size, opts in zip(detections, sizes, options, strict=True):
+            runs, crops = [], []
+            if opts.mask_format != "none" and len(det["boxes"]):
+                masks = paste_masks(det["mask_probs"], det["boxes"], size, opts.mask_threshold)
+                if opts.mask_format == "rle":
+                    runs = find_runs(masks)
+                else:
+                    crops = crop_masks(masks)
+            pending.labels.append(det["labels"].tolist())
+            pending.scores.append(det["scores"].float().tolist())
+            pending.boxes.append(det["boxes"].tolist())
+            pending.runs.append(runs)
+            pending.crops.append(crops)
+        return pending
+
+
+def to_float_image(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` to float ``[0, 1]`` on ``device`` (uploaded as uint8)."""
+    if not isinstance(image, torch.Tensor):
+        raise InvalidImageError(f"expected an image tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise InvalidImageError(
+            "expected a uint8 RGB image tensor of shape [3, H, W], "
+            f"got dtype {image.dtype} and shape {list(image.shape)}"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise InvalidImageError(f"image is empty: shape {list(image.shape)}")
+    return image.to(device, non_blocking=True).float().div_(255)
+
+
+def crop_masks(masks: torch.Tensor) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Each mask's non-empty bounding region on the CPU, with its (x, y) offset."""
+    rows = masks.any(dim=2).cpu().numpy()
+    cols = masks.any(dim=1).cpu().numpy()
+    crops = []
+    for i in range(len(masks)):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if len(ys) == 0:
+            crops.append((np.zeros((0, 0), dtype=bool), (0, 0)))
+            continue
+        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+        crops.append((masks[i, y0:y1, x0:x1].cpu().numpy(), (int(x0), int(y0))))
+    return crops
+
+
+def polygons_at(crop: np.ndarray, offset: tuple[int, int]) -> list[list[float]]:
+    """``encode_polygons`` of a crop, moved to image coordinates."""
+    if crop.size == 0:
+        return []
+    x0, y0 = offset
+    return [
+        [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(polygon)]
+        for polygon in encode_polygons(crop)
+    ]

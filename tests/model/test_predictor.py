@@ -1,0 +1,146 @@
+"""The predictor against torchvision's own ``model(images)`` on the same weights."""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from model.errors import InvalidImageError, InvalidOptionError
+from model.options import PredictOptions
+from model.predictor import Predictor
+from tests.model.conftest import random_image
+
+# Largest fraction of a mask's pixels that differs from torchvision's pasted mask,
+# measured over every detection of test_matches_torchvision: 0.0 (identical).
+MAX_MASK_MISMATCH = 0.005
+
+
+@pytest.fixture(scope="module")
+def predictor(network, info):
+    return Predictor(network, info)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [random_image(100, 130, 1), random_image(90, 70, 2), random_image(128, 128, 3)]
+
+
+def torchvision_reference(network, images, *, score=0.05, iou=0.5, top=100):
+    heads = network.roi_heads
+    saved = heads.score_thresh, heads.nms_thresh, heads.detections_per_img
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = score, iou, top
+    try:
+        with torch.no_grad():
+            return network([image.float() / 255 for image in images])
+    finally:
+        heads.score_thresh, heads.nms_thresh, heads.detections_per_img = saved
+
+
+def decode(det) -> np.ndarray:
+    return mask_utils.decode(det.mask).astype(bool)
+
+
+@pytest.mark.parametrize("mask_threshold", [0.5, 0.3])
+def test_matches_torchvision(predictor, network, info, images, mask_threshold):
+    options = PredictOptions(score_threshold=0.05, mask_threshold=mask_threshold)
+    ours = predictor.predict(images, [options] * len(images))
+    reference = torchvision_reference(network, images)
+    total = 0
+    worst = 0.0
+    for result, ref, image in zip(ours, reference, images, strict=True):
+        assert (result.height, result.width) == tuple(image.shape[1:])
+        assert len(result.detections) == len(ref["boxes"])
+        total += len(result.detections)
+        ids = [info.class_ids[label] for label in ref["labels"].tolist()]
+        assert [d.class_id for d in result.detections] == ids
+        assert [d.class_name for d in result.detections] == [
+            info.class_names[label] for label in ref["labels"].tolist()
+        ]
+        torch.testing.assert_close(
+            torch.tensor([d.box for d in result.detections]), ref["boxes"], atol=1e-3, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor([d.score for d in result.detections]), ref["scores"], atol=1e-5, rtol=0
+        )
+        ref_masks = (ref["masks"][:, 0] >= mask_threshold).numpy()
+        for det, ref_mask in zip(result.detections, ref_masks, strict=True):
+            ours_mask = decode(det)
+            assert ours_mask.shape == ref_mask.shape
+            wrong = np.count_nonzero(ours_mask != ref_mask)
+            worst = max(worst, wrong / max(1, ref_mask.sum()))
+    assert total >= 30, "the comparison needs detections to mean anything"
+    assert worst <= MAX_MASK_MISMATCH
+
+
+def test_options_apply_per_image_inside_one_batch(predictor, images):
+    a, b = random_image(100, 130, 7), images[0]  # same size: no extra padding
+    alone = predictor.predict([a], [PredictOptions(score_threshold=0.1)])[0]
+    strict = PredictOptions(score_threshold=0.3, iou_threshold=0.3, max_detections=2,
+                            mask_format="none")
+    mixed = predictor.predict([b, a, b], [strict, PredictOptions(score_threshold=0.1), strict])
+    assert mixed[1] == alone
+    assert len(mixed[0].detections) <= 2 and all(d.mask is None for d in mixed[0].detections)
+    assert all(d.score >= 0.3 for d in mixed[0].detections)
+
+
+def test_class_filter_and_top_k(predictor, info, images):
+    everything = predictor.predict(images[:1], [PredictOptions(score_threshold=0.05,
+                                                               max_detections=1000)])[0]
+    label = 2
+    only = predictor.predict(
+        images[:1],
+        [PredictOptions(score_threshold=0.05, max_detections=1000, classes=frozenset({label}))],
+    )[0]
+    expected = [d for d in everything.detections if d.class_id == info.class_ids[label]]
+    assert only.detections == expected and expected
+    top3 = predictor.predict(images[:1], [PredictOptions(score_threshold=0.05,
+                                                         max_detections=3)])[0]
+    assert top3.detections == everything.detections[:3]
+
+
+def test_no_detections(predictor, images):
+    result = predictor.predict(images[:2], [PredictOptions(score_threshold=1.0)] * 2)
+    assert [r.detections for r in result] == [[], []]
+    assert predictor.predict([], []) == []
+
+
+def test_polygons_follow_the_rle_mask(predictor, images):
+    options = [PredictOptions(score_threshold=0.2, mask_format=f) for f in ("rle", "polygon")]
+    rle, poly = predictor.predict([images[2], images[2]], options)
+    checked = 0
+    for r, p in zip(rle.detections, poly.detections, strict=True):
+        assert r.box == p.box
+        mask = decode(r)
+        if mask.sum() < 200:
+            continue
+        assert p.mask, "a mask of 200+ pixels has at least one polygon"
+        filled = mask_utils.decode(mask_utils.merge(
+            mask_utils.frPyObjects(p.mask, rle.height, rle.width))).astype(bool)
+        iou = (filled & mask).sum() / (filled | mask).sum()
+        assert iou > 0.8
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (torch.zeros(3, 10, 10), "uint8"),
+        (torch.zeros(4, 10, 10, dtype=torch.uint8), "[3, H, W]"),
+        (torch.zeros(3, 0, 10, dtype=torch.uint8), "empty"),
+        (np.zeros((10, 10, 3), dtype=np.uint8), "tensor"),
+    ],
+)
+def test_rejects_bad_images(predictor, image, message):
+    with pytest.raises(InvalidImageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        predictor.predict([image], [PredictOptions()])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [PredictOptions(score_threshold=1.5), PredictOptions(iou_threshold=float("nan")),
+     PredictOptions(max_detections=-1), PredictOptions(mask_format="png")],
+)
+def test_rejects_bad_options(predictor, images, options):
+    with pytest.raises(InvalidOptionError):
+        predictor.predict(images[:1], [options])
