@@ -38,7 +38,8 @@ def hash_tensors(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         tensor = state[name].detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -117,7 +118,8 @@ def load_state(network: nn.Module, state: dict[str, torch.Tensor], source: str) 
         raise CheckpointError(f"{source}: does not fit the architecture: {detail}") from e
     problems = []
     if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} tensors (e.g. {result.missing_keys[0]})")
+        missing = result.missing_keys
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
     if result.unexpected_keys:
         problems.append(
             f"{len(result.unexpected_keys)} unexpected tensors (e.g. {result.unexpected_keys[0]})"

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
-from torchvision.ops import batched_nms, box_ops
+from torchvision.ops import batched_nms
+from torchvision.ops import boxes as box_ops
 
 from model.options import PredictOptions
 

@@ -79,4 +79,6 @@ def load_pretrained_state(
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cached {pretrained.name} weights are unreadable: {e}") from e
+        raise CheckpointError(
+            f"{path}: cached {pretrained.name} weights are unreadable: {e}"
+        ) from e

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     image_ids = resolve_image_ids(paths, args.annotations)
     loaded = load_model(args.model, classes_file=args.classes_file, device=args.device)
-    predictor = Predictor(loaded.network, loaded.info, device=next(loaded.network.parameters()).device)
+    device = next(loaded.network.parameters()).device
+    predictor = Predictor(loaded.network, loaded.info, device=device)
     options = PredictOptions(
         score_threshold=args.score_threshold,
         iou_threshold=args.iou_threshold,

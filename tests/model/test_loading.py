@@ -102,7 +102,7 @@ def test_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
 
 
 def test_mismatched_state_dict(pth_file, tmp_path):
-    path, original = pth_file
+    _, original = pth_file
     state = original.state_dict()
     state["roi_heads.mask_predictor.mask_fcn_logits.weight"] = torch.zeros(7, 256, 1, 1)
     bad = tmp_path / "mismatch.pth"

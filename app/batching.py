@@ -1,0 +1,301 @@
+"""The batching queue (SPEC §5): images from any number of requests in, batched
+model calls out.
+
+* Work items are images. A batch is sent when its size bucket holds
+  ``max_batch_size`` images or when its oldest image has waited
+  ``max_batch_delay_s``; images only share a batch with images of the same bucket
+  (by default the same padded network input size), so a batch's padding never
+  changes an image's detections.
+* ``predictor.forward`` runs in one worker thread, ``predictor.finish`` in another:
+  the next batch's forward overlaps the previous batch's postprocessing. At most
+  ``max_pending`` forwarded batches wait for their finish.
+* Admission happens before any heavy work: ``admit(n)`` reserves ``n`` queue
+  places or raises ``QueueFullError`` with a ``Retry-After`` estimated from the
+  queue depth and the measured batch time.
+* An image whose deadline passed, or whose request went away (its ``Ticket`` was
+  closed), is dropped before the model.
+* Running a batch (threads, out-of-memory split-and-retry) is ``app.stages``.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from app.errors import (
+    DeadlineExceededError,
+    NotReadyError,
+    PayloadTooLargeError,
+    QueueFullError,
+)
+from app.metrics import Metrics
+from app.stages import BatchPredictor, BatchRunner, Forwarded, ItemResult, WorkItem, fail
+from model.options import PredictOptions
+
+__all__ = ["BatchPredictor", "Batcher", "ItemResult", "Ticket", "image_size_key"]
+
+log = logging.getLogger(__name__)
+
+
+def image_size_key(image: torch.Tensor) -> Hashable:
+    return tuple(image.shape[-2:])
+
+
+class Batcher:
+    """See the module docstring. Use from one event loop; ``start`` before ``admit``."""
+
+    def __init__(
+        self,
+        predictor: BatchPredictor,
+        *,
+        max_batch_size: int = 8,
+        max_batch_delay_s: float = 0.005,
+        max_queue_size: int = 64,
+        bucket_key: Callable[[torch.Tensor], Hashable] = image_size_key,
+        metrics: Metrics | None = None,
+        max_pending: int = 2,
+    ):
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue_size = max_queue_size
+        self.bucket_key = bucket_key
+        self.metrics = metrics or Metrics(max_batch_size=max_batch_size)
+        self.metrics.queue_depth.set_function(lambda: self.depth)
+        self.runner = BatchRunner(predictor, self.metrics)
+        self.batch_seconds = 0.0  # moving average of one forward + finish
+        self._buckets: dict[Hashable, deque[WorkItem]] = {}
+        self._waiting = 0
+        self._reserved = 0
+        self._busy = 0  # items taken from the queue and not answered yet
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_pending)
+        self._finishers: set[asyncio.Task] = set()
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet sent to the model."""
+        return self._waiting + self._reserved
+
+    @property
+    def idle(self) -> bool:
+        return self.depth == 0 and self._busy == 0
+
+    def estimate_wait_s(self, extra: int = 0) -> float:
+        batches = math.ceil((self.depth + extra) / self.max_batch_size) + 1
+        return batches * max(self.batch_seconds, 0.05) + self.max_batch_delay_s
+
+    def record_batch_time(self, seconds: float) -> None:
+        a = 0.2 if self.batch_seconds else 1.0
+        self.batch_seconds = (1 - a) * self.batch_seconds + a * seconds
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch_loop(), name="maskrcnn-batcher")
+        self._task.add_done_callback(_log_crash)
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Finish (``drain``) or fail every queued image, then stop the workers."""
+        self._closing = True
+        if not drain:
+            for bucket in self._buckets.values():
+                for item in bucket:
+                    fail(item, NotReadyError("the server is shutting down"))
+            self._buckets.clear()
+            self._waiting = 0
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        if self._finishers:
+            await asyncio.gather(*self._finishers, return_exceptions=True)
+        self.runner.shutdown()
+
+    # -- admission --------------------------------------------------------------
+
+    def admit(self, n: int) -> "Ticket":
+        """Reserve ``n`` queue places (``QueueFullError`` when they are not free)."""
+        if self._closing or self._task is None:
+            raise NotReadyError("the server is shutting down", retry_after=5)
+        if n > self.max_queue_size:
+            raise PayloadTooLargeError(
+                f"{n} images in one request; the queue holds at most {self.max_queue_size}",
+                code="too_many_images",
+            )
+        if self.depth + n > self.max_queue_size:
+            raise QueueFullError(
+                f"the queue is full ({self.depth} of {self.max_queue_size} images waiting); "
+                "retry later",
+                retry_after=self.estimate_wait_s(n),
+            )
+        self._reserved += n
+        return Ticket(self, n)
+
+    def _enqueue(
+        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions], deadline: float
+    ) -> list[WorkItem]:
+        if self._closing:
+            raise NotReadyError("the server is shutting down", retry_after=5)
+        loop = asyncio.get_running_loop()
+        items = []
+        for image, opts in zip(images, options, strict=True):
+            item = WorkItem(image, opts, self.bucket_key(image), deadline, loop.create_future())
+            self._buckets.setdefault(item.bucket, deque()).append(item)
+            items.append(item)
+        self._waiting += len(items)
+        self._wakeup.set()
+        return items
+
+    def _withdraw(self, items: list[WorkItem], reason: str) -> None:
+        """Take a closed ticket's waiting images out of the queue."""
+        for item in items:
+            bucket = self._buckets.get(item.bucket)
+            if bucket is not None and item in bucket:
+                bucket.remove(item)
+                self._waiting -= 1
+                self.metrics.dropped_images.labels(reason=reason).inc()
+                if not bucket:
+                    del self._buckets[item.bucket]
+            if not item.future.done():
+                item.future.cancel()
+            elif not item.future.cancelled():
+                item.future.exception()  # mark it retrieved: the request already failed
+
+    # -- dispatch ---------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            batch = await self._next_batch()
+            if batch is None:
+                self._slots.release()
+                return
+            live = self._drop_dead(batch)
+            if not live:
+                self._slots.release()
+                continue
+            self._busy += len(live)
+            forwarded = await self.runner.forward(live)
+            task = asyncio.create_task(self._finish(forwarded))
+            self._finishers.add(task)
+            task.add_done_callback(self._finishers.discard)
+
+    async def _next_batch(self) -> list[WorkItem] | None:
+        while True:
+            bucket, wait = self._pick_bucket(time.monotonic())
+            if bucket is not None:
+                return self._take(bucket)
+            if self._closing and not self._waiting:
+                return None
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+
+    def _pick_bucket(self, now: float) -> tuple[Hashable | None, float | None]:
+        """The bucket to send now, else how long until one is due (``None``: forever)."""
+        if not self._buckets:
+            return None, None
+        by_age = sorted(self._buckets, key=lambda b: self._buckets[b][0].enqueued_at)
+        for key in by_age:
+            if len(self._buckets[key]) >= self.max_batch_size:
+                return key, None
+        oldest = by_age[0]
+        due = self._buckets[oldest][0].enqueued_at + self.max_batch_delay_s - now
+        if due <= 0 or self._closing:
+            return oldest, None
+        return None, due
+
+    def _take(self, key: Hashable) -> list[WorkItem]:
+        bucket = self._buckets[key]
+        batch = [bucket.popleft() for _ in range(min(len(bucket), self.max_batch_size))]
+        if not bucket:
+            del self._buckets[key]
+        self._waiting -= len(batch)
+        return batch
+
+    def _drop_dead(self, batch: list[WorkItem]) -> list[WorkItem]:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():
+                self.metrics.dropped_images.labels(reason="cancelled").inc()
+            elif item.deadline <= now:
+                self.metrics.dropped_images.labels(reason="deadline").inc()
+                fail(item, DeadlineExceededError("the request's deadline passed in the queue"))
+            else:
+                item.dispatched_at = now
+                self.metrics.queue_seconds.observe(now - item.enqueued_at)
+                live.append(item)
+        return live
+
+    async def _finish(self, forwarded: list[Forwarded]) -> None:
+        try:
+            for group in forwarded:
+                seconds = await self.runner.finish(group)
+                if seconds is not None:
+                    self.record_batch_time(group.seconds + seconds)
+        finally:
+            self._busy -= sum(len(group.items) for group in forwarded)
+            self._slots.release()
+
+
+class Ticket:
+    """Queue places reserved by ``Batcher.admit``; use it as a context manager.
+
+    Leaving the ``with`` block returns unused places and withdraws images still
+    waiting (the request timed out, failed or was cancelled), so they never
+    reach the model.
+    """
+
+    def __init__(self, batcher: Batcher, reserved: int):
+        self._batcher = batcher
+        self._reserved = reserved
+        self._items: list[WorkItem] = []
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        reason = {TimeoutError: "deadline", asyncio.CancelledError: "cancelled"}.get(
+            exc_type, "error"
+        )
+        self.close(reason)
+
+    async def submit(
+        self,
+        images: Sequence[torch.Tensor],
+        options: Sequence[PredictOptions],
+        *,
+        deadline: float,
+    ) -> list[ItemResult]:
+        """Queue the images (as many as reserved) and wait for their results, in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant.
+        """
+        if len(images) != self._reserved:
+            raise ValueError(f"reserved {self._reserved} places, got {len(images)} images")
+        self._items = self._batcher._enqueue(images, options, deadline)
+        self._release()
+        return list(await asyncio.gather(*(item.future for item in self._items)))
+
+    def close(self, reason: str = "cancelled") -> None:
+        self._release()
+        self._batcher._withdraw(self._items, reason)
+
+    def _release(self) -> None:
+        self._batcher._reserved -= self._reserved
+        self._reserved = 0
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the batching loop stopped", exc_info=task.exception())

@@ -1,0 +1,185 @@
+"""One error shape for every non-2xx answer (SPEC §4 Errors)::
+
+    {"error": {"code": "queue_full", "message": "...", "request_id": "..."}}
+
+``AppError`` subclasses carry their status and code; ``model.errors`` and
+framework errors are mapped here, in one place. Tracebacks never reach clients.
+"""
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.responses import OrjsonResponse
+from model.errors import (
+    CheckpointError,
+    DatasetError,
+    InvalidImageError,
+    InvalidOptionError,
+    ModelError,
+    WeightsUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.headers = headers or {}
+
+
+class BadRequestError(AppError):
+    status_code, code = 400, "bad_request"
+
+
+class UnauthorizedError(AppError):
+    status_code, code = 401, "unauthorized"
+
+
+class ForbiddenError(AppError):
+    status_code, code = 403, "forbidden"
+
+
+class NotFoundError(AppError):
+    status_code, code = 404, "not_found"
+
+
+class PayloadTooLargeError(AppError):
+    status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(AppError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class UnavailableError(AppError):
+    """503 with ``Retry-After`` (seconds, at least 1)."""
+
+    status_code, code = 503, "unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(message, code=code, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
+
+
+class QueueFullError(UnavailableError):
+    code = "queue_full"
+
+
+class NotReadyError(UnavailableError):
+    code = "not_ready"
+
+
+class DeadlineExceededError(AppError):
+    status_code, code = 504, "deadline_exceeded"
+
+
+_MODEL_ERRORS: dict[type[ModelError], tuple[int, str]] = {
+    InvalidImageError: (400, "invalid_image"),
+    DatasetError: (400, "invalid_dataset"),
+    InvalidOptionError: (422, "invalid_option"),
+    CheckpointError: (500, "model_error"),
+    WeightsUnavailableError: (503, "weights_unavailable"),
+}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def request_id_of(scope_or_request) -> str:
+    scope = getattr(scope_or_request, "scope", scope_or_request)
+    return scope.get("state", {}).get("request_id", "")
+
+
+def error_response(
+    status_code: int, code: str, message: str, request_id: str, headers: dict | None = None
+) -> Response:
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return OrjsonResponse(body, status_code=status_code, headers=headers)
+
+
+def model_error_status(error: ModelError) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in _MODEL_ERRORS:
+            return _MODEL_ERRORS[cls]
+    return 500, "model_error"
+
+
+def describe_validation(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:10]:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+_REJECTED = {413, 429, 503, 504}
+
+
+async def _handle_app_error(request: Request, exc: AppError) -> Response:
+    service = getattr(request.app.state, "service", None)
+    if exc.status_code in _REJECTED and service is not None:
+        service.metrics.rejected.labels(reason=exc.code).inc()
+    return error_response(
+        exc.status_code, exc.code, exc.message, request_id_of(request), exc.headers
+    )
+
+
+async def _handle_model_error(request: Request, exc: ModelError) -> Response:
+    status, code = model_error_status(exc)
+    message = str(exc)
+    if isinstance(exc, DatasetError) and exc.problems:
+        message = f"{message}: " + "; ".join(exc.problems)
+    if status >= 500:
+        log.error("model error: %s", exc)
+    return error_response(status, code, message, request_id_of(request))
+
+
+async def _handle_http(request: Request, exc: StarletteHTTPException) -> Response:
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(
+        exc.status_code, code, message, request_id_of(request), getattr(exc, "headers", None)
+    )
+
+
+async def _handle_validation(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(422, "validation_error", describe_validation(exc), request_id_of(request))
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(
+        500, "internal_error", "internal server error; see the server log", request_id_of(request)
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _handle_app_error)
+    app.add_exception_handler(ModelError, _handle_model_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(Exception, _handle_unexpected)

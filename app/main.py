@@ -1,0 +1,47 @@
+"""The FastAPI app: ``create_app`` wires settings, the service state, error
+handlers, middleware and routers. Run it with ``maskrcnn serve`` (or
+``uvicorn --factory app.main:create_app``)."""
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app.errors import install_error_handlers
+from app.lifespan import lifespan
+from app.middleware import RequestContextMiddleware
+from app.openapi import install_openapi
+from app.responses import OrjsonResponse
+from app.routes import health, models, segment
+from app.service import PredictorLoader, Service
+from app.settings import Settings, load_settings
+
+VERSION = "0.1.0"
+
+
+def operation_id(route: APIRoute) -> str:
+    return route.name  # stable, readable operationIds: segment, segment_json, ...
+
+
+def create_app(
+    settings: Settings | None = None, *, load_predictor: PredictorLoader | None = None
+) -> FastAPI:
+    """``settings`` default to the environment; ``load_predictor`` (tests) replaces
+    building the predictor from ``settings.model``."""
+    settings = settings or load_settings()
+    service = Service(settings, load_predictor=load_predictor)
+    app = FastAPI(
+        title="maskrcnn-service",
+        version=VERSION,
+        summary="Mask R-CNN instance segmentation with batched inference",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+        generate_unique_id_function=operation_id,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(
+        RequestContextMiddleware, service=service, max_body_bytes=settings.max_upload_bytes
+    )
+    for module in (segment, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,130 @@
+"""Service settings (SPEC §7): environment variables prefixed ``MASKRCNN_`` or a
+``.env`` file. Invalid values stop start-up with a message naming the variable."""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MASKRCNN_"
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class SettingsError(Exception):
+    """One or more settings have invalid values; the message names each variable."""
+
+
+def _split_list(value: Any) -> Any:
+    """Comma-separated strings (``a,b``) become lists; lists pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    # model (SPEC §3)
+    model: str = "auto"
+    classes_file: Path | None = None
+    device: str = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    # batching queue (SPEC §5)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue_size: int = Field(64, ge=1, le=100_000)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+    # input limits (SPEC §9)
+    max_upload_mb: float = Field(50.0, gt=0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(32, ge=1)
+    url_fetch: bool = True
+    url_allow_private: bool = False
+    url_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # storage, jobs and auth (SPEC §6, §9)
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    admin_token: SecretStr | None = None
+    run_worker: bool = True
+
+    # logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected auto, coco, coco-v2, demo, a file path or a model id")
+        return value.strip()
+
+    @field_validator("max_images_per_request")
+    @classmethod
+    def _fits_queue(cls, value: int, info: ValidationInfo) -> int:
+        queue = info.data.get("max_queue_size")
+        if queue is not None and value > queue:
+            raise ValueError(f"must not exceed MASKRCNN_MAX_QUEUE_SIZE ({queue})")
+        return value
+
+    @field_validator("url_allowlist", "api_tokens", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _check_tokens(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        if any(len(token.get_secret_value()) < 8 for token in value):
+            raise ValueError("every token needs at least 8 characters")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def database_url_or_default(self) -> str:
+        """``DATABASE_URL``, or a SQLite file under ``DATA_DIR``."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'maskrcnn.db'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (and ``.env``); ``overrides`` win over both.
+
+    Raises ``SettingsError`` listing every invalid variable by its full name.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            shown = error.get("input")
+            shown = "***" if "token" in field else shown
+            problems.append(
+                f"{ENV_PREFIX}{field.upper()}={shown!s}: {error['msg']}"
+                if not isinstance(shown, dict)
+                else f"{ENV_PREFIX}{field.upper()}: {error['msg']}"
+            )
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

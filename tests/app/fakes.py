@@ -1,0 +1,107 @@
+"""A predictor stand-in for queue and route tests: no network, observable calls,
+controllable speed and failures."""
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from model.info import ModelInfo
+
+INFO = ModelInfo("fake", "fake_arch", (0, 1, 2), ("background", "a", "b"))
+
+
+@dataclass
+class FakeDetection:
+    class_id: int
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask: dict | list | None = None
+
+
+@dataclass
+class FakeResult:
+    width: int
+    height: int
+    detections: list[FakeDetection] = field(default_factory=list)
+
+
+def image_score(image: torch.Tensor) -> float:
+    """What the fake 'detects': the image's mean value, so results identify images."""
+    return float(image.float().mean()) / 255
+
+
+class FakePredictor:
+    """``forward`` records each batch; ``gate`` (when set) holds forwards until
+    released; ``forward_s``/``finish_s`` sleep; ``oom_if`` decides per batch
+    whether to raise a CUDA out-of-memory error."""
+
+    def __init__(self, *, forward_s=0.0, finish_s=0.0, oom_if=None, fail_with=None):
+        self.info = INFO
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+        self.forward_s, self.finish_s = forward_s, finish_s
+        self.oom_if = oom_if
+        self.fail_with = fail_with
+        self.batches: list[list[float]] = []  # scores of the images of each forward
+        self.events: list[tuple[str, int, float]] = []  # (stage, batch no, time)
+        self.gate: threading.Event | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def images_forwarded(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def forward(self, images, options):
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.oom_if is not None and self.oom_if(images):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.fail_with is not None:
+            raise self.fail_with
+        with self.lock:
+            number = len(self.batches)
+            self.batches.append([image_score(i) for i in images])
+        self.events.append(("forward_start", number, time.monotonic()))
+        time.sleep(self.forward_s)
+        self.events.append(("forward_end", number, time.monotonic()))
+        return number, list(zip(images, options, strict=True))
+
+    def finish(self, pending):
+        number, pairs = pending
+        self.events.append(("finish_start", number, time.monotonic()))
+        time.sleep(self.finish_s)
+        self.events.append(("finish_end", number, time.monotonic()))
+        results = []
+        for image, opts in pairs:
+            height, width = image.shape[-2:]
+            box, mask = fake_mask(int(height), int(width), opts.mask_format)
+            detection = FakeDetection(1, "a", image_score(image), box, mask)
+            kept = [detection] if detection.score >= opts.score_threshold else []
+            results.append(FakeResult(int(width), int(height), kept))
+        return results
+
+    def predict(self, images, options):
+        return self.finish(self.forward(images, options))
+
+
+def solid_image(value: int, height: int = 32, width: int = 32) -> torch.Tensor:
+    return torch.full((3, height, width), value, dtype=torch.uint8)
+
+
+def fake_mask(height: int, width: int, mask_format: str):
+    """A rectangle over the middle half of the image, and its box."""
+    y0, y1, x0, x1 = height // 4, height * 3 // 4, width // 4, width * 3 // 4
+    box = (float(x0), float(y0), float(x1), float(y1))
+    if mask_format == "none":
+        return box, None
+    if mask_format == "polygon":
+        return box, [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    array = np.zeros((height, width), dtype=np.uint8, order="F")
+    array[y0:y1, x0:x1] = 1
+    rle = mask_utils.encode(array)
+    return box, {"size": [height, width], "counts": rle["counts"].decode()}

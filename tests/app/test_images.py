@@ -1,0 +1,81 @@
+"""Upload decoding: allowed formats by content, limits, orientation, modes (SPEC §9)."""
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from app.images import decode_image, decode_images
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width=40, height=30) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    array = np.stack([np.tile(x, (height, 1))] * 3, axis=2)
+    array[..., 1] = 100
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
+def test_allowed_formats_decode_to_rgb_uint8(fmt):
+    tensor = decode_image(encode(gradient(), fmt), max_pixels=10_000)
+    assert tensor.dtype.is_floating_point is False and tuple(tensor.shape) == (3, 30, 40)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_other_formats_are_415_whatever_the_name(fmt):
+    with pytest.raises(UnsupportedMediaTypeError, match=r"photo\.jpg"):
+        decode_image(encode(gradient(), fmt), max_pixels=10_000, name="photo.jpg")
+
+
+def test_corrupt_and_truncated_files_are_400():
+    data = encode(gradient(), "PNG")
+    with pytest.raises(BadRequestError):
+        decode_image(data[: len(data) // 2], max_pixels=10_000)
+    with pytest.raises(BadRequestError):
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, max_pixels=10_000)
+    with pytest.raises(BadRequestError):
+        decode_image(b"", max_pixels=10_000)
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    # a 1 bit-per-pixel PNG of 100 Mpx is tiny on the wire
+    huge = encode(Image.new("1", (10_000, 10_000)), "PNG")
+    assert len(huge) < 100_000
+    with pytest.raises(PayloadTooLargeError, match="10000x10000"):
+        decode_image(huge, max_pixels=40_000_000)
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(gradient(40, 30), "JPEG", exif=exif)
+    assert tuple(decode_image(data, max_pixels=10_000).shape) == (3, 40, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
+def test_every_mode_becomes_rgb(mode):
+    image = gradient().convert("L").convert(mode) if mode != "I;16" else Image.new("I;16", (40, 30))
+    tensor = decode_image(encode(image, "PNG"), max_pixels=10_000)
+    assert tuple(tensor.shape) == (3, 30, 40)
+
+
+def test_multi_frame_images_are_refused():
+    frames = [gradient(), gradient().rotate(90)]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:])
+    with pytest.raises(BadRequestError, match="multi-frame"):
+        decode_image(data, max_pixels=10_000)
+
+
+def test_decode_images_names_the_bad_one():
+    good = encode(gradient(), "PNG")
+    with pytest.raises(UnsupportedMediaTypeError, match="images\\[1\\]"):
+        asyncio.run(decode_images([good, b"hello"], max_pixels=10_000))

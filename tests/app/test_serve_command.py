@@ -1,0 +1,33 @@
+"""``maskrcnn serve`` refuses bad start-up conditions clearly (SPEC §7, §8)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.app.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def serve(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")}
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(free_port()), *args]
+    return subprocess.run(
+        command, cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_invalid_setting_stops_start_up_naming_the_variable():
+    result = serve("--model", "demo", MASKRCNN_MAX_BATCH_SIZE="zero")
+    assert result.returncode == 2
+    assert "MASKRCNN_MAX_BATCH_SIZE" in result.stderr
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result = serve("--model", str(missing))
+    assert result.returncode == 1
+    assert "missing.safetensors" in result.stderr and "Traceback" not in result.stderr

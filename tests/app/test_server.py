@@ -1,0 +1,245 @@
+"""Acceptance tests against real ``maskrcnn serve`` processes over real HTTP,
+with a tiny random-weight model (SPEC §4, §5, §8)."""
+
+import concurrent.futures
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from tests.app.conftest import png_bytes, running_server, scene
+
+pytestmark = pytest.mark.slow
+
+# 8 distinct images: 6 of one shape (one size bucket), 2 of others
+IMAGES = [scene(96, 96, seed) for seed in range(6)] + [scene(64, 112, 6), scene(120, 80, 7)]
+PNGS = [png_bytes(image) for image in IMAGES]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 1.0
+
+
+def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    """SPEC §5 batch invariance: same classes, boxes IoU ≥ 0.99, scores ± 0.01."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g["class_id"] == e["class_id"]
+        assert abs(g["score"] - e["score"]) <= 0.01
+        assert box_iou(g["box"], e["box"]) >= 0.99
+
+
+def segment(client: httpx.Client, indices, **options) -> httpx.Response:
+    files = [("images", (f"{i}.png", PNGS[i], "image/png")) for i in indices]
+    return client.post("/v1/segment", files=files, data=options)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Each image alone through an in-process predictor on the same checkpoint."""
+    import torch
+
+    from model.loading import load_model
+    from model.options import PredictOptions
+    from model.predictor import Predictor
+
+    loaded = load_model(str(checkpoint), device="cpu")
+    predictor = Predictor(loaded.network, loaded.info)
+    results = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for image in IMAGES:
+            tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+            [result] = predictor.predict([tensor], [PredictOptions()])
+            results.append([{**d.__dict__, "box": list(d.box)} for d in result.detections])
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(map(len, results)) > 0, "the test model should detect something"
+    return results
+
+
+def test_concurrent_clients_share_batches_and_get_correct_results(server, reference):
+    forwards, images = (
+        server.metric("maskrcnn_forwards_total"),
+        server.metric("maskrcnn_images_forwarded_total"),
+    )
+
+    def client_work(n: int) -> list[tuple[int, dict]]:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            answers = []
+            for k in range(2):  # 2 requests of 2 images: 4 images per client
+                indices = [(n + 2 * k) % 8, (n + 2 * k + 1) % 8]
+                response = segment(client, indices)
+                assert response.status_code == 200, response.text
+                answers += zip(indices, response.json()["results"], strict=True)
+            return answers
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = [a for batch in pool.map(client_work, range(16)) for a in batch]
+    assert len(answers) == 64
+    for index, result in answers:
+        assert (result["height"], result["width"]) == IMAGES[index].shape[:2]
+        assert_same_detections(result["detections"], reference[index])
+        for detection in result["detections"]:
+            assert mask_utils.decode(detection["mask"]).shape == IMAGES[index].shape[:2]
+    new_forwards = server.metric("maskrcnn_forwards_total") - forwards
+    new_images = server.metric("maskrcnn_images_forwarded_total") - images
+    assert new_images == 64
+    assert new_forwards < 64  # some batches held more than one image
+    text = server.client.get("/metrics").text
+    assert 'maskrcnn_batch_size_bucket{le="1.0"}' in text
+
+
+def test_batch_invariance_with_mixed_batches_and_options(server, reference):
+    alone = segment(server.client, [0]).json()["results"][0]["detections"]
+    assert_same_detections(alone, reference[0])
+    variants = [
+        ([0, 1, 2], {}),
+        ([3, 0], {"score_threshold": "0.05", "mask_format": "none"}),
+        ([6, 0, 7], {"max_detections": "3", "classes": "b"}),
+        ([4, 5], {"iou_threshold": "0.2", "mask_threshold": "0.9", "mask_format": "polygon"}),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(variants)) as pool:
+        futures = [pool.submit(segment, server.client, ix, **opts) for ix, opts in variants]
+        # the first request carries image 0 with default options; the others share batches
+        responses = [f.result() for f in futures]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert_same_detections(responses[0].json()["results"][0]["detections"], alone)
+    mixed = responses[1].json()["results"][1]["detections"]
+    strict = [d for d in mixed if d["score"] >= 0.5]
+    assert_same_detections(strict, [{**d, "mask": None} for d in alone])
+    filtered = responses[2].json()["results"][1]["detections"]
+    assert_same_detections(filtered, [d for d in alone if d["class_name"] == "b"][:3])
+
+
+def test_healthz_answers_fast_while_the_model_is_busy(server):
+    busy = threading.Thread(target=segment, args=(server.client, list(range(8)) * 3))
+    busy.start()
+    time.sleep(0.3)
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=10) as probe:
+        while busy.is_alive() and len(latencies) < 10:
+            start = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    busy.join()
+    assert latencies, "the busy request ended too soon to probe"
+    assert sorted(latencies)[len(latencies) // 2] < 0.1, latencies
+    assert max(latencies) < 0.25, latencies
+
+
+def test_visualize_returns_a_png_of_the_input_size_drawn_where_masks_are(server):
+    files = {"image": ("scene.png", PNGS[0], "image/png")}
+    response = server.client.post("/v1/segment/visualize", files=files)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    drawn = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
+    assert drawn.shape == IMAGES[0].shape
+    detections = segment(server.client, [0]).json()["results"][0]["detections"]
+    masks = [mask_utils.decode(d["mask"]).astype(bool) for d in detections]
+    covered = np.logical_or.reduce(masks)
+    assert covered.any()
+    changed = np.abs(drawn - IMAGES[0]).sum(axis=2) > 0
+    assert changed[covered].mean() > 0.9
+
+
+def test_generated_openapi_client_segments_with_typed_results(server, tmp_path):
+    import importlib
+    import subprocess
+    import sys
+
+    spec = tmp_path / "openapi.json"
+    spec.write_bytes(server.client.get("/openapi.json").content)
+    config = tmp_path / "config.yml"
+    config.write_text("content_type_overrides:\n  image/png: application/octet-stream\n")
+    package = tmp_path / "maskrcnn_client"
+    subprocess.run(
+        [
+            sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec),
+            "--meta", "none", "--config", str(config), "--output-path", str(package),
+        ],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    sys.path.insert(0, str(tmp_path))
+    try:
+        client_mod = importlib.import_module("maskrcnn_client")
+        models = importlib.import_module("maskrcnn_client.models")
+        segment_api = importlib.import_module("maskrcnn_client.api.segmentation.segment")
+        types = importlib.import_module("maskrcnn_client.types")
+        client = client_mod.Client(base_url=server.url, timeout=httpx.Timeout(60))
+        upload = types.File(payload=io.BytesIO(PNGS[0]), file_name="a.png", mime_type="image/png")
+        body = models.BodySegment(images=[upload], score_threshold=0.5)
+        result = segment_api.sync(client=client, body=body)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert isinstance(result, models.SegmentationPublic), result
+    [image] = result.results
+    assert isinstance(image, models.ImageResultPublic) and image.width == 96
+    assert all(isinstance(d, models.DetectionPublic) for d in image.detections)
+    assert all(isinstance(d.mask, models.RleMaskPublic) for d in image.detections)
+
+
+def test_queue_full_503_deadline_504_and_disconnects_never_reach_the_model(checkpoint, tmp_path):
+    # batches wait 2 s for company, so queued images stay queued: deterministic timing
+    settings = {"max_batch_size": 8, "max_batch_delay_ms": 2000, "max_queue_size": 2}
+    settings |= {"max_images_per_request": 2, "request_timeout_s": 1}
+    with running_server(checkpoint, tmp_path, **settings) as server:
+        server.wait_ready()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(segment, server.client, [0, 1])  # fills the queue
+            time.sleep(0.3)
+            with httpx.Client(base_url=server.url, timeout=10) as other:
+                refused = segment(other, [2])
+            late = waiting.result()
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert late.status_code == 504, late.text
+        assert late.json()["error"]["code"] == "deadline_exceeded"
+
+        impatient = httpx.Client(base_url=server.url, timeout=0.3)
+        with impatient, pytest.raises(httpx.ReadTimeout):
+            segment(impatient, [3])  # queued, then the client goes away
+        time.sleep(2.3)  # past the batch delay: it would have been forwarded by now
+        metrics = server.client.get("/metrics").text
+        assert server.metric("maskrcnn_forwards_total") == 0
+        assert 'maskrcnn_dropped_images_total{reason="disconnected"} 1.0' in metrics
+        assert 'maskrcnn_dropped_images_total{reason="deadline"} 2.0' in metrics
+        assert 'maskrcnn_rejected_requests_total{reason="queue_full"} 1.0' in metrics
+
+
+def test_readyz_follows_warm_up_and_sigterm_drains_in_flight_work(checkpoint, tmp_path):
+    with running_server(checkpoint, tmp_path, max_batch_size=2) as server:
+        server.wait_listening()
+        assert server.client.get("/readyz").status_code == 503  # loading or warming up
+        assert server.client.get("/healthz").status_code == 200
+        server.wait_ready()
+
+        def one(i: int) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                return segment(client, [i % 8, (i + 3) % 8])
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(one, i) for i in range(6)]
+            time.sleep(0.4)  # all sent, most still queued
+            assert not all(f.done() for f in futures)
+            server.terminate()
+            time.sleep(0.1)
+            with httpx.Client(base_url=server.url, timeout=5) as late:
+                response = late.get("/readyz")
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "not_ready"
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 6
+        assert server.process.wait(30) in (0, -15)
+        assert "draining" in server.log()

@@ -1,0 +1,68 @@
+"""Settings from the environment (SPEC §7): defaults, parsing, refusals."""
+
+import pytest
+
+from app.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in list(__import__("os").environ):
+        if name.startswith("MASKRCNN_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_follow_the_spec():
+    s = load_settings()
+    assert (s.model, s.device, s.precision) == ("auto", "auto", "fp32")
+    assert (s.max_batch_size, s.max_batch_delay_ms, s.max_queue_size) == (8, 5, 64)
+    assert s.request_timeout_s == 30
+    assert s.url_fetch and not s.url_allow_private and s.url_allowlist == ()
+    assert s.api_tokens == () and s.admin_token is None and s.run_worker
+    assert s.database_url_or_default.startswith("sqlite:///")
+
+
+def test_environment_values_are_parsed(monkeypatch):
+    monkeypatch.setenv("MASKRCNN_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("MASKRCNN_URL_FETCH", "off")
+    monkeypatch.setenv("MASKRCNN_URL_ALLOWLIST", "example.com, 10.0.0.0/8")
+    monkeypatch.setenv("MASKRCNN_API_TOKENS", "token-one-xyz,token-two-xyz")
+    monkeypatch.setenv("MASKRCNN_DEVICE", "CUDA:1")
+    monkeypatch.setenv("MASKRCNN_LOG_LEVEL", "debug")
+    s = load_settings()
+    assert s.max_batch_size == 16 and s.url_fetch is False and s.device == "cuda:1"
+    assert s.url_allowlist == ("example.com", "10.0.0.0/8")
+    assert [t.get_secret_value() for t in s.api_tokens] == ["token-one-xyz", "token-two-xyz"]
+    assert s.log_level == "DEBUG"
+    assert "token-one" not in repr(s)
+
+
+def test_dotenv_file_is_read(tmp_path):
+    (tmp_path / ".env").write_text("MASKRCNN_MODEL=demo\n")
+    assert load_settings().model == "demo"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_BATCH_SIZE", "0"),
+        ("MAX_BATCH_SIZE", "many"),
+        ("MAX_QUEUE_SIZE", "-1"),
+        ("REQUEST_TIMEOUT_S", "0"),
+        ("DEVICE", "tpu"),
+        ("PRECISION", "fp8"),
+        ("URL_FETCH", "maybe"),
+        ("LOG_FORMAT", "xml"),
+        ("API_TOKENS", "short"),
+    ],
+)
+def test_invalid_values_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(f"MASKRCNN_{name}", value)
+    with pytest.raises(SettingsError, match=f"MASKRCNN_{name}"):
+        load_settings()
+
+
+def test_more_images_per_request_than_the_queue_holds_is_refused():
+    with pytest.raises(SettingsError, match="MASKRCNN_MAX_IMAGES_PER_REQUEST"):
+        load_settings(max_queue_size=4, max_images_per_request=8)
