@@ -3,31 +3,15 @@ controllable speed and failures."""
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
 from model.info import ModelInfo
+from model.predictor import Detection, ImageResult
 
 INFO = ModelInfo("fake", "fake_arch", (0, 1, 2), ("background", "a", "b"))
-
-
-@dataclass
-class FakeDetection:
-    class_id: int
-    class_name: str
-    score: float
-    box: tuple[float, float, float, float]
-    mask: dict | list | None = None
-
-
-@dataclass
-class FakeResult:
-    width: int
-    height: int
-    detections: list[FakeDetection] = field(default_factory=list)
 
 
 def image_score(image: torch.Tensor) -> float:
@@ -80,9 +64,9 @@ class FakePredictor:
         for image, opts in pairs:
             height, width = image.shape[-2:]
             box, mask = fake_mask(int(height), int(width), opts.mask_format)
-            detection = FakeDetection(1, "a", image_score(image), box, mask)
+            detection = Detection(1, "a", image_score(image), box, mask)
             kept = [detection] if detection.score >= opts.score_threshold else []
-            results.append(FakeResult(int(width), int(height), kept))
+            results.append(ImageResult(int(width), int(height), kept))
         return results
 
     def predict(self, images, options):
