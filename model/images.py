@@ -24,7 +24,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         array = np.repeat(gray[..., None], 3, axis=2)
     else:
-        array = np.asarray(image.convert("RGB"))
+        array = np.array(image.convert("RGB"))  # writable, as torch.from_numpy wants
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
