@@ -70,14 +70,26 @@ def save_checkpoint(
         "sha256": hash_tensors(state),
         **(extra or {}),
     }
+    write_safetensors(path, state, metadata)
+    return metadata
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    *,
+    key: str = METADATA_KEY,
+) -> None:
+    """Write ``tensors`` with ``metadata`` as JSON under ``key``, atomically:
+    a temporary name beside ``path``, then a rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+        save_file(tensors, str(tmp), metadata={key: json.dumps(metadata)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return metadata
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

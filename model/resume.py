@@ -7,16 +7,14 @@ optimizer's param groups and non-tensor state, and the training ``config``.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from model.checkpoint import load_state
+from model.checkpoint import load_state, write_safetensors
 from model.errors import CheckpointError
 
 METADATA_KEY = "maskrcnn_resume"
@@ -43,13 +41,7 @@ def save_resume_state(
             tensors[f"rng.cuda.{i}"] = state
     meta = {"epoch": epoch, "step": step, "history": history, "config": config,
             "param_groups": opt["param_groups"], "scalars": scalars}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(path, tensors, meta, key=METADATA_KEY)
 
 
 def load_resume_state(
