@@ -69,7 +69,7 @@ class PendingBatch:
     scores: list[list[float]]
     boxes: list[list[list[float]]]
     runs: list[list[np.ndarray]]  # per image, per detection (rle)
-    crops: list[list[np.ndarray]]  # per image, per detection (polygon)
+    crops: list[list[tuple[np.ndarray, tuple[int, int]]]]  # per detection: (crop, (x, y))
 
 
 class Predictor:
