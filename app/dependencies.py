@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 
 from app.batching import Batcher
+from app.db import Database
 from app.errors import NotReadyError
 from app.service import Service
 from app.settings import Settings
@@ -26,6 +27,13 @@ def get_settings(service: ServiceDep) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_database(service: ServiceDep) -> Database:
+    return service.db
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 def _not_ready(service: Service) -> NotReadyError:

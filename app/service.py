@@ -17,6 +17,7 @@ import torch
 
 from app.batching import Batcher
 from app.buckets import bucket_key_for
+from app.db import Database
 from app.metrics import Metrics
 from app.settings import Settings
 from model.options import PredictOptions
@@ -60,6 +61,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics or Metrics(max_batch_size=settings.max_batch_size)
         self.load_predictor = load_predictor or build_predictor
+        self.db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.state = "starting"
@@ -76,6 +78,7 @@ class Service:
         ``on_fatal`` (``maskrcnn serve`` exits)."""
         try:
             self.state = "loading"
+            await asyncio.to_thread(self.db.create_schema)
             predictor = await asyncio.to_thread(self.load_predictor, self.settings)
             self._set_state("warming_up")
             seconds = await asyncio.to_thread(warm_up, predictor)
@@ -143,3 +146,4 @@ class Service:
             await self.batcher.stop(drain=True)
         self.state = "stopped"
         self.metrics.ready.set(0)
+        self.db.dispose()

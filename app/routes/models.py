@@ -3,11 +3,17 @@ activation arrive with SPEC §6)."""
 
 from fastapi import APIRouter
 
+from app.auth import ApiToken
 from app.dependencies import PredictorDep, SettingsDep
 from app.errors import NotFoundError
 from app.schemas import ClassPublic, ModelPublic, ModelsPublic, error_responses
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(503))
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[ApiToken],
+    responses=error_responses(401, 503),
+)
 
 
 def describe_model(predictor, settings) -> ModelPublic:

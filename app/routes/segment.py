@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
+from app.auth import ApiToken
 from app.dependencies import BatcherDep, PredictorDep, SettingsDep
 from app.errors import BadRequestError
 from app.images import decode_image, decode_images
@@ -25,6 +26,7 @@ from app.visualize import render_png
 router = APIRouter(
     prefix="/v1/segment",
     tags=["segmentation"],
+    dependencies=[ApiToken],
     responses=error_responses(400, 413, 415, 422, 503, 504),
 )
 

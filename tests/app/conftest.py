@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,8 @@ def wait_ready(client, timeout: float = 20.0) -> None:
 @contextlib.contextmanager
 def fake_client(predictor=None, **settings) -> Iterator[TestClient]:
     predictor = predictor or FakePredictor()
+    if "data_dir" not in settings:  # a SQLite job store per client, never in the repo
+        settings["data_dir"] = Path(tempfile.mkdtemp(prefix="maskrcnn-test-"))
     settings = load_settings(**{"max_batch_delay_ms": 2, **settings})
     app = create_app(settings, load_predictor=lambda _: predictor)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -178,6 +181,7 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def running_server(model: Path, tmp_path: Path, **env: str) -> Iterator[ServerProcess]:
+    env = {"data_dir": tmp_path / "data", **env}  # its own SQLite job store by default
     env = {f"MASKRCNN_{k.upper()}": str(v) for k, v in env.items()}
     server = ServerProcess(model, env, tmp_path / f"server-{time.monotonic_ns()}.log")
     try:

@@ -1,0 +1,203 @@
+"""The job store, dataset records and model registry (SPEC §6), in SQLAlchemy.
+
+A SQLite file under ``DATA_DIR`` by default; PostgreSQL when ``DATABASE_URL``
+says so (required with several replicas). ``Database.create_schema`` runs at
+start-up in every process (API server, worker, training child); it creates
+missing tables and records the schema version, refusing a database written by a
+newer version of the service.
+
+Files (dataset folders, checkpoints) live under ``DATA_DIR``; rows hold their
+paths relative to it, so every replica mounting the same volume finds them.
+
+Times are timezone-aware UTC. Ids carry a prefix saying what they name:
+``ds-…`` datasets, ``job-…`` training jobs, ``model-…`` trained model versions.
+"""
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+SCHEMA_VERSION = 1
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+class UtcDateTime(TypeDecorator):
+    """``DateTime(timezone=True)``; SQLite drops the zone, so it is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar = {datetime: UtcDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Meta(Base):
+    """Key/value rows: ``schema_version``, ``active_model`` (the id every replica
+    serves) and ``active_model_changed_at``."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DatasetRecord(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text, doc="folder relative to DATA_DIR")
+    num_images: Mapped[int] = mapped_column(Integer)
+    num_annotations: Mapped[int] = mapped_column(Integer)
+    categories: Mapped[list[Any]] = mapped_column(doc="[{id, name}, ...]")
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingJobRecord(Base):
+    __tablename__ = "training_jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(doc="the request: base_model, epochs, ...")
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[list[Any]] = mapped_column(default=list, doc="one dict per epoch")
+    model_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelRecord(Base):
+    """An immutable trained model version."""
+
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    architecture: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text, doc="checkpoint relative to DATA_DIR")
+    classes: Mapped[list[Any]] = mapped_column(doc="[{id, name}, ...] without background")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    base_model: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    dataset_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer version of the service."""
+
+
+class Database:
+    """An engine and a session factory for one ``DATABASE_URL``."""
+
+    def __init__(self, url: str, *, data_dir: Path):
+        self.url = url
+        self.data_dir = Path(data_dir)
+        self.engine: Engine = _make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed on success, rolled back on error."""
+        with self.sessions.begin() as session:
+            yield session
+
+    def create_schema(self) -> None:
+        """Create what is missing and check/record ``SCHEMA_VERSION`` (idempotent,
+        safe when several processes start at once)."""
+        if self.is_sqlite:
+            Path(self.engine.url.database or ".").parent.mkdir(parents=True, exist_ok=True)
+        with self.engine.begin() as connection:
+            if self.is_postgresql:  # serialise concurrent start-ups on one database
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724513)")
+            Base.metadata.create_all(connection)
+        with self.session() as session:
+            row = session.get(Meta, "schema_version")
+            if row is None:
+                session.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(row.value) > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"the database at {self.engine.url.render_as_string()} has schema version "
+                    f"{row.value}; this service knows up to {SCHEMA_VERSION}: upgrade the service"
+                )
+
+    def get_meta(self, key: str) -> str | None:
+        with self.session() as session:
+            value = session.scalar(select(Meta.value).where(Meta.key == key))
+        return value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.session() as session:
+            session.merge(Meta(key=key, value=value, updated_at=utcnow()))
+
+    def resolve(self, relative: str) -> Path:
+        """A path stored in a row, under ``DATA_DIR``."""
+        return self.data_dir / relative
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, not psycopg2
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
