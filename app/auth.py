@@ -5,17 +5,30 @@
 - Admin routes (datasets, training jobs, model activation) need
   ``MASKRCNN_ADMIN_TOKEN``; when it is unset they are refused with 403 saying how to
   enable them. An inference token never grants them (403), an unknown one is 401.
+- ``/healthz`` and ``/readyz`` are always open; ``/metrics`` needs an API token
+  when ``MASKRCNN_PROTECT_METRICS`` is true, ``/openapi.json``, ``/docs`` and
+  ``/redoc`` when ``MASKRCNN_PROTECT_DOCS`` is.
 
 Tokens are compared with ``hmac.compare_digest`` against every configured token,
 so the time taken says nothing about which one (or how much of one) matched.
+
+The route dependencies below are the declaration: the OpenAPI document
+(``app.openapi``) and ``AuthGate`` both read them (``served_routes``). The gate runs
+the same checks before the body is read, since FastAPI parses a body before it
+solves dependencies: without it a client with no token could still make the server
+parse ``MAX_UPLOAD_MB`` of JSON or multipart.
 """
 
 import hmac
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, Request
+import fastapi.routing
+from fastapi import Depends, FastAPI, Request
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ForbiddenError, UnauthorizedError
+from app.errors import AppError, ForbiddenError, UnauthorizedError, error_response, request_id_of
 from app.settings import Settings
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="maskrcnn"'}
@@ -91,6 +104,98 @@ def check_admin_token(request: Request) -> None:
     raise UnauthorizedError("the bearer token is not valid", headers=_CHALLENGE)
 
 
+def check_metrics_token(request: Request) -> None:
+    if _settings(request).protect_metrics:
+        check_api_token(request)
+
+
+def check_docs_token(request: Request) -> None:
+    if _settings(request).protect_docs:
+        check_api_token(request)
+
+
 ApiToken = Depends(check_api_token)
 AdminToken = Depends(check_admin_token)
+MetricsToken = Depends(check_metrics_token)
 AdminDep = Annotated[None, AdminToken]
+
+Check = Callable[[Request], None]
+CHECKS: tuple[Check, ...] = (
+    check_api_token,
+    check_admin_token,
+    check_metrics_token,
+    check_docs_token,
+)
+
+
+def docs_paths(app: FastAPI) -> set[str]:
+    urls = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return {url for url in urls if url}
+
+
+def served_routes(app: FastAPI) -> list[Any]:
+    """Every route as served, included routers flattened: recent FastAPI keeps an
+    included router whole in ``app.routes`` and lists its routes (``path_format``,
+    ``methods``, ``dependant``, ``matches``) through ``iter_route_contexts``."""
+    iter_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    return list(iter_contexts(app.routes)) if iter_contexts else list(app.routes)
+
+
+def route_checks(route: Any, app: FastAPI) -> tuple[Check, ...]:
+    """The token checks among ``route``'s dependencies (its router's included), in
+    the order FastAPI runs them; the docs routes FastAPI adds get ``check_docs_token``."""
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return (check_docs_token,) if getattr(route, "path", None) in docs_paths(app) else ()
+    found: list[Check] = []
+    pending = list(dependant.dependencies)
+    while pending:
+        dependant = pending.pop(0)
+        if dependant.call in CHECKS and dependant.call not in found:
+            found.append(dependant.call)
+        pending[:0] = dependant.dependencies
+    return tuple(found)
+
+
+def required_token(route: Any, app: FastAPI, settings: Settings) -> Literal["admin", "api"] | None:
+    """Which token ``route`` asks for where tokens are configured (``None``: open)."""
+    checks = route_checks(route, app)
+    if check_admin_token in checks:
+        return "admin"
+    if check_api_token in checks:
+        return "api"
+    if check_metrics_token in checks and settings.protect_metrics:
+        return "api"
+    if check_docs_token in checks and settings.protect_docs:
+        return "api"
+    return None
+
+
+class AuthGate:
+    """Runs the matched route's token checks before anything reads the body."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self._routes: list[tuple[Any, tuple[Check, ...]]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                for check in self._checks_for(scope):
+                    check(Request(scope))
+            except AppError as e:
+                response = error_response(
+                    e.status_code, e.code, e.message, request_id_of(scope), e.headers
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _checks_for(self, scope: Scope) -> tuple[Check, ...]:
+        if self._routes is None:  # routes are all in place by the first request
+            app = scope["app"]
+            self._routes = [(route, route_checks(route, app)) for route in served_routes(app)]
+        for route, checks in self._routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return checks
+        return ()

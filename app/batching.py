@@ -14,6 +14,11 @@ model calls out.
   queue depth and the measured batch time.
 * An image whose deadline passed, or whose request went away (its ``Ticket`` was
   closed), is dropped before the model.
+* The served model can be swapped while work flows (``swap``): a request runs
+  wholly on the predictor that was current when it was admitted (its options were
+  resolved against that model's classes), so requests admitted before the swap
+  finish on the old model and later ones run on the new one; batches never mix
+  models. ``retire`` waits for the old model's last request and batch.
 * Running a batch (threads, out-of-memory split-and-retry) is ``app.stages``.
 """
 
@@ -22,7 +27,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
@@ -67,9 +72,12 @@ class Batcher:
         self.bucket_key = bucket_key
         self.metrics = metrics or Metrics(max_batch_size=max_batch_size)
         self.metrics.queue_depth.set_function(lambda: self.depth)
-        self.runner = BatchRunner(predictor, self.metrics)
+        self.runner = BatchRunner(self.metrics)
         self.batch_seconds = 0.0  # moving average of one forward + finish
+        # keyed by (id of the item's predictor, size bucket): batches never mix models
         self._buckets: dict[Hashable, deque[WorkItem]] = {}
+        self._users: Counter = Counter()  # predictor -> open tickets + batches in flight
+        self._released = asyncio.Event()  # a predictor's last user went away
         self._waiting = 0
         self._reserved = 0
         self._busy = 0  # items taken from the queue and not answered yet
@@ -97,6 +105,32 @@ class Batcher:
     def record_batch_time(self, seconds: float) -> None:
         a = 0.2 if self.batch_seconds else 1.0
         self.batch_seconds = (1 - a) * self.batch_seconds + a * seconds
+
+    # -- the served model -------------------------------------------------------
+
+    def swap(
+        self,
+        predictor: BatchPredictor,
+        *,
+        bucket_key: Callable[[torch.Tensor], Hashable] = image_size_key,
+    ) -> BatchPredictor:
+        """Serve ``predictor`` (already warm) from the next admitted request on;
+        returns the previous one. Requests admitted before keep their model."""
+        old, self.predictor, self.bucket_key = self.predictor, predictor, bucket_key
+        return old
+
+    async def retire(self, predictor: BatchPredictor) -> None:
+        """Wait until no admitted request and no batch in flight uses ``predictor``
+        (after ``swap``, this is its last batch; the queue then holds no reference)."""
+        while predictor in self._users:
+            self._released.clear()
+            await self._released.wait()
+
+    def _use(self, predictor: BatchPredictor, delta: int) -> None:
+        self._users[predictor] += delta
+        if self._users[predictor] <= 0:
+            del self._users[predictor]  # keep no reference to a retired model
+            self._released.set()
 
     # -- life cycle -------------------------------------------------------------
 
@@ -138,18 +172,24 @@ class Batcher:
                 retry_after=self.estimate_wait_s(n),
             )
         self._reserved += n
-        return Ticket(self, n)
+        self._use(self.predictor, +1)
+        return Ticket(self, n, self.predictor, self.bucket_key)
 
     def _enqueue(
-        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions], deadline: float
+        self,
+        ticket: "Ticket",
+        images: Sequence[torch.Tensor],
+        options: Sequence[PredictOptions],
+        deadline: float,
     ) -> list[WorkItem]:
         if self._closing:
             raise NotReadyError("the server is shutting down", retry_after=5)
         loop = asyncio.get_running_loop()
         items = []
         for image, opts in zip(images, options, strict=True):
-            item = WorkItem(image, opts, self.bucket_key(image), deadline, loop.create_future())
-            self._buckets.setdefault(item.bucket, deque()).append(item)
+            bucket = ticket.bucket_key(image)
+            item = WorkItem(image, opts, ticket.predictor, bucket, deadline, loop.create_future())
+            self._buckets.setdefault(_queue_key(item), deque()).append(item)
             items.append(item)
         self._waiting += len(items)
         self._wakeup.set()
@@ -158,13 +198,13 @@ class Batcher:
     def _withdraw(self, items: list[WorkItem], reason: str) -> None:
         """Take a closed ticket's waiting images out of the queue."""
         for item in items:
-            bucket = self._buckets.get(item.bucket)
+            bucket = self._buckets.get(_queue_key(item))
             if bucket is not None and item in bucket:
                 bucket.remove(item)
                 self._waiting -= 1
                 self.metrics.dropped_images.labels(reason=reason).inc()
                 if not bucket:
-                    del self._buckets[item.bucket]
+                    del self._buckets[_queue_key(item)]
             if not item.future.done():
                 item.future.cancel()
             elif not item.future.cancelled():
@@ -184,8 +224,9 @@ class Batcher:
                 self._slots.release()
                 continue
             self._busy += len(live)
+            self._use(live[0].predictor, +1)
             forwarded = await self.runner.forward(live)
-            task = asyncio.create_task(self._finish(forwarded))
+            task = asyncio.create_task(self._finish(live[0].predictor, forwarded))
             self._finishers.add(task)
             task.add_done_callback(self._finishers.discard)
 
@@ -237,7 +278,7 @@ class Batcher:
                 live.append(item)
         return live
 
-    async def _finish(self, forwarded: list[Forwarded]) -> None:
+    async def _finish(self, predictor: BatchPredictor, forwarded: list[Forwarded]) -> None:
         try:
             for group in forwarded:
                 seconds = await self.runner.finish(group)
@@ -245,6 +286,7 @@ class Batcher:
                     self.record_batch_time(group.seconds + seconds)
         finally:
             self._busy -= sum(len(group.items) for group in forwarded)
+            self._use(predictor, -1)
             self._slots.release()
 
 
@@ -254,12 +296,24 @@ class Ticket:
     Leaving the ``with`` block returns unused places and withdraws images still
     waiting (the request timed out, failed or was cancelled), so they never
     reach the model.
+
+    ``predictor`` is the model the request's images will run on (the one served
+    when it was admitted): resolve the request's options against its ``info``.
     """
 
-    def __init__(self, batcher: Batcher, reserved: int):
+    def __init__(
+        self,
+        batcher: Batcher,
+        reserved: int,
+        predictor: BatchPredictor,
+        bucket_key: Callable[[torch.Tensor], Hashable],
+    ):
         self._batcher = batcher
         self._reserved = reserved
         self._items: list[WorkItem] = []
+        self._open = True
+        self.predictor = predictor
+        self.bucket_key = bucket_key
 
     def __enter__(self) -> "Ticket":
         return self
@@ -283,17 +337,24 @@ class Ticket:
         """
         if len(images) != self._reserved:
             raise ValueError(f"reserved {self._reserved} places, got {len(images)} images")
-        self._items = self._batcher._enqueue(images, options, deadline)
+        self._items = self._batcher._enqueue(self, images, options, deadline)
         self._release()
         return list(await asyncio.gather(*(item.future for item in self._items)))
 
     def close(self, reason: str = "cancelled") -> None:
         self._release()
         self._batcher._withdraw(self._items, reason)
+        if self._open:
+            self._open = False
+            self._batcher._use(self.predictor, -1)
 
     def _release(self) -> None:
         self._batcher._reserved -= self._reserved
         self._reserved = 0
+
+
+def _queue_key(item: WorkItem) -> Hashable:
+    return id(item.predictor), item.bucket
 
 
 def _log_crash(task: asyncio.Task) -> None:

@@ -14,6 +14,7 @@ Times are timezone-aware UTC. Ids carry a prefix saying what they name:
 """
 
 import contextlib
+import fcntl
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -25,7 +26,6 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
-    ForeignKey,
     Integer,
     String,
     Text,
@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -92,7 +93,9 @@ class TrainingJobRecord(Base):
     __tablename__ = "training_jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
-    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    dataset_id: Mapped[str] = mapped_column(
+        String(32), index=True, doc="kept as history after the dataset is deleted"
+    )
     config: Mapped[dict[str, Any]] = mapped_column(doc="the request: base_model, epochs, ...")
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[list[Any]] = mapped_column(default=list, doc="one dict per epoch")
@@ -152,21 +155,36 @@ class Database:
     def create_schema(self) -> None:
         """Create what is missing and check/record ``SCHEMA_VERSION`` (idempotent,
         safe when several processes start at once)."""
-        if self.is_sqlite:
-            Path(self.engine.url.database or ".").parent.mkdir(parents=True, exist_ok=True)
-        with self.engine.begin() as connection:
+        with self._creation_lock(), Session(self.engine) as session, session.begin():
             if self.is_postgresql:  # serialise concurrent start-ups on one database
-                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(724513)")
-            Base.metadata.create_all(connection)
-        with self.session() as session:
+                session.execute(text("SELECT pg_advisory_xact_lock(724513)"))
+            Base.metadata.create_all(session.connection())
             row = session.get(Meta, "schema_version")
             if row is None:
-                session.merge(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
             elif int(row.value) > SCHEMA_VERSION:
                 raise SchemaError(
                     f"the database at {self.engine.url.render_as_string()} has schema version "
                     f"{row.value}; this service knows up to {SCHEMA_VERSION}: upgrade the service"
                 )
+
+    @contextlib.contextmanager
+    def _creation_lock(self) -> Iterator[None]:
+        """On SQLite, a file lock beside the database: ``create_all`` checks, then
+        creates, so two processes starting at once (an API server and its embedded
+        worker) would otherwise both try to create a table. PostgreSQL uses an
+        advisory lock inside the transaction instead."""
+        if not self.is_sqlite or not self.engine.url.database:
+            yield
+            return
+        path = Path(self.engine.url.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def get_meta(self, key: str) -> str | None:
         with self.session() as session:

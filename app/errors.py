@@ -54,6 +54,12 @@ class NotFoundError(AppError):
     status_code, code = 404, "not_found"
 
 
+class ConflictError(AppError):
+    """The resource's state forbids it (e.g. cancelling a finished job)."""
+
+    status_code, code = 409, "conflict"
+
+
 class PayloadTooLargeError(AppError):
     status_code, code = 413, "payload_too_large"
 

@@ -5,6 +5,12 @@ name (415 otherwise); the pixel count is checked from the header before the full
 decode (413); truncated or corrupt files are 400; EXIF orientation is applied and
 every mode becomes 8-bit RGB (``model.images.pil_to_tensor``). Decoding runs in
 worker threads, never on the event loop.
+
+For a model on a CUDA device (``device``), complete baseline RGB or grayscale
+JPEGs (the usual upload) are decoded there by nvJPEG, with the EXIF orientation
+applied on the device too, and the rest lands in pinned host memory, so the
+batch's upload does not block the forward thread; anything nvJPEG refuses goes
+through Pillow as above.
 """
 
 import asyncio
@@ -20,6 +26,7 @@ from model.images import pil_to_tensor
 
 PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 ALLOWED = "JPEG, PNG, WebP or BMP"
+EXIF_ORIENTATION = 0x0112
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -35,8 +42,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> torch.Tensor:
-    """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``."""
+def decode_image(
+    data: bytes, *, max_pixels: int, name: str = "image", device: torch.device | None = None
+) -> torch.Tensor:
+    """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
+
+    ``device``: where the model runs; for CUDA the tensor is on that device or in
+    pinned memory (see the module docstring), otherwise in ordinary memory."""
     if not data:
         raise BadRequestError(f"{name}: empty file", code="invalid_image")
     fmt = sniff_format(data)
@@ -53,8 +65,12 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> torch.
                     f"{name}: animated or multi-frame images are not supported",
                     code="invalid_image",
                 )
+            on_cuda = device is not None and device.type == "cuda"
+            if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
+                return decoded
             image.load()
-            return pil_to_tensor(image)
+            tensor = pil_to_tensor(image)
+            return tensor.pin_memory() if on_cuda else tensor
     except Image.DecompressionBombError as e:
         raise PayloadTooLargeError(f"{name}: {e}", code="image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
@@ -76,13 +92,49 @@ def check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
         )
 
 
+def decode_jpeg_on_device(
+    data: bytes, image: Image.Image, device: torch.device
+) -> torch.Tensor | None:
+    """nvJPEG decode of a complete (end marker present) RGB or grayscale JPEG that
+    Pillow has opened but not decoded; ``None`` when it is not one, or nvJPEG
+    refuses it (CMYK, unusual sampling, corrupt data), so Pillow decides."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None  # truncated: Pillow's decoder says so with a 400
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision >= 0.29 deprecates its image I/O
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+    return apply_orientation(decoded, orientation)
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``[C, H, W]`` turned upright for an EXIF orientation (1-8), on any device,
+    as ``PIL.ImageOps.exif_transpose`` turns a Pillow image."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-2, -1)  # rows become columns
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
+    return image.flip(flips).contiguous() if flips else image.contiguous()
+
+
 async def decode_images(
-    blobs: Sequence[bytes], *, max_pixels: int, names: Sequence[str] | None = None
+    blobs: Sequence[bytes],
+    *,
+    max_pixels: int,
+    names: Sequence[str] | None = None,
+    device: torch.device | None = None,
 ) -> list[torch.Tensor]:
     """``decode_image`` for each blob, in worker threads; the first error wins."""
     names = names or [f"images[{i}]" for i in range(len(blobs))]
     tasks = [
-        asyncio.to_thread(decode_image, blob, max_pixels=max_pixels, name=name)
+        asyncio.to_thread(decode_image, blob, max_pixels=max_pixels, name=name, device=device)
         for blob, name in zip(blobs, names, strict=True)
     ]
     return list(await asyncio.gather(*tasks))

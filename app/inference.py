@@ -98,15 +98,20 @@ async def run_images(
     batcher: Batcher,
     settings: Settings,
     decode: Callable[[], Awaitable[Sequence[torch.Tensor]]],
-    options: Sequence[PredictOptions],
+    options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
-    """Admit ``len(options)`` images, decode them (``decode``), queue them and wait."""
+    """Admit ``len(options)`` images, decode them (``decode``), queue them and wait.
+
+    The options are resolved against the classes of the model the ticket pins,
+    the one that will run these images even if another is activated meanwhile."""
     deadline = request_deadline(request, settings)
     with batcher.admit(len(options)) as ticket:
+        info = ticket.predictor.info
+        resolved = [to_predict_options(opts, info) for opts in options]
         images = await decode()
         try:
             return await await_or_abort(
-                request, ticket.submit(images, options, deadline=deadline), deadline
+                request, ticket.submit(images, resolved, deadline=deadline), deadline
             )
         except ClientDisconnectedError:
             ticket.close("disconnected")
@@ -116,10 +121,12 @@ async def run_images(
             raise
 
 
-def encode_segmentation(
-    info: ModelInfo, results: list[ItemResult], started_at: float
-) -> dict[str, Any]:
-    """The ``SegmentationPublic`` JSON body (dataclasses are serialised by orjson)."""
+def encode_segmentation(results: list[ItemResult], started_at: float) -> dict[str, Any]:
+    """The ``SegmentationPublic`` JSON body (dataclasses are serialised by orjson).
+
+    ``model`` is the model that produced the results (one per request: a ticket
+    pins it), not whichever is served by the time the answer is written."""
+    info = results[0].model
 
     def slowest(stage: str) -> float:
         return round(max((getattr(r, stage) for r in results), default=0.0) * 1000, 3)

@@ -1,6 +1,8 @@
 """Start-up and shutdown of one app: the model loads and warms up in the
 background (so ``/healthz`` answers and ``/readyz`` says 503 meanwhile); on
-shutdown the queue finishes its work."""
+shutdown the queue finishes its work. The training worker (``app.worker``) runs
+in a thread meanwhile: claiming jobs when ``RUN_WORKER`` is on, only failing the
+jobs of dead workers otherwise; it stops before the database is closed."""
 
 import asyncio
 import contextlib
@@ -9,11 +11,19 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from app.service import Service
+from app.worker import Worker
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
+    worker = Worker(
+        service.db,
+        service.settings,
+        claim_jobs=service.settings.run_worker,
+        paused=lambda: service.state in ("draining", "stopped"),
+    )
+    worker.start()
     starting = asyncio.create_task(service.start(), name="maskrcnn-start")
     try:
         yield
@@ -22,4 +32,5 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
+        await asyncio.to_thread(worker.stop)
         await service.stop()

@@ -5,12 +5,13 @@ handlers, middleware and routers. Run it with ``maskrcnn serve`` (or
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from app.auth import AuthGate
 from app.errors import install_error_handlers
 from app.lifespan import lifespan
 from app.middleware import RequestContextMiddleware
 from app.openapi import install_openapi
 from app.responses import OrjsonResponse
-from app.routes import health, models, segment
+from app.routes import datasets, health, models, segment, training_jobs
 from app.service import PredictorLoader, Service
 from app.settings import Settings, load_settings
 
@@ -39,9 +40,13 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     install_openapi(app)
+    app.add_middleware(AuthGate)  # inside RequestContextMiddleware: ids and size caps first
     app.add_middleware(
-        RequestContextMiddleware, service=service, max_body_bytes=settings.max_upload_bytes
+        RequestContextMiddleware,
+        service=service,
+        max_body_bytes=settings.max_upload_bytes,
+        body_limits={datasets.router.prefix: (settings.max_dataset_bytes, "MAX_DATASET_MB")},
     )
-    for module in (segment, models, health):
+    for module in (segment, models, datasets, training_jobs, health):
         app.include_router(module.router)
     return app

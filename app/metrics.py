@@ -91,12 +91,21 @@ class Metrics:
         self.ready = Gauge("maskrcnn_ready", "1 when /readyz answers 200", registry=r)
         self.model = Gauge(
             "maskrcnn_model_info",
-            "The served model (value is always 1)",
+            "The model this replica serves now, by id (value is always 1)",
             ["id", "architecture", "device"],
             registry=r,
         )
+        self.model_switches = Counter(
+            "maskrcnn_model_switches",
+            "Model activations applied on this replica (loaded, warmed, swapped in), by result",
+            ["result"],
+            registry=r,
+        )
         self.training_jobs = Gauge(
-            "maskrcnn_training_jobs", "Training jobs by state", ["state"], registry=r
+            "maskrcnn_training_jobs",
+            "Training jobs by state, in the shared database (refreshed every MODEL_POLL_S)",
+            ["state"],
+            registry=r,
         )
 
     def render(self) -> tuple[bytes, str]:

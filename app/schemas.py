@@ -1,7 +1,8 @@
 """Wire schemas (SPEC §4). Requests are named for what they do
 (``SegmentRequest``), responses carry the ``Public`` suffix."""
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,10 +24,22 @@ class SegmentOptions(BaseModel):
     )
 
 
+_ABSENT = {"not": {}}  # JSON schema for "this property must not be there"
+
+
 class ImageSource(BaseModel):
     """One image: exactly one of ``url`` or ``data`` (base64 of the file's bytes)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # the document says "exactly one" too, so clients and generators know
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["url"], "properties": {"url": {"type": "string"}, "data": _ABSENT}},
+                {"required": ["data"], "properties": {"data": {"type": "string"}, "url": _ABSENT}},
+            ]
+        },
+    )
 
     url: str | None = Field(None, description="http(s) URL of the image")
     data: str | None = Field(None, description="base64 of a JPEG, PNG, WebP or BMP file")
@@ -95,12 +108,22 @@ class ClassPublic(BaseModel):
 
 
 class ModelPublic(BaseModel):
+    """A model this deployment can serve: a registry version (``model-…``), a
+    built-in (``demo``, ``coco``, ``coco-v2``) or the start-up model."""
+
     id: str
     architecture: str
     classes: list[ClassPublic] = Field(description="without the background")
-    device: str
-    precision: str
-    active: bool = Field(description="whether /v1/segment serves it")
+    device: str | None = Field(None, description="where it runs; null when not loaded here")
+    precision: str | None = Field(None, description="null when not loaded here")
+    active: bool = Field(description="whether /v1/segment on this replica serves it now")
+    metrics: dict[str, Any] | None = Field(
+        None, description="evaluation of a trained version (COCO bbox/segm mAP, losses)"
+    )
+    base_model: str | None = Field(None, description="what a trained version started from")
+    job_id: str | None = Field(None, description="the training job that made it")
+    dataset_id: str | None = Field(None, description="the dataset it was trained on")
+    created_at: datetime | None = Field(None, description="registration time (UTC)")
 
 
 class ModelsPublic(BaseModel):
@@ -130,3 +153,107 @@ class ErrorPublic(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict]:
     """``responses=`` entries documenting the error shape for ``statuses``."""
     return {status: {"model": ErrorPublic} for status in statuses}
+
+
+# -- training jobs (SPEC §6) ----------------------------------------------------
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class TrainingJobConfig(BaseModel):
+    """How a job trains. Every field has a default; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        "demo",
+        min_length=1,
+        max_length=64,
+        description="`demo` (bundled, works offline), `coco`, `coco-v2`, `scratch` (random "
+        "`maskrcnn_small_fpn`) or a registry model id from GET /v1/models",
+    )
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(4, ge=1, le=64, description="images per optimizer step")
+    learning_rate: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="peak SGD learning rate; linear warm-up over a tenth of the steps "
+        "(at most 200), then cosine decay",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=2048,
+        description="shorter side images are resized to (longer ≤ 5/3 of it); null: the "
+        "base model's own (256 for demo, 800 for coco)",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, le=0.5, description="share of images held out for per-epoch COCO mAP; 0: none"
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="validation split and initialisation")
+
+
+class TrainingJobCreate(TrainingJobConfig):
+    dataset_id: str = Field(min_length=1, max_length=64, description="from POST /v1/datasets")
+
+
+class TrainingProgressPublic(BaseModel):
+    epoch: int = Field(0, description="the epoch running (1-based); 0 before the first step")
+    epochs: int
+    step: int = Field(0, description="optimizer steps done, all epochs together")
+    total_steps: int | None = None
+    loss: float | None = Field(None, description="mean training loss of the last 20 steps")
+    eta_s: float | None = Field(None, description="estimated seconds of training left")
+
+
+class EpochMetricsPublic(BaseModel):
+    """One finished epoch. ``bbox`` and ``segm`` hold COCOeval's 12 stats (``AP``,
+    ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``, ``AR10``, ``AR100``,
+    ``ARs``, ``ARm``, ``ARl``; -1 where undefined) on the validation split."""
+
+    epoch: int
+    losses: dict[str, float | None] = Field(description="the epoch's mean training losses")
+    bbox: dict[str, float] | None = Field(None, description="null without a validation split")
+    segm: dict[str, float] | None = Field(None, description="null without a validation split")
+
+
+class TrainingJobPublic(BaseModel):
+    id: str
+    state: JobState = Field(description="queued → running → succeeded | failed | cancelled")
+    dataset_id: str
+    config: TrainingJobConfig
+    progress: TrainingProgressPublic
+    metrics: list[EpochMetricsPublic] = Field(description="one entry per finished epoch")
+    model_id: str | None = Field(None, description="the registered model, once succeeded")
+    error: str | None = Field(None, description="why the job failed")
+    cancel_requested: bool
+    worker_id: str | None = Field(None, description="host:pid:tag of the worker that ran it")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class TrainingJobsPublic(BaseModel):
+    data: list[TrainingJobPublic] = Field(description="newest first")
+    count: int
+
+
+# -- datasets (SPEC §6) -------------------------------------------------------------
+
+
+class DatasetPublic(BaseModel):
+    """A stored COCO dataset that passed every check; training jobs name it by ``id``."""
+
+    id: str = Field(description="`ds-…`")
+    name: str
+    num_images: int
+    num_annotations: int
+    categories: list[ClassPublic] = Field(description="category ids and names, by id")
+    size_bytes: int = Field(description="the extracted files on disk")
+    created_at: datetime = Field(description="upload time (UTC)")
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic] = Field(description="newest first; one page of `count`")
+    count: int = Field(description="datasets in all")

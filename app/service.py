@@ -1,28 +1,43 @@
-"""The serving state one app owns: settings, metrics, the predictor and its
-batching queue, and readiness.
+"""The serving state one app owns: settings, metrics, the database, the predictor
+and its batching queue, readiness, and which model is served.
 
 Life cycle: ``starting`` → ``loading`` (model from settings, in a worker thread)
 → ``warming_up`` (one inference) → ``ready``; ``draining`` after SIGTERM;
 ``failed`` when the model cannot be loaded or warmed up; ``stopped``.
 Only ``ready`` makes ``/readyz`` answer 200.
+
+Switching models (SPEC §6): the active model id lives in the database. At
+start-up it overrides ``MASKRCNN_MODEL``. ``activate`` (the admin route) and a
+poll of the database every ``MODEL_POLL_S`` (a version activated through another
+replica) do the same on this replica: load and warm the new model beside the
+old one, swap it into the queue between batches (``Batcher.swap``), and free the
+old one after its last batch. Swaps are serialised; a model that fails to load
+changes nothing.
 """
 
 import asyncio
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import torch
 
+from app import registry
 from app.batching import Batcher
 from app.buckets import bucket_key_for
 from app.db import Database
+from app.errors import NotFoundError, NotReadyError
 from app.metrics import Metrics
+from app.registry import Activation, ActivationError
 from app.settings import Settings
+from app.stages import release_device_memory
 from model.options import PredictOptions
 
 if TYPE_CHECKING:
+    from model.info import ModelInfo
     from model.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -31,12 +46,14 @@ PredictorLoader = Callable[[Settings], "Predictor"]
 
 
 def build_predictor(settings: Settings) -> "Predictor":
-    """The predictor ``MASKRCNN_MODEL`` / ``DEVICE`` / ``PRECISION`` ask for."""
+    """The predictor ``MASKRCNN_MODEL`` / ``DEVICE`` / ``PRECISION`` ask for; a
+    registry model id is served from its checkpoint under its id."""
     from model.loading import load_model
     from model.predictor import Predictor
 
+    spec, model_id = registry.resolve_model_spec(settings)
     classes_file = str(settings.classes_file) if settings.classes_file else None
-    loaded = load_model(settings.model, classes_file=classes_file, device=settings.device)
+    loaded = load_model(spec, classes_file=classes_file, model_id=model_id, device=settings.device)
     device = next(loaded.network.parameters()).device
     return Predictor(loaded.network, loaded.info, device=device, precision=settings.precision)
 
@@ -48,6 +65,12 @@ def warm_up(predictor: "Predictor") -> float:
     start = time.perf_counter()
     predictor.predict([image], [PredictOptions()])
     return time.perf_counter() - start
+
+
+def free_memory() -> None:
+    """Return a retired model's memory: cycles first, then the CUDA cache."""
+    gc.collect()
+    release_device_memory()
 
 
 class Service:
@@ -64,43 +87,78 @@ class Service:
         self.db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
+        self.startup_info: ModelInfo | None = None  # MASKRCNN_MODEL's id and classes
         self.state = "starting"
         self.error: str | None = None
         self.in_flight = 0  # HTTP requests being handled (RequestContextMiddleware)
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._swap_lock = asyncio.Lock()
+        self._seen: Activation | None = None  # the last activation this replica acted on
+        self._poller: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
 
     async def start(self) -> None:
-        """Load, warm up, start the queue; on failure log, mark ``failed`` and call
-        ``on_fatal`` (``maskrcnn serve`` exits)."""
+        """Load, warm up, start the queue and the database poll; on failure log,
+        mark ``failed`` and call ``on_fatal`` (``maskrcnn serve`` exits)."""
         try:
             self.state = "loading"
             await asyncio.to_thread(self.db.create_schema)
-            predictor = await asyncio.to_thread(self.load_predictor, self.settings)
+            predictor = await self._load_initial()
             self._set_state("warming_up")
             seconds = await asyncio.to_thread(warm_up, predictor)
             batcher = self._build_batcher(predictor)
             batcher.record_batch_time(seconds)
             await batcher.start()
             self.predictor, self.batcher = predictor, batcher
-            info = predictor.info
-            self.metrics.model.labels(info.id, info.architecture, str(predictor.device)).set(1)
+            self._show_model(predictor)
             log.info(
                 "serving model %r (%s) on %s; warm-up inference took %.0f ms",
-                info.id,
-                info.architecture,
+                predictor.info.id,
+                predictor.info.architecture,
                 predictor.device,
                 seconds * 1000,
             )
             self._set_state("ready")
+            self._poller = asyncio.create_task(self._poll_database(), name="maskrcnn-poll")
         except Exception as e:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.critical("cannot serve model %r: %s", self.settings.model, e)
             if self.on_fatal is not None:
                 self.on_fatal(e)
+
+    async def _load_initial(self) -> "Predictor":
+        """The database's active model when there is one (a replica restarted after
+        an activation serves it), else ``MASKRCNN_MODEL``."""
+        self._seen = await asyncio.to_thread(registry.read_activation, self.db)
+        wanted = self._seen.model_id if self._seen else None
+        if wanted is not None and wanted != registry.startup_model_id(self.settings.model):
+            log.info(
+                "serving %r, the active model in the database (it overrides MASKRCNN_MODEL=%r)",
+                wanted,
+                self.settings.model,
+            )
+            try:
+                settings = await asyncio.to_thread(self._settings_for, wanted)
+                predictor = await asyncio.to_thread(self.load_predictor, settings)
+            except Exception as e:
+                log.error(
+                    "cannot load the active model %r (%s); serving MASKRCNN_MODEL=%r instead",
+                    wanted,
+                    e,
+                    self.settings.model,
+                )
+            else:
+                self.startup_info = await asyncio.to_thread(
+                    registry.describe_spec, self.settings.model, self.settings.classes_file
+                )
+                return predictor
+        predictor = await asyncio.to_thread(self.load_predictor, self.settings)
+        self.startup_info = predictor.info
+        return predictor
 
     def _build_batcher(self, predictor: "Predictor") -> Batcher:
         s = self.settings
@@ -113,11 +171,141 @@ class Service:
             metrics=self.metrics,
         )
 
+    def _show_model(self, predictor: "Predictor") -> None:
+        info = predictor.info
+        self.metrics.model.clear()
+        self.metrics.model.labels(info.id, info.architecture, str(predictor.device)).set(1)
+
     def _set_state(self, state: str) -> None:
         if self.state in ("draining", "stopped"):
             return  # a drain that began during start-up wins
         self.state = state
         self.metrics.ready.set(1 if state == "ready" else 0)
+
+    # -- switching models ---------------------------------------------------------
+
+    @property
+    def startup_id(self) -> str | None:
+        if self.startup_info is not None:
+            return self.startup_info.id
+        return registry.startup_model_id(self.settings.model)
+
+    def _settings_for(self, model_id: str) -> Settings:
+        """Settings that load ``model_id`` (blocking: may read the database);
+        ``NotFoundError`` for an id this replica cannot serve."""
+        by_name = self.settings.model_copy(update={"model": model_id, "classes_file": None})
+        if model_id in registry.BUILTIN_MODELS:
+            return by_name
+        if model_id == self.startup_id:
+            return self.settings
+        if registry.get_record(self.db, model_id):
+            return by_name
+        raise NotFoundError(
+            f"no model with id {model_id!r}; GET /v1/models lists them "
+            f"(built-in: {', '.join(registry.BUILTIN_MODELS)})"
+        )
+
+    async def activate(self, model_id: str) -> None:
+        """Serve ``model_id`` here, then record it so every replica follows.
+
+        ``NotFoundError`` for an unknown id, ``ActivationError`` when it cannot be
+        loaded or warmed up (nothing changes then)."""
+        settings = await asyncio.to_thread(self._settings_for, model_id)
+        async with self._swap_lock:
+            self._check_serving()
+            if self.predictor.info.id != model_id:
+                try:
+                    await self._switch(settings)
+                except NotReadyError:
+                    raise
+                except Exception as e:
+                    self.metrics.model_switches.labels(result="failed").inc()
+                    raise ActivationError(
+                        f"cannot activate model {model_id!r}: {e}; "
+                        f"still serving {self.predictor.info.id!r}"
+                    ) from e
+            self._seen = await asyncio.to_thread(registry.write_activation, self.db, model_id)
+        log.info("model %r is now the active model of every replica", model_id)
+
+    def _check_serving(self) -> None:
+        if not self.ready or self.predictor is None or self.batcher is None:
+            raise NotReadyError(f"cannot switch models now ({self.state})", retry_after=5)
+
+    async def _switch(self, settings: Settings) -> None:
+        """Load and warm a model beside the served one, then swap it in between
+        batches; the old one is freed after its last batch (in the background)."""
+        started = time.perf_counter()
+        predictor = await asyncio.to_thread(self.load_predictor, settings)
+        seconds = await asyncio.to_thread(warm_up, predictor)
+        self._check_serving()  # a drain may have begun meanwhile
+        bucket_key = bucket_key_for(getattr(predictor, "network", None))
+        old = self.batcher.swap(predictor, bucket_key=bucket_key)
+        self.predictor = predictor
+        if settings is self.settings:
+            self.startup_info = predictor.info
+        self._show_model(predictor)
+        self.metrics.model_switches.labels(result="ok").inc()
+        log.info(
+            "switched from model %r to %r in %.1f s (warm-up %.0f ms); in-flight requests "
+            "finish on the old one",
+            old.info.id,
+            predictor.info.id,
+            time.perf_counter() - started,
+            seconds * 1000,
+        )
+        if old is not predictor:
+            self._retire(old)
+
+    def _retire(self, old: "Predictor") -> None:
+        task = asyncio.create_task(self._free_after_last_batch(old), name="maskrcnn-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _free_after_last_batch(self, old: "Predictor") -> None:
+        await self.batcher.retire(old)
+        model_id = old.info.id
+        del old  # the last reference: the queue and the service hold none now
+        await asyncio.to_thread(free_memory)
+        log.info("freed model %r after its last batch", model_id)
+
+    async def _poll_database(self) -> None:
+        """Follow activations made through other replicas; refresh the jobs gauge."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                await self.refresh_from_database()
+            except Exception as e:  # a database hiccup must not stop the polling
+                log.warning("cannot read the database: %s", e)
+
+    async def refresh_from_database(self) -> None:
+        """One poll: the jobs gauge, then a switch if another activation was recorded
+        since the last one this replica acted on."""
+        counts = await asyncio.to_thread(registry.count_jobs, self.db)
+        for state, count in counts.items():
+            self.metrics.training_jobs.labels(state=state).set(count)
+        if await asyncio.to_thread(registry.read_activation, self.db) == self._seen:
+            return
+        async with self._swap_lock:
+            activation = await asyncio.to_thread(registry.read_activation, self.db)
+            if activation is None or activation == self._seen or not self.ready:
+                return
+            self._seen = activation  # a failed load is retried at the next activation only
+            if self.predictor.info.id == activation.model_id:
+                return
+            log.info("model %r was activated; switching to it", activation.model_id)
+            try:
+                settings = await asyncio.to_thread(self._settings_for, activation.model_id)
+                await self._switch(settings)
+            except Exception as e:
+                self.metrics.model_switches.labels(result="failed").inc()
+                log.error(
+                    "cannot switch to the activated model %r (%s); still serving %r",
+                    activation.model_id,
+                    e,
+                    self.predictor.info.id,
+                )
+
+    # -- shutdown -----------------------------------------------------------------
 
     def begin_drain(self) -> None:
         """``/readyz`` turns 503; requests keep being served until drained."""
@@ -139,11 +327,21 @@ class Service:
         return True
 
     async def stop(self) -> None:
-        """Finish queued work and stop the queue's workers."""
+        """Stop following the database, finish queued work, stop the queue's workers."""
         if self.state != "failed":
             self.begin_drain()
+        await _cancel(self._poller)
         if self.batcher is not None:
             await self.batcher.stop(drain=True)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         self.state = "stopped"
         self.metrics.ready.set(0)
         self.db.dispose()
+
+
+async def _cancel(task: Awaitable | None) -> None:
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

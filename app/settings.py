@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.urlpolicy import Allowlist
+
 ENV_PREFIX = "MASKRCNN_"
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -33,6 +35,9 @@ class Settings(BaseSettings):
     classes_file: Path | None = None
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # how often a replica checks the database for a newly activated model (and
+    # refreshes the training-jobs gauge)
+    model_poll_s: float = Field(2.0, gt=0, le=3600)
 
     # batching queue (SPEC §5)
     max_batch_size: int = Field(8, ge=1, le=256)
@@ -47,6 +52,18 @@ class Settings(BaseSettings):
     url_fetch: bool = True
     url_allow_private: bool = False
     url_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
+    url_connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    url_read_timeout_s: float = Field(10.0, gt=0, le=300)
+    url_total_timeout_s: float = Field(20.0, gt=0, le=3600)  # all hops of one URL
+    # when true (and API_TOKENS is set), /metrics resp. /docs, /redoc, /openapi.json
+    # need an API token too
+    protect_metrics: bool = False
+    protect_docs: bool = False
+    # dataset uploads (POST /v1/datasets): the zip's size (instead of MAX_UPLOAD_MB),
+    # what its files may unpack to in all, and how many entries it may list
+    max_dataset_mb: float = Field(2048.0, gt=0)
+    max_dataset_unpacked_mb: float = Field(8192.0, gt=0)
+    max_dataset_files: int = Field(50_000, ge=1)
 
     # storage, jobs and auth (SPEC §6, §9)
     data_dir: Path = Path("data")
@@ -54,6 +71,12 @@ class Settings(BaseSettings):
     api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_token: SecretStr | None = None
     run_worker: bool = True
+    # training jobs (docs/training-jobs.md): a worker heartbeats its running job every
+    # JOB_HEARTBEAT_S; one silent for JOB_HEARTBEAT_TIMEOUT_S is marked failed
+    job_heartbeat_s: float = Field(5.0, gt=0, le=600)
+    job_heartbeat_timeout_s: float = Field(30.0, gt=0, le=86_400)
+    worker_poll_s: float = Field(1.0, gt=0, le=600)
+    job_threads: int = Field(0, ge=0, le=1024, description="torch threads per job; 0: half")
 
     # logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -82,10 +105,24 @@ class Settings(BaseSettings):
             raise ValueError(f"must not exceed MASKRCNN_MAX_QUEUE_SIZE ({queue})")
         return value
 
+    @field_validator("job_heartbeat_timeout_s")
+    @classmethod
+    def _outlasts_heartbeat(cls, value: float, info: ValidationInfo) -> float:
+        beat = info.data.get("job_heartbeat_s")
+        if beat is not None and value < 2 * beat:
+            raise ValueError(f"must be at least twice MASKRCNN_JOB_HEARTBEAT_S ({beat})")
+        return value
+
     @field_validator("url_allowlist", "api_tokens", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("url_allowlist")
+    @classmethod
+    def _check_allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        Allowlist.parse(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("api_tokens")
     @classmethod
@@ -102,6 +139,14 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_dataset_bytes(self) -> int:
+        return int(self.max_dataset_mb * 1024 * 1024)
+
+    @property
+    def max_dataset_unpacked_bytes(self) -> int:
+        return int(self.max_dataset_unpacked_mb * 1024 * 1024)
 
     @property
     def database_url_or_default(self) -> str:

@@ -1,7 +1,11 @@
 """Running one batch on the predictor, in the two stages the queue overlaps:
 ``forward`` (network and device work) in one worker thread, ``finish`` (mask
 string encoding) in another. A device out-of-memory error in ``forward`` splits
-the batch in halves and retries; only an image that fails alone gets an error."""
+the batch in halves and retries; only an image that fails alone gets an error.
+
+Every item names the predictor it runs on (the queue pins it when the request is
+admitted), so one batch holds one model's items and each result says which model
+produced it, even while the served model is being swapped."""
 
 import asyncio
 import logging
@@ -18,13 +22,17 @@ from app.metrics import Metrics
 from model.options import PredictOptions
 
 if TYPE_CHECKING:
+    from model.info import ModelInfo
     from model.predictor import ImageResult
 
 log = logging.getLogger(__name__)
 
 
 class BatchPredictor(Protocol):
-    """The two stages of ``model.predictor.Predictor`` the queue needs."""
+    """The two stages of ``model.predictor.Predictor`` the queue needs, and its
+    ``info`` (which model answers)."""
+
+    info: "ModelInfo"
 
     def forward(self, images: list[torch.Tensor], options: list[PredictOptions]) -> Any: ...
 
@@ -33,9 +41,11 @@ class BatchPredictor(Protocol):
 
 @dataclass
 class ItemResult:
-    """One image's result and where its time went (seconds)."""
+    """One image's result, the model that produced it, and where its time went
+    (seconds)."""
 
     result: "ImageResult"
+    model: "ModelInfo"
     queue_s: float
     inference_s: float
     postprocess_s: float
@@ -43,10 +53,12 @@ class ItemResult:
 
 @dataclass(eq=False)
 class WorkItem:
-    """One queued image; ``future`` gets its ``ItemResult`` or its error."""
+    """One queued image; ``future`` gets its ``ItemResult`` or its error.
+    ``options`` were resolved against ``predictor.info``, the model it runs on."""
 
     image: torch.Tensor
     options: PredictOptions
+    predictor: BatchPredictor
     bucket: Hashable
     deadline: float
     future: asyncio.Future
@@ -59,6 +71,7 @@ class Forwarded:
     """Items after ``forward``: their pending batch, or the error they fail with."""
 
     items: list[WorkItem]
+    predictor: BatchPredictor
     pending: Any = None
     error: BaseException | None = None
     seconds: float = 0.0
@@ -81,8 +94,9 @@ def release_device_memory() -> None:
 
 
 class BatchRunner:
-    def __init__(self, predictor: BatchPredictor, metrics: Metrics):
-        self.predictor = predictor
+    """Runs batches whose items share one predictor (``items[0].predictor``)."""
+
+    def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="maskrcnn-forward")
         self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="maskrcnn-finish")
@@ -92,18 +106,20 @@ class BatchRunner:
         try:
             return await loop.run_in_executor(self._forward_pool, self._forward, items)
         except BaseException as e:  # the executor itself failed
-            return [Forwarded(items, error=e)]
+            return [Forwarded(items, items[0].predictor, error=e)]
 
     def _forward(self, items: list[WorkItem]) -> list[Forwarded]:
         """Worker thread: one forward, or halves of it after an out-of-memory error."""
+        predictor = items[0].predictor
         start = time.perf_counter()
         try:
-            pending = self.predictor.forward(
+            pending = predictor.forward(
                 [item.image for item in items], [item.options for item in items]
             )
         except Exception as e:
             if not is_out_of_memory(e):
-                return [Forwarded(items, error=e, seconds=time.perf_counter() - start)]
+                seconds = time.perf_counter() - start
+                return [Forwarded(items, predictor, error=e, seconds=seconds)]
             release_device_memory()
             self.metrics.oom_retries.inc()
             if len(items) == 1:
@@ -111,7 +127,7 @@ class BatchRunner:
                 error = UnavailableError(
                     "the image does not fit in the model device's memory", code="out_of_memory"
                 )
-                return [Forwarded(items, error=error)]
+                return [Forwarded(items, predictor, error=error)]
             log.warning("out of memory on a batch of %d; retrying in halves", len(items))
             half = len(items) // 2
             return self._forward(items[:half]) + self._forward(items[half:])
@@ -120,7 +136,7 @@ class BatchRunner:
         self.metrics.images_forwarded.inc(len(items))
         self.metrics.batch_size.observe(len(items))
         self.metrics.inference_seconds.observe(seconds)
-        return [Forwarded(items, pending, seconds=seconds)]
+        return [Forwarded(items, predictor, pending, seconds=seconds)]
 
     async def finish(self, group: Forwarded) -> float | None:
         """Answer the group's items; returns the finish seconds (``None`` on failure)."""
@@ -134,7 +150,7 @@ class BatchRunner:
         start = time.perf_counter()
         try:
             results = await loop.run_in_executor(
-                self._finish_pool, self.predictor.finish, group.pending
+                self._finish_pool, group.predictor.finish, group.pending
             )
         except Exception as e:
             log.exception("postprocessing a batch of %d failed", len(group.items))
@@ -143,10 +159,11 @@ class BatchRunner:
             return None
         seconds = time.perf_counter() - start
         self.metrics.postprocess_seconds.observe(seconds)
+        model = group.predictor.info
         for item, result in zip(group.items, results, strict=True):
             if not item.future.done():
                 queue_s = item.dispatched_at - item.enqueued_at
-                item.future.set_result(ItemResult(result, queue_s, group.seconds, seconds))
+                item.future.set_result(ItemResult(result, model, queue_s, group.seconds, seconds))
         return seconds
 
     def shutdown(self) -> None:

@@ -11,12 +11,11 @@ training targets, but stay in ``coco_dict()`` so COCOeval treats crowds as it sh
 """
 
 import io
-import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from model.errors import DatasetError
+from model.validation import load_coco, unsafe_path_reason, validate_coco
 
 ANNOTATIONS_FILE = "annotations.json"
 Sample = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -46,15 +46,18 @@ class _Files:
             raise DatasetError(f"{source}: expected a dataset directory or a zip file")
 
     def read(self, name: str) -> bytes:
+        with self.open(name) as stream:
+            return stream.read()
+
+    def open(self, name: str) -> BinaryIO:
         if self.is_zip:
             if self._zip is None or self._pid != os.getpid():  # one handle per worker process
                 self._zip, self._pid = zipfile.ZipFile(self.source), os.getpid()
-            return self._zip.read(name)
-        return (self.source / name).read_bytes()
+            return self._zip.open(name)
+        return (self.source / name).open("rb")
 
     def exists(self, name: str) -> bool:
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or "\\" in name:
+        if unsafe_path_reason(name):
             return False
         if self.is_zip:
             if self._names is None:
@@ -218,74 +221,9 @@ def _read_annotations(files: _Files, annotation_file: str | os.PathLike | None) 
             data = Path(annotation_file).read_bytes()
         else:
             data = files.read(ANNOTATIONS_FILE)
-        coco = json.loads(data)
     except (OSError, KeyError) as e:
         raise DatasetError(f"{where}: cannot read it; expected a COCO annotations file") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(coco, dict) or not all(
-        isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")
-    ):
-        raise DatasetError(
-            f"{where}: must be an object with lists 'images', 'annotations' and 'categories'"
-        )
-    return coco
-
-
-def validate_coco(coco: dict[str, Any], files: _Files) -> list[str]:
-    """Every problem found in a COCO instances dict (empty when it is usable)."""
-    problems: list[str] = []
-    categories = {c.get("id") for c in coco["categories"] if isinstance(c, dict)}
-    if len(categories) != len(coco["categories"]) or not all(
-        isinstance(c, int) for c in categories
-    ):
-        problems.append("categories need unique integer ids")
-    sizes: dict[int, tuple[int, int]] = {}
-    for i, im in enumerate(coco["images"]):
-        where = f"images[{i}]"
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or im["id"] in sizes:
-            problems.append(f"{where}: needs a unique integer id")
-            continue
-        if not all(isinstance(im.get(k), int) and im[k] > 0 for k in ("width", "height")):
-            problems.append(f"{where}: width and height must be positive integers")
-            continue
-        if not isinstance(im.get("file_name"), str) or not files.exists(im["file_name"]):
-            problems.append(f"{where}: file_name {im.get('file_name')!r} is not in the dataset")
-        sizes[im["id"]] = (im["width"], im["height"])
-    for i, ann in enumerate(coco["annotations"]):
-        problem = _check_annotation(ann, sizes, categories)
-        if problem:
-            problems.append(f"annotations[{i}]: {problem}")
-    return problems
-
-
-def _check_annotation(ann: Any, sizes: dict[int, tuple[int, int]], categories: set) -> str | None:
-    if not isinstance(ann, dict):
-        return "expected an object"
-    if ann.get("image_id") not in sizes:
-        return f"image_id {ann.get('image_id')!r} names no image"
-    if ann.get("category_id") not in categories:
-        return f"category_id {ann.get('category_id')!r} names no category"
-    width, height = sizes[ann["image_id"]]
-    bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(
-        isinstance(v, int | float) for v in bbox
-    )):
-        return "bbox must be [x, y, width, height]"
-    x, y, w, h = bbox
-    if w < 0 or h < 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
-        return f"bbox {bbox} is not inside the {width}x{height} image"
-    segmentation = ann.get("segmentation")
-    if isinstance(segmentation, list):
-        if not segmentation or not all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation
-        ):
-            return "polygons must be lists of at least 3 x, y pairs"
-    elif isinstance(segmentation, dict):
-        if segmentation.get("size") != [height, width] or not isinstance(
-            segmentation.get("counts"), list | str
-        ):
-            return f"RLE needs size [{height}, {width}] and counts"
-    else:
-        return "segmentation must be polygons or RLE"
-    return None
+    try:
+        return load_coco(data)
+    except ValueError as e:
+        raise DatasetError(f"{where}: {e}") from None

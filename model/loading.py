@@ -1,5 +1,6 @@
 """Turn a model spec (SPEC §3: ``auto``, ``coco``, ``coco-v2``, ``demo`` or a file
-path) into a network with its ``ModelInfo``."""
+path) into a network with its ``ModelInfo``. (Registry model ids are the
+service's business: it looks up their file and passes ``model_id``.)"""
 
 import logging
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ def load_model(
     spec: str,
     *,
     classes_file: str | None = None,
+    model_id: str | None = None,
     device: str | torch.device = "cpu",
     allow_download: bool = True,
     **network_kwargs,
@@ -51,7 +53,8 @@ def load_model(
     """Build and load the network ``spec`` names, in eval mode on ``device``.
 
     ``network_kwargs`` go to the torchvision builder (``min_size``, ``max_size``,
-    ...). ``classes_file`` renames the classes of a file checkpoint.
+    ...). ``classes_file`` renames the classes of a file checkpoint; ``model_id``
+    names a file checkpoint (default: the file name without its suffix).
     """
     if spec == "auto":
         loaded = _load_auto(allow_download=allow_download, **network_kwargs)
@@ -60,7 +63,9 @@ def load_model(
     elif spec == "demo":
         loaded = _load_demo(**network_kwargs)
     else:
-        loaded = load_file(Path(spec), classes_file=classes_file, **network_kwargs)
+        loaded = load_file(
+            Path(spec), classes_file=classes_file, model_id=model_id, **network_kwargs
+        )
     device = resolve_device(device) if isinstance(device, str) else device
     loaded.network.to(device).eval()
     return loaded

@@ -33,6 +33,11 @@ from model.rle import encode_polygons, find_runs, pack_runs
 __all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Most mask pixels (bool bytes) pasted at once: on a GPU a whole batch of
+# 640x480 images with 100 detections each; on the CPU about one such image,
+# as larger buffers cost more in page faults than fewer calls save.
+_GROUP_BYTES_DEVICE = 2**30
+_GROUP_BYTES_CPU = 2**25
 
 
 @dataclass
@@ -79,7 +84,10 @@ class Predictor:
         network: a ``MaskRCNN`` (any backbone); it is moved to ``device``, eval mode.
         info: its ``ModelInfo`` (class ids and names).
         device: where the network runs.
-        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA (ignored on
+            the CPU): convolutions and linear layers in half precision, while box
+            decoding, NMS and mask probabilities stay float32 (for the RPN through
+            a forward hook on ``network.rpn.head``, see ``keep_float_outputs``).
 
     ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
     any device) and one ``PredictOptions`` per image, and returns one
@@ -103,6 +111,8 @@ class Predictor:
         self.network = network.to(self.device).eval()
         self.info = info
         self.precision = precision
+        if _AUTOCAST_DTYPES[precision] is not None:
+            keep_float_outputs(self.network.rpn.head)
 
     def predict(
         self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
@@ -180,21 +190,81 @@ class Predictor:
     def _postprocess(
         self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
     ) -> PendingBatch:
-        pending = PendingBatch(sizes, options, [], [], [], [], [])
-        for det, size, opts in zip(detections, sizes, options, strict=True):
-            runs, crops = [], []
-            if opts.mask_format != "none" and len(det["boxes"]):
-                masks = paste_masks(det["mask_probs"], det["boxes"], size, opts.mask_threshold)
-                if opts.mask_format == "rle":
-                    runs = find_runs(masks)
+        """Masks pasted and run-length coded for groups of same-size images at once,
+        and one transfer of every box, score and label: a few host syncs per batch
+        rather than a few per image (each one stalls the device's queue)."""
+        counts = [len(det["boxes"]) for det in detections]
+        runs: list[list[np.ndarray]] = [[] for _ in detections]
+        crops: list[list] = [[] for _ in detections]
+        limit = _GROUP_BYTES_CPU if self.device.type == "cpu" else _GROUP_BYTES_DEVICE
+        for group in group_by_size(counts, sizes, options, limit):
+            masks = paste_masks(
+                torch.cat([detections[i]["mask_probs"] for i in group]),
+                torch.cat([detections[i]["boxes"] for i in group]),
+                sizes[group[0]],
+                torch.cat(
+                    [
+                        torch.full((counts[i],), options[i].mask_threshold, device=self.device)
+                        for i in group
+                    ]
+                ),
+            )
+            parts = masks.split([counts[i] for i in group])
+            if all(options[i].mask_format == "rle" for i in group):
+                found = iter(find_runs(masks))
+                for i in group:
+                    runs[i] = [next(found) for _ in range(counts[i])]
+                continue
+            for i, part in zip(group, parts, strict=True):
+                if options[i].mask_format == "rle":
+                    runs[i] = find_runs(part)
                 else:
-                    crops = crop_masks(masks)
-            pending.labels.append(det["labels"].tolist())
-            pending.scores.append(det["scores"].float().tolist())
-            pending.boxes.append(det["boxes"].tolist())
-            pending.runs.append(runs)
-            pending.crops.append(crops)
+                    crops[i] = crop_masks(part)
+        table = torch.cat(
+            [
+                torch.cat([det["boxes"], det["scores"][:, None], det["labels"][:, None]], 1)
+                for det in detections
+            ]
+        ).to("cpu", torch.float64)
+        pending = PendingBatch(sizes, options, [], [], [], runs, crops)
+        for rows in table.split(counts):
+            pending.boxes.append(rows[:, :4].tolist())
+            pending.scores.append(rows[:, 4].tolist())
+            pending.labels.append(rows[:, 5].to(torch.int64).tolist())
         return pending
+
+
+def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
+    """Make the RPN head hand float32 objectness and box deltas to the proposal
+    stage, also under autocast: anchors decoded in half precision would put
+    proposal corners on a 0.5 px (fp16) or 4 px (bf16) grid at 800 px. A no-op
+    in float32; registered once per module."""
+    if getattr(rpn_head, "_float_outputs", False):
+        return
+    rpn_head.register_forward_hook(
+        lambda module, args, output: tuple([t.float() for t in part] for part in output)
+    )
+    rpn_head._float_outputs = True
+
+
+def group_by_size(
+    counts: list[int],
+    sizes: list[tuple[int, int]],
+    options: list[PredictOptions],
+    limit: int,
+) -> list[list[int]]:
+    """Indices of the images whose masks are wanted, in groups of one image size
+    holding at most ``limit`` mask pixels (an image alone may hold more)."""
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for i, (count, size, opts) in enumerate(zip(counts, sizes, options, strict=True)):
+        if count == 0 or opts.mask_format == "none":
+            continue
+        chunks = groups.setdefault(size, [[]])
+        cells = size[0] * size[1]
+        if chunks[-1] and (sum(counts[j] for j in chunks[-1]) + count) * cells > limit:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
 def to_float_image(image: torch.Tensor, device: torch.device) -> torch.Tensor:

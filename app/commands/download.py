@@ -12,8 +12,9 @@ def add_parser(subparsers) -> None:
         description="Download torchvision COCO weights into $TORCH_HOME/hub/checkpoints so "
         "the server can start offline (used by the Dockerfile at build time).",
     )
-    parser.add_argument("names", nargs="+", choices=sorted(PRETRAINED), metavar="NAME",
-                        help="coco or coco-v2")
+    parser.add_argument(
+        "names", nargs="+", choices=sorted(PRETRAINED), metavar="NAME", help="coco or coco-v2"
+    )
     parser.set_defaults(func=run)
 
 

@@ -4,6 +4,14 @@ SIGTERM (or a first Ctrl-C) starts a graceful drain: ``/readyz`` turns 503 at
 once while the server keeps answering, in-flight requests and queued images
 finish, then uvicorn shuts down. A second signal shuts down without waiting
 for the drain.
+
+Behind a load balancer that does not watch ``/readyz`` (nginx's passive health
+checks), requests keep arriving while draining, so "nothing in flight" may never
+come: the listener stays open at most ``DRAIN_ACCEPT_S``, then closes (the
+balancer's next connect is refused and it retries another replica) while what
+is in flight still finishes. Responses sent while draining say ``Connection:
+close``, so no idle keep-alive connection is left in a balancer's pool when the
+listener closes: a request sent on one at that moment would be lost.
 """
 
 import argparse
@@ -13,6 +21,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import configure_logging
 from app.settings import SettingsError, load_settings
@@ -23,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DRAIN_MARGIN_S = 5.0  # beyond REQUEST_TIMEOUT_S, the longest a drain may take
+# the longest the listener stays open after SIGTERM; longer than nginx's upstream
+# keepalive_timeout (deploy/nginx.conf), so its pool holds no connection to us by then
+DRAIN_ACCEPT_S = 5.0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -69,14 +81,43 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = task  # keep a reference
 
     async def _drain_then_exit(self) -> None:
-        timeout = self.service.settings.request_timeout_s + DRAIN_MARGIN_S
-        if not await self.service.wait_drained(timeout):
-            log.warning("drain did not finish within %.0f s; shutting down anyway", timeout)
+        """Stop accepting once idle or after ``DRAIN_ACCEPT_S``. uvicorn's shutdown
+        then closes the listener, lets every request in flight finish (at most
+        ``timeout_graceful_shutdown``), and the lifespan's shutdown empties the queue."""
+        if not await self.service.wait_drained(DRAIN_ACCEPT_S):
+            log.info(
+                "draining: %d requests still in flight after %.0f s; closing the listener, "
+                "they finish before exit",
+                self.service.in_flight,
+                DRAIN_ACCEPT_S,
+            )
         self.should_exit = True
 
     def _fatal(self, error: BaseException) -> None:
         self.exit_code = 1
         self.should_exit = True
+
+
+class CloseWhileDraining:
+    """ASGI wrapper: while the service drains, every response carries ``Connection:
+    close``, so clients and proxies stop reusing connections to this server."""
+
+    def __init__(self, app: ASGIApp, service: "Service"):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.service.state == "draining":
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        CloseWhileDraining(app, app.state.service),
         host=args.host,
         port=args.port,
         log_config=None,

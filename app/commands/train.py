@@ -14,9 +14,15 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from model.training import ProgressFn, TrainConfig, TrainResult
 
 
 def add_parser(subparsers) -> None:
@@ -83,84 +89,159 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from model.training import TrainConfig
+
+    plan = TrainingPlan(
+        dataset=args.dataset,
+        annotations=args.annotations,
+        out=Path(args.out),
+        base_model=args.base_model,
+        architecture=args.architecture,
+        image_size=args.image_size,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        val_fraction=args.val_fraction,
+        device=args.device,
+        resume=args.resume,
+        command="maskrcnn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
+        config=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
+            schedule=args.schedule,
+            clip_grad_norm=args.clip_grad_norm or None,
+            amp=not args.no_amp,
+            num_workers=args.workers,
+            seed=args.seed,
+        ),
+    )
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    bar = ProgressBar(enabled=is_main)
+    try:
+        outcome = run_training(
+            plan, progress=bar.update, announce=lambda line: print(line, file=sys.stderr)
+        )
+    finally:
+        bar.close()
+    if outcome is None:
+        return 0
+    if outcome.metrics:
+        from model.evaluation import format_metrics
+
+        print(format_metrics(outcome.metrics))
+    result = outcome.result
+    print(
+        f"wrote {plan.out} ({result.steps} steps, {result.elapsed_s / 60:.1f} min)", file=sys.stderr
+    )
+    return 0
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training run, as ``maskrcnn train`` and a training job's process both
+    describe it: what to train on, where from, how, and where the checkpoint goes."""
+
+    dataset: str | Path
+    out: Path
+    config: "TrainConfig"
+    base_model: str = "scratch"  # scratch, coco, coco-v2, demo or a checkpoint file
+    architecture: str = "maskrcnn_small_fpn"  # for scratch
+    image_size: int | None = None  # shorter side the network resizes to
+    annotations: str | None = None
+    hflip: float = 0.5
+    vflip: float = 0.0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    resume: bool = False  # continue from OUT.resume.safetensors when it exists
+    save_resume_state: bool = True  # write OUT.resume.safetensors after each epoch
+    dataset_id: str | None = None  # recorded in the checkpoint; default: the folder name
+    command: str | None = None  # recorded in the checkpoint's training record
+    extra: dict[str, Any] = field(default_factory=dict)  # more checkpoint metadata
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished run wrote: the checkpoint's metadata, its last validation
+    ``metrics`` (``{}`` without a validation split) and the loop's result."""
+
+    metadata: dict[str, Any]
+    metrics: dict[str, Any]
+    result: "TrainResult"
+
+
+def run_training(
+    plan: TrainingPlan,
+    *,
+    progress: "ProgressFn | None" = None,
+    announce: Callable[[str], None] = print,
+    show_validation: bool = True,
+) -> TrainingOutcome | None:
+    """Split the dataset, build the starting network, train, evaluate each epoch on
+    the validation split and write the checkpoint to ``plan.out`` (atomically).
+
+    Returns ``None`` on the non-main ranks of a DDP run (they write nothing).
+    """
     from model.augment import AugmentConfig, TrainAugment
     from model.checkpoint import save_checkpoint
     from model.dataset import CocoDataset, split_dataset
     from model.loading import resolve_device
-    from model.training import TrainConfig, train
+    from model.training import train
     from model.transfer import prepare_network
 
-    out = Path(args.out)
-    augment = TrainAugment(AugmentConfig(hflip=args.hflip, vflip=args.vflip))
-    full = CocoDataset(args.dataset, transforms=augment, annotation_file=args.annotations)
-    train_set, val_set = split_dataset(full, args.val_fraction, seed=args.seed)
+    augment = TrainAugment(AugmentConfig(hflip=plan.hflip, vflip=plan.vflip))
+    full = CocoDataset(plan.dataset, transforms=augment, annotation_file=plan.annotations)
+    train_set, val_set = split_dataset(full, plan.val_fraction, seed=plan.config.seed)
     size = (
-        {"min_size": args.image_size, "max_size": round(args.image_size * 5 / 3)}
-        if args.image_size
+        {"min_size": plan.image_size, "max_size": round(plan.image_size * 5 / 3)}
+        if plan.image_size
         else {}
     )
     start = prepare_network(
-        args.base_model, full.categories, architecture=args.architecture, **size
+        plan.base_model, full.categories, architecture=plan.architecture, **size
     )
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        clip_grad_norm=args.clip_grad_norm or None,
-        amp=not args.no_amp,
-        num_workers=args.workers,
-        seed=args.seed,
-    )
-    device = resolve_device(args.device)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    print(
+    device = resolve_device(plan.device)
+    announce(
         f"train: {len(train_set)} images, validation: {len(val_set) if val_set else 0}, "
         f"{len(full.categories)} classes, {start.architecture} from {start.base_model}, "
-        f"{device}",
-        file=sys.stderr,
+        f"{device}"
     )
-    bar = ProgressBar(enabled=is_main)
+    resume_path = plan.out.with_name(plan.out.name + ".resume.safetensors")
+    evaluate = make_evaluator(full, val_set, device, show_validation) if val_set else None
     result = train(
         start.network,
         train_set,
-        config=config,
+        config=plan.config,
         device=device,
-        progress=bar.update,
-        evaluate=make_evaluator(full, val_set, device) if val_set else None,
-        state_path=out.with_name(out.name + ".resume.safetensors"),
-        resume=args.resume,
+        progress=progress,
+        evaluate=evaluate,
+        state_path=resume_path if plan.save_resume_state else None,
+        resume=plan.resume,
     )
-    bar.close()
-    if not is_main:
-        return 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     metrics = (result.history[-1].get("metrics") or {}) if result.history else {}
-    save_checkpoint(
-        out,
+    metadata = save_checkpoint(
+        plan.out,
         start.network,
         architecture=start.architecture,
         arch_kwargs=start.arch_kwargs,
         classes=full.categories,
-        dataset_id=full.dataset_id,
+        dataset_id=plan.dataset_id or full.dataset_id,
         metrics=metrics,
         extra={
-            "training": training_record(args, config, result),
+            "training": training_record(plan, result),
             "dataset_info": full.coco_dict().get("info"),
+            **plan.extra,
         },
     )
-    out.with_name(out.name + ".resume.safetensors").unlink(missing_ok=True)
-    if metrics:
-        from model.evaluation import format_metrics
-
-        print(format_metrics(metrics))
-    print(f"wrote {out} ({result.steps} steps, {result.elapsed_s / 60:.1f} min)", file=sys.stderr)
-    return 0
+    resume_path.unlink(missing_ok=True)
+    return TrainingOutcome(metadata, metrics, result)
 
 
-def make_evaluator(full, val_set, device):
+def make_evaluator(full, val_set, device, show_progress: bool = True):
     from model.evaluation import evaluate_predictor
     from model.info import ModelInfo
     from model.predictor import Predictor
@@ -169,7 +250,13 @@ def make_evaluator(full, val_set, device):
     info = ModelInfo("validation", "training", tuple(full.label_to_category), names)
 
     def evaluate(network):
-        with tqdm(total=len(val_set), unit="img", desc="validate", leave=False) as bar:
+        with tqdm(
+            total=len(val_set),
+            unit="img",
+            desc="validate",
+            leave=False,
+            disable=not show_progress,
+        ) as bar:
             return evaluate_predictor(
                 Predictor(network, info, device=device), val_set, progress=bar.update
             )
@@ -206,19 +293,19 @@ class ProgressBar:
             self.bar.close()
 
 
-def training_record(args, config, result) -> dict:
+def training_record(plan: TrainingPlan, result) -> dict:
     import dataclasses
 
     import torch
 
     return {
-        "command": "maskrcnn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
-        "config": dataclasses.asdict(config),
+        "command": plan.command,
+        "config": dataclasses.asdict(plan.config),
         "history": result.history,
         "steps": result.steps,
         "elapsed_s": round(result.elapsed_s, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_description(args.device),
+        "machine": machine_description(plan.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

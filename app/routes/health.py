@@ -3,6 +3,7 @@
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from app.auth import MetricsToken
 from app.dependencies import ServiceDep
 from app.errors import NotReadyError
 from app.schemas import HealthPublic, ModelRefPublic, ReadinessPublic, error_responses
@@ -35,9 +36,14 @@ async def readyz(service: ServiceDep) -> ReadinessPublic:
     "/metrics",
     name="metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    dependencies=[MetricsToken],
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        **error_responses(401),
+    },
 )
 async def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics of this process."""
+    """Prometheus metrics of this process (needs an API token where
+    `MASKRCNN_PROTECT_METRICS` is true)."""
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)

@@ -3,25 +3,31 @@
 import asyncio
 import base64
 import binascii
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
+import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.auth import ApiToken
-from app.dependencies import BatcherDep, PredictorDep, SettingsDep
+from app.dependencies import BatcherDep, SettingsDep
 from app.errors import BadRequestError
 from app.images import decode_image, decode_images
-from app.inference import check_image_count, encode_segmentation, run_images, to_predict_options
+from app.inference import check_image_count, encode_segmentation, run_images
 from app.responses import OrjsonResponse
 from app.schemas import (
+    ImageSource,
     MaskFormat,
     SegmentationPublic,
     SegmentOptions,
     SegmentRequest,
     error_responses,
 )
+from app.urlfetch import ByteBudget, UrlFetcherDep
 from app.visualize import render_png
+
+T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1/segment",
@@ -62,21 +68,23 @@ async def segment(
     images: Annotated[list[UploadFile], File(description="JPEG, PNG, WebP or BMP files")],
     options: FormOptions,
     batcher: BatcherDep,
-    predictor: PredictorDep,
     settings: SettingsDep,
 ) -> Response:
     """Segment one or more uploaded images (multipart field `images`)."""
     check_image_count(len(images), settings)
-    opts = [to_predict_options(options, predictor.info)] * len(images)
+    opts = [options] * len(images)
 
     async def decode():
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
-        return await decode_images(blobs, max_pixels=settings.max_image_pixels, names=names)
+        device = getattr(batcher.predictor, "device", None)  # decode for where the model is
+        return await decode_images(
+            blobs, max_pixels=settings.max_image_pixels, names=names, device=device
+        )
 
     results = await run_images(request, batcher, settings, decode, opts)
     started_at = request.scope["state"]["started_at"]
-    return OrjsonResponse(encode_segmentation(predictor.info, results, started_at))
+    return OrjsonResponse(encode_segmentation(results, started_at))
 
 
 @router.post("/json", name="segment_json", response_model=SegmentationPublic)
@@ -84,31 +92,43 @@ async def segment_json(
     request: Request,
     body: SegmentRequest,
     batcher: BatcherDep,
-    predictor: PredictorDep,
     settings: SettingsDep,
+    fetcher: UrlFetcherDep,
 ) -> Response:
-    """Segment images given as base64 `data` (or `url`, where URL input is enabled)."""
+    """Segment images given as base64 `data` or as an http(s) `url` (public addresses
+    only, unless the server's URL_ALLOW_PRIVATE / URL_ALLOWLIST say otherwise)."""
     check_image_count(len(body.images), settings)
-    for i, source in enumerate(body.images):
-        if source.url is not None:
+    for i, source in enumerate(body.images):  # refuse what will not be fetched, early
+        if source.url is None:
+            continue
+        if not settings.url_fetch:
             raise BadRequestError(
-                f"images[{i}]: URL input is not available on this server yet; "
-                "send the file's bytes as base64 in `data`",
-                code="url_not_supported",
+                f"images[{i}]: URL input is disabled on this server (MASKRCNN_URL_FETCH="
+                "false); send the file's bytes as base64 in `data`",
+                code="url_fetch_disabled",
             )
-    opts = [to_predict_options(body, predictor.info)] * len(body.images)
+        fetcher.check_syntax(source.url, f"images[{i}].url")
+    opts = [body] * len(body.images)
+    budget = ByteBudget(settings.max_upload_bytes)  # all URL images together
+
+    async def one(i: int, source: ImageSource) -> torch.Tensor:
+        name = f"images[{i}]"
+        if source.url is not None:
+            data = await fetcher.fetch(source.url, name=name, budget=budget)
+        else:
+            data = await asyncio.to_thread(decode_base64, source.data, f"{name}.data")
+        max_pixels = settings.max_image_pixels
+        device = getattr(batcher.predictor, "device", None)  # decode for where the model is
+        return await asyncio.to_thread(
+            decode_image, data, max_pixels=max_pixels, name=name, device=device
+        )
 
     async def decode():
-        def one(i: int, text: str):
-            data = decode_base64(text, f"images[{i}].data")
-            return decode_image(data, max_pixels=settings.max_image_pixels, name=f"images[{i}]")
-
-        tasks = [asyncio.to_thread(one, i, s.data) for i, s in enumerate(body.images)]
-        return await asyncio.gather(*tasks)
+        return await gather_or_cancel([one(i, s) for i, s in enumerate(body.images)])
 
     results = await run_images(request, batcher, settings, decode, opts)
     started_at = request.scope["state"]["started_at"]
-    return OrjsonResponse(encode_segmentation(predictor.info, results, started_at))
+    return OrjsonResponse(encode_segmentation(results, started_at))
 
 
 @router.post(
@@ -127,11 +147,10 @@ async def segment_visualize(
     image: Annotated[UploadFile, File(description="one JPEG, PNG, WebP or BMP file")],
     options: FormOptions,
     batcher: BatcherDep,
-    predictor: PredictorDep,
     settings: SettingsDep,
 ) -> Response:
     """The image with masks, boxes, class names and scores drawn on it, as PNG."""
-    opts = to_predict_options(options.model_copy(update={"mask_format": "rle"}), predictor.info)
+    opts = options.model_copy(update={"mask_format": "rle"})
     decoded = []
 
     async def decode():
@@ -147,6 +166,17 @@ async def segment_visualize(
     [result] = await run_images(request, batcher, settings, decode, [opts])
     png = await asyncio.to_thread(render_png, decoded[0], result.result.detections)
     return Response(png, media_type="image/png")
+
+
+async def gather_or_cancel(coroutines: list[Awaitable[T]]) -> list[T]:
+    """Every result, in order; the first error cancels the rest (a failed request
+    must not leave its other URL fetches running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def decode_base64(text: str, name: str) -> bytes:

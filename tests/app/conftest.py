@@ -1,16 +1,21 @@
 """Shared helpers for the HTTP tests: an in-process app on a fake predictor, a
-tiny random-weight checkpoint, and real ``maskrcnn serve`` processes on free
-ports."""
+tiny random-weight checkpoint, real ``maskrcnn serve`` processes on free
+ports and segment traffic against them, admin auth, throwaway PostgreSQL
+databases, and the job store, datasets and registry rows training tests set up."""
 
 import contextlib
 import io
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,8 +123,10 @@ def free_port() -> int:
 class ServerProcess:
     """``maskrcnn serve`` in a subprocess; ``url``, ``client`` and ``log()``."""
 
-    def __init__(self, model: Path, env: dict[str, str], log_path: Path):
-        self.port = free_port()
+    def __init__(
+        self, model: Path, env: dict[str, str], log_path: Path, port: int | None = None
+    ):
+        self.port = port or free_port()  # a fixed port: a replica restarted in place
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {
@@ -196,3 +203,278 @@ def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
     with running_server(checkpoint, tmp_path_factory.mktemp("server")) as s:
         s.wait_ready()
         yield s
+
+
+def served_model_id(client, png: bytes, headers: dict[str, str] | None = None) -> str:
+    """The ``model.id`` of a successful ``/v1/segment`` answer for ``png``."""
+    files = [("images", ("image.png", png, "image/png"))]
+    response = client.post("/v1/segment", files=files, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["model"]["id"]
+
+
+class Traffic:
+    """``clients`` threads sending ``png`` to ``/v1/segment`` back to back until the
+    block ends; ``answers[i]`` is client ``i``'s ``(status, body)`` in order."""
+
+    def __init__(self, url: str, png: bytes, clients: int = 2, headers: dict | None = None):
+        self.url, self.png, self.headers = url, png, headers or {}
+        self.answers: list[list[tuple[int, dict | str]]] = [[] for _ in range(clients)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, args=(a,)) for a in self.answers]
+
+    def __enter__(self) -> "Traffic":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)
+
+    def _send(self, answers: list) -> None:
+        files = [("images", ("scene.png", self.png, "image/png"))]
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post("/v1/segment", files=files, headers=self.headers)
+                except httpx.HTTPError as e:
+                    answers.append((0, repr(e)))
+                    continue
+                ok = response.status_code == 200
+                answers.append((response.status_code, response.json() if ok else response.text))
+
+    def count(self) -> int:
+        """Answers so far, all clients together."""
+        return sum(len(answers) for answers in self.answers)
+
+    def wait_more(self, count: int, timeout: float = 60.0) -> None:
+        """Until ``count`` more answers arrived (of any status)."""
+        deadline, target = time.monotonic() + timeout, self.count() + count
+        while self.count() < target:
+            assert time.monotonic() < deadline, f"traffic stalled at {self.count()} answers"
+            time.sleep(0.05)
+
+    def failures(self) -> list[tuple[int, dict | str]]:
+        return [answer for answers in self.answers for answer in answers if answer[0] != 200]
+
+    def ids(self) -> list[list[str | None]]:
+        return [[b["model"]["id"] if s == 200 else None for s, b in list(a)] for a in self.answers]
+
+    def wait_for(self, model_id: str, *, count: int = 2, timeout: float = 60.0) -> float:
+        """Seconds until every client got ``count`` answers from ``model_id``."""
+        start = time.monotonic()
+        while any(ids.count(model_id) < count for ids in self.ids()):
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"{self.url} did not serve {model_id!r}: {self.ids()}")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def check(self, order: list[str], references: dict[str, list[tuple]] | None = None) -> None:
+        """Every request succeeded; each client saw the models in ``order`` (each
+        switch once, never back); with ``references`` (model id → ``(class id,
+        score)`` per detection), each answer is what its named model detects."""
+        for answers in self.answers:
+            assert [s for s, _ in answers] == [200] * len(answers), answers
+            ids = [body["model"]["id"] for _, body in answers]
+            assert [m for i, m in enumerate(ids) if i == 0 or ids[i - 1] != m] == order, ids
+            if references is None:
+                continue
+            for _, body in answers:
+                found = [(d["class_id"], d["score"]) for d in body["results"][0]["detections"]]
+                assert same_detections(found, references[body["model"]["id"]]), body
+
+
+def detections_by(model: str, image: np.ndarray) -> list[tuple[int, float]]:
+    """``image``'s detections ``(class id, score)`` by ``model`` (a spec or a file),
+    run in process on the device a server picks: what a server must answer."""
+    from model.loading import load_model
+    from model.predictor import Predictor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loaded = load_model(model, device="auto")
+        tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+        device = next(loaded.network.parameters()).device
+        [result] = Predictor(loaded.network, loaded.info, device=device).predict([tensor])
+    finally:
+        torch.set_num_threads(threads)
+    return [(d.class_id, d.score) for d in result.detections]
+
+
+def same_detections(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Same classes in the same order, scores within 0.02 (enough to tell which of
+    two models answered; boxes are compared in test_server.py)."""
+    return len(got) == len(expected) and all(
+        g[0] == e[0] and abs(g[1] - e[1]) <= 0.02 for g, e in zip(got, expected, strict=True)
+    )
+
+
+# -- admin auth ---------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+ADMIN_TOKEN = "admin-token-for-tests"
+AS_ADMIN = bearer(ADMIN_TOKEN)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "MASKRCNN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@contextlib.contextmanager
+def throwaway_database(prefix: str = "maskrcnn") -> Iterator[str]:
+    """A fresh database on the test PostgreSQL (``MASKRCNN_TEST_POSTGRES_URL``, by
+    default the local one), dropped afterwards even with sessions still open;
+    yields its URL. No PostgreSQL skips the test, or fails it where
+    ``MASKRCNN_TEST_REQUIRE_TOPOLOGY=1`` (CI, which must provide one)."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        if os.environ.get("MASKRCNN_TEST_REQUIRE_TOPOLOGY") == "1":
+            pytest.fail(f"no PostgreSQL at {POSTGRES_ADMIN_URL} (CI must provide it): {e}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL}: {e}")
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urllib.parse.urlsplit(POSTGRES_ADMIN_URL)._replace(path=f"/{name}").geturl()
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database for one test (see ``throwaway_database``)."""
+    with throwaway_database() as url:
+        yield url
+
+
+# -- training jobs ----------------------------------------------------------------
+
+# a job body that trains in seconds on a CPU: one epoch from ``demo`` on 64 px images
+TINY_JOB = {"base_model": "demo", "epochs": 1, "batch_size": 2, "image_size": 64}
+
+
+def job_store(data_dir: Path, url: str | None = None):
+    """The database a server with this ``DATA_DIR`` (and ``DATABASE_URL``, by default
+    its SQLite file) uses, its tables created: tests arrange and inspect state
+    there. The caller disposes of it."""
+    from app.db import Database
+
+    db = Database(url or f"sqlite:///{data_dir / 'maskrcnn.db'}", data_dir=data_dir)
+    db.create_schema()
+    return db
+
+
+def set_job(db, job_id: str, **values) -> None:
+    """Overwrite columns of a job row, as a worker would have."""
+    from app.db import TrainingJobRecord
+
+    with db.session() as session:
+        job = session.get(TrainingJobRecord, job_id)
+        for key, value in values.items():
+            setattr(job, key, value)
+
+
+def upload_dataset(
+    client, data: bytes, filename: str = "dataset.zip", headers=AS_ADMIN, **form
+) -> httpx.Response:
+    files = {"file": (filename, data, "application/zip")}
+    return client.post("/v1/datasets", files=files, data=form, headers=headers)
+
+
+def iter_events(response) -> Iterator[tuple[str, dict]]:
+    """Server-sent events as (name, data), each as it arrives, until the server
+    ends the stream."""
+    name, data = None, []
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+        elif not line and name:
+            yield name, json.loads("\n".join(data))
+            name, data = None, []
+
+
+def read_events(response) -> list[tuple[str, dict]]:
+    return list(iter_events(response))
+
+
+def add_dataset(db, *, num_images: int = 8, image_size: int = 64, seed: int = 0) -> str:
+    """A generated shapes dataset under ``DATA_DIR/datasets/`` and its row, as an
+    upload leaves them (job tests need no upload route); returns its id."""
+    from app.db import DatasetRecord, new_id
+    from model.synthetic import generate_dataset
+
+    dataset_id = new_id("ds")
+    path = f"datasets/{dataset_id}"
+    coco = generate_dataset(
+        db.resolve(path), num_images=num_images, image_size=image_size, seed=seed,
+        max_objects=3, min_radius=0.15, max_radius=0.3,
+    )
+    with db.session() as session:
+        session.add(
+            DatasetRecord(
+                id=dataset_id, name="shapes", path=path, num_images=len(coco["images"]),
+                num_annotations=len(coco["annotations"]), size_bytes=0,
+                categories=[{"id": c["id"], "name": c["name"]} for c in coco["categories"]],
+            )
+        )
+    return dataset_id
+
+
+# -- model registry ---------------------------------------------------------------
+
+
+def register_model(db, checkpoint: Path, **fields) -> str:
+    """Copy ``checkpoint`` to ``DATA_DIR/models/<id>.safetensors`` and add its
+    registry row, as a succeeded training job leaves them; returns the id."""
+    import shutil
+
+    from app.db import ModelRecord, new_id
+
+    db.create_schema()
+    model_id = fields.pop("id", None) or new_id("model")
+    path = f"models/{model_id}.safetensors"
+    db.resolve(path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, db.resolve(path))
+    row = {"architecture": "maskrcnn_resnet50_fpn", "base_model": "demo"}
+    row |= {"classes": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], **fields}
+    with db.session() as session:
+        session.add(ModelRecord(id=model_id, path=path, **row))
+    return model_id
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll ``condition`` until it returns something true, which is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def training_processes(job_id: str) -> list[int]:
+    """Pids of live ``app.jobrunner`` processes for ``job_id``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"app.jobrunner" in args and job_id.encode() in args:
+                found.append(int(cmdline.parent.name))
+    return found

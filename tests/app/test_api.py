@@ -64,11 +64,12 @@ def test_segment_json_with_base64(client):
     assert len(response.json()["results"]) == 2
 
 
-def test_json_url_items_get_a_clear_400_until_url_input_lands(client):
-    response = client.post(
-        "/v1/segment/json", json={"images": [{"url": "https://example.com/a.jpg"}]}
-    )
-    assert "base64" in assert_error(response, 400, "url_not_supported")["message"]
+def test_json_url_items_get_a_clear_400_when_url_fetch_is_off():
+    with fake_client(url_fetch=False) as client:
+        response = client.post(
+            "/v1/segment/json", json={"images": [{"url": "https://example.com/a.jpg"}]}
+        )
+        assert "base64" in assert_error(response, 400, "url_fetch_disabled")["message"]
 
 
 def test_bad_inputs_get_the_error_shape(client):
@@ -229,3 +230,15 @@ def test_streamed_body_over_the_limit_is_413():
             "/v1/segment/json", content=chunks(), headers={"content-type": "application/json"}
         )
         assert_error(response, 413, "payload_too_large")
+
+
+def test_an_unexpected_error_is_a_500_in_the_error_shape_without_a_traceback(client, caplog):
+    @client.app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internals")
+
+    response = client.get("/boom", headers={"X-Request-ID": "boom-1"})
+    error = assert_error(response, 500, "internal_error")
+    assert error["request_id"] == "boom-1"
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert "secret internals" in caplog.text  # the details go to the log

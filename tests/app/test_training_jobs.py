@@ -1,0 +1,391 @@
+"""``/v1/training-jobs`` (SPEC §6, §9): validation, auth, cancel and the event
+stream in-process; then real training jobs run by the worker embedded in a real
+``maskrcnn serve``, followed over HTTP."""
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import jobs
+from app.db import DatasetRecord, ModelRecord, utcnow
+from tests.app.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
+    TINY_JOB,
+    add_dataset,
+    fake_client,
+    job_store,
+    read_events,
+    running_server,
+    set_job,
+    training_processes,
+    upload_dataset,
+    wait_for,
+)
+
+INFERENCE = "inference-token-xyz"
+
+
+# -- in-process: the API over the job store, no worker ---------------------------------
+
+
+@pytest.fixture
+def api():
+    with fake_client(admin_token=ADMIN_TOKEN, api_tokens=INFERENCE, run_worker=False) as client:
+        client.db = client.app.state.service.db
+        client.dataset_id = add_dataset(client.db, num_images=2)
+        yield client
+
+
+def create(client, **body):
+    return client.post(
+        "/v1/training-jobs", json={"dataset_id": client.dataset_id, **body}, headers=AS_ADMIN
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/training-jobs"),
+        ("GET", "/v1/training-jobs"),
+        ("GET", "/v1/training-jobs/job-1"),
+        ("GET", "/v1/training-jobs/job-1/events"),
+        ("POST", "/v1/training-jobs/job-1/cancel"),
+    ],
+)
+def test_every_route_needs_the_admin_token(api, method, path):
+    expected = {
+        None: (401, "unauthorized"),
+        INFERENCE: (403, "forbidden"),  # an inference token never grants admin routes
+        "not-a-token-at-all": (401, "unauthorized"),
+    }
+    for token, (status, code) in expected.items():
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = api.request(method, path, headers=headers, json={})
+        assert response.status_code == status, (token, response.text)
+        assert response.json()["error"]["code"] == code
+
+
+def test_without_an_admin_token_configured_training_is_refused():
+    with fake_client(run_worker=False) as client:
+        response = client.post("/v1/training-jobs", json={"dataset_id": "ds-x"}, headers=AS_ADMIN)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "admin_disabled"
+    assert "MASKRCNN_ADMIN_TOKEN" in response.json()["error"]["message"]
+
+
+def test_a_job_is_queued_with_defaults_and_listed_newest_first(api):
+    response = create(api)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["id"].startswith("job-") and job["state"] == "queued"
+    assert job["dataset_id"] == api.dataset_id
+    assert job["config"] == {
+        "base_model": "demo",
+        "epochs": 10,
+        "batch_size": 4,
+        "learning_rate": 0.01,
+        "image_size": None,
+        "val_fraction": 0.1,
+        "seed": 0,
+    }
+    assert job["progress"] == {
+        "epoch": 0,
+        "epochs": 10,
+        "step": 0,
+        "total_steps": None,
+        "loss": None,
+        "eta_s": None,
+    }
+    assert job["metrics"] == [] and job["model_id"] is None and job["error"] is None
+    assert job["started_at"] is None and not job["cancel_requested"]
+    assert api.get(f"/v1/training-jobs/{job['id']}", headers=AS_ADMIN).json() == job
+
+    later = [create(api, epochs=2).json()["id"], create(api, seed=3).json()["id"]]
+    set_job(api.db, later[1], state="failed", error="x")
+    listed = api.get("/v1/training-jobs", headers=AS_ADMIN).json()
+    assert [j["id"] for j in listed["data"]] == [later[1], later[0], job["id"]]
+    assert listed["count"] == 3
+    queued = api.get("/v1/training-jobs", params={"state": "queued", "limit": 1}, headers=AS_ADMIN)
+    assert [j["id"] for j in queued.json()["data"]] == [later[0]]
+
+
+def test_unknown_job_is_404(api):
+    for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/events")]:
+        response = api.request(method, f"/v1/training-jobs/job-nope{path}", headers=AS_ADMIN)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+        assert "job-nope" in response.json()["error"]["message"]
+
+
+def test_bad_requests_are_refused_with_the_reason(api):
+    response = api.post("/v1/training-jobs", json={"dataset_id": "ds-nope"}, headers=AS_ADMIN)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "unknown_dataset"
+    assert "ds-nope" in response.json()["error"]["message"]
+
+    response = create(api, base_model="model-nope")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unknown_model" and "model-nope" in error["message"]
+
+    for field, value in [
+        ("epochs", 0),
+        ("epochs", 10_000),
+        ("batch_size", 0),
+        ("learning_rate", 0),
+        ("learning_rate", 5),
+        ("val_fraction", 0.9),
+        ("image_size", 8),
+        ("seed", -1),
+        ("surprise", 1),
+    ]:
+        response = create(api, **{field: value})
+        assert response.status_code == 422, (field, value)
+        error = response.json()["error"]
+        assert error["code"] == "validation_error" and field in error["message"]
+    response = api.get("/v1/training-jobs", params={"state": "done"}, headers=AS_ADMIN)
+    assert response.status_code == 422
+    assert list_count(api) == 0  # nothing was queued
+
+
+def list_count(api) -> int:
+    return api.get("/v1/training-jobs", headers=AS_ADMIN).json()["count"]
+
+
+def test_a_registered_model_can_be_the_base(api):
+    with api.db.session() as session:
+        session.add(
+            ModelRecord(
+                id="model-abc",
+                architecture="maskrcnn_small_fpn",
+                path="models/model-abc.safetensors",
+                classes=[],
+                base_model="demo",
+            )
+        )
+    response = create(api, base_model="model-abc")
+    assert response.status_code == 202 and response.json()["config"]["base_model"] == "model-abc"
+    for builtin in ("coco", "coco-v2", "scratch"):
+        assert create(api, base_model=builtin).status_code == 202
+
+
+def test_cancel_a_queued_job_then_nothing_more(api):
+    job = create(api).json()
+    response = api.post(f"/v1/training-jobs/{job['id']}/cancel", headers=AS_ADMIN)
+    assert response.status_code == 202
+    cancelled = response.json()
+    assert cancelled["state"] == "cancelled" and cancelled["finished_at"] is not None
+    again = api.post(f"/v1/training-jobs/{job['id']}/cancel", headers=AS_ADMIN)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "conflict"
+    assert "cancelled" in again.json()["error"]["message"]
+
+    done = create(api).json()
+    set_job(api.db, done["id"], state="succeeded", model_id="model-x", finished_at=utcnow())
+    response = api.post(f"/v1/training-jobs/{done['id']}/cancel", headers=AS_ADMIN)
+    assert response.status_code == 409
+    assert (
+        api.get(f"/v1/training-jobs/{done['id']}", headers=AS_ADMIN).json()["state"] == "succeeded"
+    )
+
+
+def test_events_replay_a_finished_job_then_end(api):
+    job = create(api, epochs=2).json()
+    epoch = {"epoch": 1, "losses": {"loss": 1.5}, "bbox": {"AP": 0.25}, "segm": {"AP": 0.5}}
+    progress = {"epoch": 2, "epochs": 2, "step": 8, "total_steps": 8, "loss": 1.0, "eta_s": 0}
+    set_job(
+        api.db,
+        job["id"],
+        state="failed",
+        error="boom",
+        progress=progress,
+        metrics=[epoch, {**epoch, "epoch": 2}],
+        finished_at=utcnow(),
+    )
+    with api.stream("GET", f"/v1/training-jobs/{job['id']}/events", headers=AS_ADMIN) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_events(response)
+    assert [name for name, _ in events] == ["progress", "epoch", "epoch", "state", "done"]
+    assert events[0][1] == progress
+    assert events[1][1] == epoch and events[2][1]["epoch"] == 2
+    assert events[3][1] == {"state": "failed", "error": "boom", "model_id": None}
+    assert events[4][1]["id"] == job["id"] and events[4][1]["state"] == "failed"
+
+
+# -- real jobs in a real server ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """``maskrcnn serve`` with its embedded worker, and the job store it uses."""
+    tmp = tmp_path_factory.mktemp("trainer")
+    db = job_store(tmp / "data")
+    env = {
+        "admin_token": ADMIN_TOKEN,
+        "job_heartbeat_s": 0.5,
+        "job_heartbeat_timeout_s": 5,
+        "worker_poll_s": 0.2,
+    }
+    with running_server(Path("demo"), tmp, **env) as server:
+        server.db = db
+        server.dataset_id = add_dataset(db, num_images=8)
+        server.wait_ready()
+        yield server
+    db.dispose()
+
+
+def post_job(server, **body) -> dict:
+    body = {"dataset_id": server.dataset_id, **body}
+    response = server.client.post("/v1/training-jobs", json=body, headers=AS_ADMIN)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def get_job(server, job_id: str) -> dict:
+    return server.client.get(f"/v1/training-jobs/{job_id}", headers=AS_ADMIN).json()
+
+
+def model_files(server) -> list[str]:
+    models = server.db.data_dir / "models"
+    return sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+
+
+@pytest.mark.slow
+def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
+    """End to end over HTTP: upload a generated dataset zip, train one epoch from
+    ``demo``, follow the events to ``succeeded``, find the version in the registry."""
+    from model.dataset import CocoDataset, split_dataset
+    from model.evaluation import evaluate_predictor
+    from model.loading import load_model
+    from model.predictor import Predictor
+    from model.synthetic import generate_dataset
+
+    generate_dataset(
+        tmp_path / "shapes.zip",
+        num_images=8,
+        image_size=64,
+        seed=5,
+        max_objects=3,
+        min_radius=0.15,
+        max_radius=0.3,
+    )
+    upload = upload_dataset(trainer.client, (tmp_path / "shapes.zip").read_bytes(), "shapes.zip")
+    assert upload.status_code == 201, upload.text
+    dataset_id = upload.json()["id"]
+
+    job = post_job(trainer, **TINY_JOB, val_fraction=0.25, dataset_id=dataset_id)
+    url = f"/v1/training-jobs/{job['id']}/events"
+    with trainer.client.stream("GET", url, headers=AS_ADMIN, timeout=120) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_events(response)  # returns only because the server ends the stream
+    names = [name for name, _ in events]
+    assert names[-2:] == ["state", "done"], names
+    states = [data["state"] for name, data in events if name == "state"]
+    assert states[-1] == "succeeded" and "running" in states, states
+    progress = [data for name, data in events if name == "progress"]
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 3  # 6 training images / 2
+    [epoch] = [data for name, data in events if name == "epoch"]
+    assert epoch["epoch"] == 1 and epoch["losses"]["loss"] > 0
+    assert {"AP", "AP50", "AR100"} <= set(epoch["bbox"]) and {"AP", "AP50"} <= set(epoch["segm"])
+
+    final = events[-1][1]
+    assert final == get_job(trainer, job["id"])
+    assert final["error"] is None and final["metrics"] == [epoch]
+    model_id = final["model_id"]
+    assert model_id == "model-" + job["id"].removeprefix("job-")
+    assert model_files(trainer) == [f"{model_id}.safetensors"]  # no temporary files left
+    with trainer.db.session() as session:
+        record = session.get(ModelRecord, model_id)
+        dataset_path = session.get(DatasetRecord, dataset_id).path
+    assert record.path == f"models/{model_id}.safetensors" and record.job_id == job["id"]
+    assert (record.dataset_id, record.base_model) == (dataset_id, "demo")
+    assert record.metrics == {"bbox": epoch["bbox"], "segm": epoch["segm"]}
+    assert record.classes == [
+        {"id": c["id"], "name": c["name"]} for c in upload.json()["categories"]
+    ]
+    listed = trainer.client.get(f"/v1/models/{model_id}").json()
+    assert (listed["id"], listed["job_id"], listed["metrics"]) == (
+        model_id,
+        job["id"],
+        record.metrics,
+    )
+
+    # the checkpoint holds what the record says, and the metrics are its COCO mAP on
+    # the validation split, re-measured here with pycocotools
+    loaded = load_model(str(trainer.db.resolve(record.path)))
+    meta = loaded.info.metadata
+    assert (meta["job_id"], meta["dataset_id"]) == (job["id"], dataset_id)
+    assert meta["classes"] == record.classes and meta["arch_kwargs"]["min_size"] == 64
+    _, val_set = split_dataset(CocoDataset(trainer.db.resolve(dataset_path)), 0.25, seed=0)
+    measured = evaluate_predictor(Predictor(loaded.network, loaded.info), val_set)
+    for iou_type in ("bbox", "segm"):
+        for stat in ("AP", "AP50", "AR100"):
+            assert measured[iou_type][stat] == pytest.approx(epoch[iou_type][stat], abs=0.02)
+
+
+@pytest.mark.slow
+def test_cancelling_a_running_job_stops_its_training(trainer):
+    job = post_job(trainer, **{**TINY_JOB, "epochs": 500}, val_fraction=0)
+    running = wait_for(
+        lambda: (j := get_job(trainer, job["id"]))["progress"]["step"] >= 1 and j,
+        60,
+        "the job to train",
+    )
+    assert running["state"] == "running" and training_processes(job["id"])
+
+    # a client that stops following: its stream ends (no request left in flight but
+    # the /metrics one that asks)
+    with httpx.Client(base_url=trainer.url, timeout=30) as follower:
+        url = f"/v1/training-jobs/{job['id']}/events"
+        with follower.stream("GET", url, headers=AS_ADMIN) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert trainer.metric("maskrcnn_http_requests_in_flight") == 2
+    wait_for(
+        lambda: trainer.metric("maskrcnn_http_requests_in_flight") == 1, 10, "the stream to end"
+    )
+
+    response = trainer.client.post(f"/v1/training-jobs/{job['id']}/cancel", headers=AS_ADMIN)
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] and response.json()["state"] == "running"
+    cancelled = wait_for(
+        lambda: (j := get_job(trainer, job["id"]))["state"] != "running" and j, 20, "cancel"
+    )
+    assert cancelled["state"] == "cancelled" and cancelled["error"] is None
+    assert cancelled["model_id"] is None and cancelled["finished_at"] is not None
+    wait_for(lambda: not training_processes(job["id"]), 10, "the training process to end")
+    assert not any(job["id"].removeprefix("job-") in name for name in model_files(trainer))
+    with trainer.db.session() as session:
+        assert session.query(ModelRecord).filter_by(job_id=job["id"]).count() == 0
+
+
+@pytest.mark.slow
+def test_a_job_that_cannot_train_fails_with_the_reason(trainer):
+    broken = add_dataset(trainer.db, num_images=2)
+    folder = trainer.db.resolve(f"datasets/{broken}")
+    (folder / "annotations.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    job = post_job(trainer, **TINY_JOB, dataset_id=broken)
+    failed = wait_for(
+        lambda: (j := get_job(trainer, job["id"]))["state"] not in ("queued", "running") and j,
+        60,
+        "the job to end",
+    )
+    assert failed["state"] == "failed", failed
+    assert "invalid COCO dataset" in failed["error"]
+    assert "expected at least one category" in failed["error"]
+    assert failed["model_id"] is None
+
+
+@pytest.mark.slow
+def test_a_stopping_server_fails_its_running_job_with_the_reason(trainer):
+    """Last in this module: it stops the module's server."""
+    job = post_job(trainer, **{**TINY_JOB, "epochs": 500})
+    wait_for(lambda: training_processes(job["id"]), 30, "the training process")
+    trainer.terminate()  # SIGTERM: drain, then the embedded worker stops
+    assert trainer.process.wait(30) in (0, -15)  # uvicorn re-raises the signal it handled
+    stopped = jobs.get_job(trainer.db, job["id"])
+    assert stopped.state == "failed" and "shut down while the job ran" in stopped.error
+    wait_for(lambda: not training_processes(job["id"]), 10, "the training process to end")
