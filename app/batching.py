@@ -213,22 +213,29 @@ class Batcher:
     # -- dispatch ---------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        while True:
-            await self._slots.acquire()
-            batch = await self._next_batch()
-            if batch is None:
-                self._slots.release()
-                return
-            live = self._drop_dead(batch)
-            if not live:
-                self._slots.release()
-                continue
-            self._busy += len(live)
-            self._use(live[0].predictor, +1)
-            forwarded = await self.runner.forward(live)
-            task = asyncio.create_task(self._finish(live[0].predictor, forwarded))
-            self._finishers.add(task)
-            task.add_done_callback(self._finishers.discard)
+        while await self._dispatch_next():
+            pass
+
+    async def _dispatch_next(self) -> bool:
+        """Send one batch; ``False`` once closed and empty. One call per batch, so
+        no local outlives it: an idle loop holding the last batch would keep a
+        retired model (its items, its outputs) in memory."""
+        await self._slots.acquire()
+        batch = await self._next_batch()
+        if batch is None:
+            self._slots.release()
+            return False
+        live = self._drop_dead(batch)
+        if not live:
+            self._slots.release()
+            return True
+        self._busy += len(live)
+        self._use(live[0].predictor, +1)
+        forwarded = await self.runner.forward(live)
+        task = asyncio.create_task(self._finish(live[0].predictor, forwarded))
+        self._finishers.add(task)
+        task.add_done_callback(self._finishers.discard)
+        return True
 
     async def _next_batch(self) -> list[WorkItem] | None:
         while True:

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.db import (
@@ -31,6 +31,13 @@ from app.errors import BadRequestError, ConflictError, NotFoundError
 
 BUILTIN_BASE_MODELS = ("demo", "coco", "coco-v2", "scratch")
 MODELS_DIR = "models"  # checkpoints of trained versions, under DATA_DIR
+
+
+def heartbeat_clock(db: Database) -> Any:
+    """What ``heartbeat_at`` is written with and judged against: the database's
+    clock on PostgreSQL, shared by every replica (their own clocks may disagree by
+    more than the heartbeat timeout); SQLite serves one machine, so its clock."""
+    return func.now() if db.is_postgresql else utcnow()
 
 
 def model_id_for(job_id: str) -> str:
@@ -140,7 +147,7 @@ def claim_next_job(db: Database, worker_id: str) -> TrainingJobRecord | None:
     """
     now = utcnow()
     claimed = {"state": "running", "worker_id": worker_id, "started_at": now}
-    claimed |= {"heartbeat_at": now, "updated_at": now}
+    claimed |= {"heartbeat_at": heartbeat_clock(db), "updated_at": now}
     oldest = (
         select(TrainingJobRecord.id)
         .where(TrainingJobRecord.state == "queued")
@@ -182,11 +189,10 @@ def _owned(job_id: str, worker_id: str):
 def heartbeat(db: Database, job_id: str, worker_id: str) -> str:
     """Record that the worker is alive; answers what it should do with the job:
     ``"run"``, ``"cancel"`` (requested) or ``"drop"`` (no longer its job)."""
-    now = utcnow()
     with db.session() as session:
         beat = session.execute(
             _owned(job_id, worker_id)
-            .values(heartbeat_at=now)
+            .values(heartbeat_at=heartbeat_clock(db))
             .returning(TrainingJobRecord.cancel_requested)
         ).first()
     if beat is None:
@@ -249,7 +255,7 @@ def fail_stale_jobs(db: Database, timeout_s: float) -> list[str]:
     """Mark ``failed`` every running job whose worker has not heartbeated for
     ``timeout_s`` (its process died or hangs), and remove any checkpoint it left.
     Returns their ids."""
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    cutoff = heartbeat_clock(db) - timedelta(seconds=timeout_s)
     query = select(TrainingJobRecord.id, TrainingJobRecord.worker_id).where(
         TrainingJobRecord.state == "running", TrainingJobRecord.heartbeat_at < cutoff
     )

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -235,9 +236,18 @@ class Service:
         """Load and warm a model beside the served one, then swap it in between
         batches; the old one is freed after its last batch (in the background)."""
         started = time.perf_counter()
-        predictor = await asyncio.to_thread(self.load_predictor, settings)
-        seconds = await asyncio.to_thread(warm_up, predictor)
-        self._check_serving()  # a drain may have begun meanwhile
+        predictor = None
+        try:
+            predictor = await asyncio.to_thread(self.load_predictor, settings)
+            seconds = await asyncio.to_thread(warm_up, predictor)
+            self._check_serving()  # a drain may have begun meanwhile
+        except Exception as e:
+            # the error's traceback holds frames holding the new model: clear them, or
+            # it stays in memory beside the served one for as long as the error lives
+            predictor = None
+            traceback.clear_frames(e.__traceback__)
+            await asyncio.to_thread(free_memory)
+            raise
         bucket_key = bucket_key_for(getattr(predictor, "network", None))
         old = self.batcher.swap(predictor, bucket_key=bucket_key)
         self.predictor = predictor

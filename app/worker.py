@@ -100,6 +100,9 @@ class Worker:
             except SQLAlchemyError as e:
                 log.warning("job store unavailable (%s); retrying in %g s", e, poll)
                 job = None
+            except Exception:  # e.g. a dead job's file on the shared volume; never give up
+                log.exception("training worker %s: sweep or claim failed", self.worker_id)
+                job = None
             if job is None:
                 self._stop.wait(poll)
                 continue
@@ -206,6 +209,12 @@ class Worker:
             if action != "run":
                 _end(process)
                 return action
+            # the sweep goes on while a job runs: this may be the only worker, and a
+            # job of its crashed predecessor must not wait for this one to end
+            try:
+                self.fail_stale_jobs()
+            except Exception as e:  # the job at hand keeps its heartbeat
+                log.warning("cannot fail the jobs of dead workers: %s", e)
 
     def _settle(self, job_id: str, code: int, ended_by: str) -> None:
         job = jobs.get_job(self.db, job_id)

@@ -6,7 +6,9 @@ version is in ``test_registry.py``.)"""
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,28 @@ def test_a_swap_lets_admitted_requests_finish_on_the_old_model_and_never_mixes_b
     assert [r[0].model.id for r in results] == ["fake", "fake", "fake", "new", "new"]
     assert sorted(round(s * 255) for b in old.batches for s in b) == [1, 2, 3]
     assert sorted(round(s * 255) for b in new.batches for s in b) == [4, 5]
+
+
+def test_a_retired_model_is_freed_though_no_batch_follows():
+    """The queue's dispatch loop, idle after the old model's last batch, must not
+    keep that batch (its items and outputs name the old model) while it waits."""
+    old, new = FakePredictor(), FakePredictor()
+    new.info = dataclasses.replace(INFO, id="new")
+    gone = weakref.ref(old)
+
+    async def scenario():
+        nonlocal old
+        batcher = await started(old)
+        await submit(batcher, [solid_image(1)])
+        assert batcher.swap(new) is old
+        await asyncio.wait_for(batcher.retire(old), 5)
+        old = None
+        gc.collect()
+        alive = gone() is not None  # the batcher is still running, idle
+        await batcher.stop()
+        return alive
+
+    assert not run(scenario()), "the idle queue still holds the retired model"
 
 
 # -- real servers ----------------------------------------------------------------------

@@ -177,6 +177,40 @@ def test_activation_swaps_the_served_model_and_frees_the_old_one(data_dir, db, d
         assert registry.read_activation(db).model_id == "demo"
 
 
+def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
+    """A load that succeeded and a warm-up that did not (out of memory beside the
+    served model, typically): nothing may keep the new model once the error is
+    answered, not even the traceback an error report holds."""
+    cold = register_model(db, dummy)
+    loaded = []
+
+    def loader(settings):
+        predictor = fake_loader(settings)
+        if settings.model == cold:
+            predictor.oom_if = lambda images: True  # a fresh error at every call
+            loaded.append(weakref.ref(predictor))
+        return predictor
+
+    with app_client(data_dir, loader=loader) as client:
+        service = client.app.state.service
+        reports = []
+        original = service._switch
+
+        async def switch_keeping_the_error(settings):
+            try:
+                await original(settings)
+            except Exception as e:
+                reports.append(e)  # as an error reporter would
+                raise
+
+        service._switch = switch_keeping_the_error
+        response = client.post(f"/v1/models/{cold}/activate", headers=AS_ADMIN)
+        assert "CUDA out of memory" in error_of(response, 500, "activation_failed")
+        assert served_model_id(client, PNG) == "fake"
+        assert len(loaded) == 1 and reports
+        assert loaded[0]() is None, "the model that failed its warm-up is still in memory"
+
+
 def test_a_replica_follows_the_database_and_survives_a_model_it_cannot_load(
     data_dir, db, dummy, caplog
 ):

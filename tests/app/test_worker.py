@@ -14,10 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from app import jobs
 from app.db import Database, DatasetRecord, ModelRecord, TrainingJobRecord, utcnow
 from app.settings import SettingsError, load_settings
+from app.worker import Worker
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
@@ -207,6 +209,88 @@ def test_a_silent_worker_s_job_fails_and_its_files_go(sqlite_url, tmp_path):
     assert jobs.heartbeat(db, stale, "host:1:dead") == "drop"
     assert not jobs.finish_job(db, stale, "host:1:dead", "cancelled")
     assert jobs.get_job(db, stale).state == "failed"
+
+
+def test_replica_clocks_that_disagree_fail_no_live_job_on_postgresql(
+    postgres_url, tmp_path, monkeypatch
+):
+    """Heartbeats are judged on the database's clock: a worker whose clock is
+    behind, or a checker whose clock is ahead, declares no live worker dead."""
+    db = job_store(tmp_path / "data", postgres_url)
+    first, second = queue_jobs(db, 2)
+    real_now = jobs.utcnow
+    monkeypatch.setattr(jobs, "utcnow", lambda: real_now() - timedelta(seconds=60))
+    jobs.claim_next_job(db, "slow-clock")  # claims and beats on a clock 60 s behind
+    assert jobs.heartbeat(db, first, "slow-clock") == "run"
+    monkeypatch.setattr(jobs, "utcnow", real_now)
+    assert jobs.fail_stale_jobs(db, timeout_s=30) == []
+    jobs.claim_next_job(db, "true-clock")
+    monkeypatch.setattr(jobs, "utcnow", lambda: real_now() + timedelta(seconds=60))
+    assert jobs.fail_stale_jobs(db, timeout_s=30) == []  # checked from a clock ahead
+    monkeypatch.setattr(jobs, "utcnow", real_now)
+    assert [jobs.get_job(db, j).state for j in (first, second)] == ["running", "running"]
+    with db.session() as session:  # a truly silent one still fails
+        session.execute(
+            text(
+                "UPDATE training_jobs SET heartbeat_at = now() - interval '31 seconds' "
+                "WHERE id = :id"
+            ),
+            {"id": second},
+        )
+    assert jobs.fail_stale_jobs(db, timeout_s=30) == [second]
+    db.dispose()
+
+
+def test_a_busy_worker_still_fails_the_jobs_of_dead_workers(sqlite_url, tmp_path):
+    """A worker supervising a long job keeps sweeping: in a single-server deployment
+    it is the only one, and a job of its crashed predecessor must not stay
+    ``running`` for as long as the next job trains."""
+    db = job_store(tmp_path / "data", sqlite_url)
+    orphan, current = queue_jobs(db, 2)
+    jobs.claim_next_job(db, "host:1:crashed")
+    settings = load_settings(
+        database_url=sqlite_url, data_dir=db.data_dir, **FAST_JOBS, run_worker=False
+    )
+    worker = Worker(db, settings, worker_id="host:2:busy")
+    assert jobs.claim_next_job(db, worker.worker_id).id == current
+    with db.session() as session:
+        session.get(TrainingJobRecord, orphan).heartbeat_at = utcnow() - timedelta(seconds=10)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    supervising = threading.Thread(target=worker._supervise, args=(process, current))
+    supervising.start()
+    try:
+        wait_for(lambda: jobs.get_job(db, orphan).state == "failed", 5, "the orphan to fail")
+        assert jobs.get_job(db, current).state == "running"
+    finally:
+        worker.request_stop()
+        supervising.join(20)
+        process.kill()
+        process.wait()
+    db.dispose()
+
+
+def test_a_file_it_cannot_remove_does_not_stop_the_worker(sqlite_url, tmp_path):
+    """A sweep that fails on the shared volume (here: a checkpoint path that is a
+    directory) is logged; the worker thread lives on to sweep and claim again."""
+    db = job_store(tmp_path / "data", sqlite_url)
+    first, second = queue_jobs(db, 2)
+    jobs.claim_next_job(db, "host:1:dead")
+    jobs.claim_next_job(db, "host:1:dead")
+    db.resolve(jobs.checkpoint_path(first)).mkdir(parents=True)  # unlink() fails
+    with db.session() as session:
+        session.get(TrainingJobRecord, first).heartbeat_at = utcnow() - timedelta(seconds=10)
+    settings = load_settings(database_url=sqlite_url, data_dir=db.data_dir, **FAST_JOBS)
+    worker = Worker(db, settings, claim_jobs=False)
+    worker.start()
+    try:
+        wait_for(lambda: jobs.get_job(db, first).state == "failed", 10, "the first sweep")
+        with db.session() as session:
+            session.get(TrainingJobRecord, second).heartbeat_at = utcnow() - timedelta(seconds=10)
+        wait_for(lambda: jobs.get_job(db, second).state == "failed", 5, "a second sweep")
+        assert worker.alive
+    finally:
+        worker.stop()
+    db.dispose()
 
 
 # -- real worker processes ---------------------------------------------------------------
