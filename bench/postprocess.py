@@ -8,27 +8,27 @@ For 100 detections with 28x28 mask probabilities at 640x480 and 1920x1080, times
 
 both ending with JSON-ready ``{"size", "counts": str}`` dicts, checks that they
 give the same strings, prints a Markdown table and writes it as the
-"## Postprocessing" section of ``bench/RESULTS.md``.
+"## Postprocessing on DEVICE" section of ``bench/RESULTS.md``.
 
     python bench/postprocess.py --device cpu --repeats 10
 """
 
 import argparse
 import math
-import os
-import platform
-import re
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from bench.results import command_line, machine, write_section
 from model.masks import paste_masks
 from model.rle import encode_rle
 
@@ -36,8 +36,6 @@ SIZES = ((480, 640), (1080, 1920))
 DETECTIONS = 100
 MASK_SIZE = 28
 THRESHOLD = 0.5
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## Postprocessing"
 
 
 def make_detections(height: int, width: int, device: torch.device, seed: int = 0):
@@ -103,24 +101,13 @@ def measure(device: torch.device, repeats: int) -> list[dict]:
     return rows
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        if names:
-            cpu = f"{names[0]} ({len(names)} logical CPUs)"
-    parts = [cpu, f"torch {torch.__version__} with {torch.get_num_threads()} threads"]
-    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU timings
-        parts.append(f"1-minute load average {os.getloadavg()[0]:.1f} when it ended")
-    if device.type == "cuda":
-        parts.append(f"GPU {torch.cuda.get_device_name(device)}")
-    return "; ".join(parts)
+def section(device: torch.device) -> str:
+    return f"## Postprocessing on {device.type}"
 
 
 def render(rows: list[dict], device: torch.device, repeats: int, command: str) -> str:
     lines = [
-        SECTION,
+        section(device),
         "",
         f"{DETECTIONS} detections, {MASK_SIZE}x{MASK_SIZE} mask probabilities, threshold "
         f"{THRESHOLD}, device `{device}`; median of {repeats} runs, ms per image.",
@@ -139,17 +126,6 @@ def render(rows: list[dict], device: torch.device, repeats: int, command: str) -
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace the section (up to the next ``## `` heading) or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1)
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -163,11 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = measure(device, args.repeats)
-    command = "python bench/postprocess.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = render(rows, device, args.repeats, command.strip())
+    text = render(rows, device, args.repeats, command_line("bench/postprocess.py", argv))
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(section(device), text)
 
 
 if __name__ == "__main__":

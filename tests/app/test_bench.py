@@ -18,17 +18,17 @@ def test_load_generator_counts_what_the_server_answered(server, tmp_path):
         Image.fromarray(scene(96, 128, i)).save(tmp_path / f"{i}.jpg", format="JPEG")
     before = server.metric("maskrcnn_images_forwarded_total")
     command = [sys.executable, str(REPO / "bench" / "loadgen.py"), "--url", server.url]
-    command += ["--images", str(tmp_path), "--concurrency", "2", "--seconds", "3"]
-    command += ["--warmup", "0.5", "--processes", "2"]
+    command += ["--images", str(tmp_path), "--concurrency", "2", "--seconds", "4"]
+    command += ["--warmup", "1", "--processes", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     summary = json.loads(done.stdout)
     forwarded = server.metric("maskrcnn_images_forwarded_total") - before
-    assert summary["errors"] == {}
-    assert summary["requests"] >= 2
+    assert summary["errors"] == {}, summary
+    assert summary["requests"] >= 2, summary
     # the window counts only answers inside it; warm-up and the last replies are extra
     assert summary["requests"] <= forwarded
-    assert summary["images_per_s"] == summary["requests"] / 3
-    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["images_per_s"] == summary["requests"] / 4
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"], summary
     assert summary["detections"] is not None and summary["detections"] >= 0
 
 

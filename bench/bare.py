@@ -1,0 +1,219 @@
+"""Bare model throughput (SPEC §10.1): ``Predictor.predict`` on batches of the same
+640x480 images, called directly (no HTTP, no queue), by batch size.
+
+    python bench/bare.py --model demo --device cpu --batch-sizes 1,2,4,8 --seconds 10
+    python bench/bare.py --model r50 --device cuda --precision fp16
+
+``--model demo`` is the bundled demo model. ``--model r50`` is torchvision's
+``maskrcnn_resnet50_fpn`` (91 classes, its default 800/1333 resize unless
+``--min-size/--max-size`` say otherwise) with random weights, its classifier's
+logits scaled down so that it keeps a realistic number of detections at the
+default score threshold (about 10-40 per image instead of 100; the table reports
+the count). Images are synthetic shapes scenes saved as JPEG and decoded with
+Pillow, the same bytes ``bench/served.py`` posts. Each point warms up, then runs
+batches for ``--seconds`` (at least one). Writes the table as its own section of
+``bench/RESULTS.md``.
+"""
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from PIL import Image
+
+from bench.results import command_line, machine, write_section
+from model.images import pil_to_tensor
+from model.loading import load_model
+from model.options import PredictOptions
+from model.predictor import Predictor
+from model.synthetic import SyntheticConfig, render_image
+
+IMAGE_SIZE = (480, 640)  # height, width
+NUM_IMAGES = 8
+# Random-weight R50-FPN logits are large enough that almost every proposal scores
+# over 0.5 (100 detections an image, the cap); scaling them by this factor gives
+# 10-40 on the bench images, the order of a busy COCO scene.
+R50_LOGIT_SCALE = 0.75
+
+
+@dataclass
+class Point:
+    batch_size: int
+    images_per_s: float
+    ms_per_batch: float
+    detections: float  # per image
+    runs: int
+
+
+def bench_jpegs(count: int = NUM_IMAGES, seed: int = 2024) -> list[bytes]:
+    """``count`` 640x480 JPEGs of synthetic shapes (rendered square, cropped)."""
+    height, width = IMAGE_SIZE
+    jpegs = []
+    for index in range(count):
+        array, _ = render_image(SyntheticConfig(image_size=width, seed=seed), index)
+        top = (width - height) // 2
+        buffer = io.BytesIO()
+        Image.fromarray(array[top : top + height]).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def decode_jpegs(jpegs: list[bytes]) -> list[torch.Tensor]:
+    images = []
+    for data in jpegs:
+        with Image.open(io.BytesIO(data)) as image:
+            images.append(pil_to_tensor(image))
+    return images
+
+
+def prepare_model(
+    model: str, workdir: Path, *, min_size: int | None = None, max_size: int | None = None
+) -> str:
+    """A model spec ``load_model`` (and ``maskrcnn serve --model``) accepts:
+    ``demo``, or a checkpoint of the random-weight R50-FPN written to ``workdir``."""
+    if model == "demo":
+        return "demo"
+    from model.checkpoint import save_checkpoint
+    from model.networks import build_network
+
+    kwargs: dict = {"num_classes": 91}
+    kwargs |= {"min_size": min_size} if min_size else {}
+    kwargs |= {"max_size": max_size} if max_size else {}
+    torch.manual_seed(0)
+    network = build_network("maskrcnn_resnet50_fpn", **kwargs)
+    with torch.no_grad():
+        network.roi_heads.box_predictor.cls_score.weight.mul_(R50_LOGIT_SCALE)
+        network.roi_heads.box_predictor.cls_score.bias.mul_(R50_LOGIT_SCALE)
+    path = Path(workdir) / "r50-random.safetensors"
+    classes = [{"id": i, "name": f"class{i}"} for i in range(1, 91)]
+    save_checkpoint(
+        path, network, architecture="maskrcnn_resnet50_fpn", arch_kwargs=kwargs, classes=classes
+    )
+    return str(path)
+
+
+def load_predictor(spec: str, device: str, precision: str) -> Predictor:
+    """As ``maskrcnn serve`` builds it (``app.service.build_predictor``)."""
+    loaded = load_model(spec, device=device)
+    return Predictor(loaded.network, loaded.info, device=device, precision=precision)
+
+
+def measure(
+    predictor: Predictor, images: list[torch.Tensor], batch_size: int, seconds: float
+) -> Point:
+    """Images/s of ``predict`` on batches cycling through ``images``."""
+    options = [PredictOptions()] * batch_size
+
+    def batch(k: int) -> list[torch.Tensor]:
+        return [images[(k * batch_size + i) % len(images)] for i in range(batch_size)]
+
+    for k in range(2 if predictor.device.type == "cuda" else 1):  # warm-up
+        predictor.predict(batch(k), options)
+    runs, detections = 0, 0
+    start = time.perf_counter()
+    while runs == 0 or time.perf_counter() - start < seconds:
+        results = predictor.predict(batch(runs), options)  # ends on the host: no sync needed
+        detections += sum(len(r.detections) for r in results)
+        runs += 1
+    elapsed = time.perf_counter() - start
+    return Point(
+        batch_size,
+        images_per_s=runs * batch_size / elapsed,
+        ms_per_batch=1000 * elapsed / runs,
+        detections=detections / (runs * batch_size),
+        runs=runs,
+    )
+
+
+def section(model: str, device: torch.device, precision: str, extra: str = "") -> str:
+    return f"## Bare model throughput: {model} on {device.type}, {precision}{extra}"
+
+
+def experiments(args: argparse.Namespace) -> str:
+    flags = [f for f in ("cudnn_benchmark", "channels_last") if getattr(args, f, False)]
+    return "".join(f", {flag}" for flag in flags)
+
+
+def render(points: list[Point], args: argparse.Namespace, command: str) -> str:
+    device = torch.device(args.device)
+    base = points[0].images_per_s
+    lines = [
+        section(args.model, device, args.precision, experiments(args)),
+        "",
+        f"`Predictor.predict` (network, per-image options, mask pasting, RLE strings) on "
+        f"{IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} JPEG-decoded images, default options; "
+        f"each point {args.seconds:g} s after a warm-up.",
+        "",
+        f"| batch | images/s | ms/batch | vs batch {points[0].batch_size} | detections/image |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.batch_size} | {p.images_per_s:.2f} | {p.ms_per_batch:.1f} | "
+            f"{p.images_per_s / base:.2f}x | {p.detections:.1f} |"
+        )
+    best = max(points, key=lambda p: p.images_per_s)
+    lines += [
+        "",
+        f"Best: {best.images_per_s:.2f} images/s at batch {best.batch_size}, "
+        f"{best.images_per_s / base:.2f}x batch {points[0].batch_size}.",
+        "",
+        f"Machine: {machine(device)}.",
+        "",
+        f"Command: `{command}`",
+    ]
+    return "\n".join(lines)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=("demo", "r50"), default="demo")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--min-size", type=int, help="r50 only: the resize's shorter side")
+    parser.add_argument("--max-size", type=int, help="r50 only: the resize's longer side cap")
+
+
+def main(argv: list[str] | None = None) -> list[Point]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per point")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="experiment")
+    parser.add_argument("--channels-last", action="store_true", help="experiment: backbone")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = decode_jpegs(bench_jpegs())
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
+        predictor = load_predictor(spec, args.device, args.precision)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.channels_last:
+        predictor.network.backbone.to(memory_format=torch.channels_last)
+    points = []
+    for size in (int(s) for s in args.batch_sizes.split(",")):
+        points.append(measure(predictor, images, size, args.seconds))
+        p = points[-1]
+        print(
+            f"batch {size}: {p.images_per_s:.2f} images/s, {p.detections:.1f} detections/image",
+            file=sys.stderr,
+        )
+    text = render(points, args, command_line("bench/bare.py", argv))
+    print(text)
+    if not args.no_write:
+        heading = section(args.model, torch.device(args.device), args.precision, experiments(args))
+        write_section(heading, text)
+    return points
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every GPU figure of SPEC §10 in one call on a lent GPU machine, from the repo root:
+#
+#   bash bench/gpu_suite.sh                    # on the GPU machine (writes to $OUT)
+#   QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh # rehearsal on a CPU, tiny sizes
+#   STEPS=bare-fp16,served-fp16 ONLY_BATCHES=8,16 ONLY_CONCURRENCY=16,32 bash bench/gpu_suite.sh
+#
+# Wheels (cp312) for the packages the machine lacks travel in .benchwhl/ (carried).
+# Each step has its own time limit and a failed step does not stop the others;
+# everything lands in $OUT: suite.log (all output), RESULTS.md (the updated
+# tables), profile.txt, pytest.txt and the servers' logs.
+set -u
+OUT=${OUT:-/tmp/gpu-suite}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+STEPS=${STEPS:-all}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+LOG=$OUT/suite.log
+
+if [ -d .benchwhl ] && ! python3 -c "import fastapi" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .benchwhl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, time it
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  case ",$STEPS," in *",all,"* | *",$name,"*) ;; *) return 0 ;; esac
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
+}
+
+if [ "$QUICK" = 1 ]; then  # a CPU rehearsal: the same steps, small
+  BATCHES=1,2; SECONDS_PER=1; CONC=1,4; SAT=4; SIZE=(--min-size 128 --max-size 160); BATCH=2
+  PROCS=1
+else
+  BATCHES=1,2,4,8,16; SECONDS_PER=3; CONC=1,2,4,8,16,32,64; SAT=32,64; SIZE=(); BATCH=8
+  PROCS=4
+fi
+BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a short re-measure
+R50=(--model r50 --device "$DEVICE" "${SIZE[@]}")
+
+step machine 30 bash -c 'nvidia-smi || true; python3 -c "import torch, torchvision; \
+print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
+python3 -c "import app.main, pycocotools, orjson, uvicorn; print(\"app imports ok\")"'
+for precision in fp16 fp32; do
+  step "bare-$precision" 120 python3 bench/bare.py "${R50[@]}" --precision "$precision" \
+    --batch-sizes "$BATCHES" --seconds "$SECONDS_PER"
+done
+step bare-bf16 60 python3 bench/bare.py "${R50[@]}" --precision bf16 \
+  --batch-sizes "$BATCH,$((BATCH * 2))" --seconds "$SECONDS_PER"
+step experiments 90 bash -c "
+  python3 bench/bare.py ${R50[*]} --precision fp16 --batch-sizes $BATCH --seconds $SECONDS_PER \
+    --no-write --cudnn-benchmark
+  python3 bench/bare.py ${R50[*]} --precision fp16 --batch-sizes $BATCH --seconds $SECONDS_PER \
+    --no-write --channels-last"
+step served-fp16 200 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$CONC" --seconds "$SECONDS_PER" --warmup 2 --processes "$PROCS" \
+  --max-batch-size "$BATCH" --server-log "$OUT/server-fp16.log"
+step served-fp16-b16 120 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$SAT" --seconds "$SECONDS_PER" --warmup 2 --processes "$PROCS" \
+  --max-batch-size $((BATCH * 2)) --server-log "$OUT/server-fp16-b16.log"
+step served-fp32 120 python3 bench/served.py "${R50[@]}" --precision fp32 \
+  --concurrency "$SAT" --seconds "$SECONDS_PER" --warmup 2 --processes "$PROCS" \
+  --max-batch-size "$BATCH" --server-log "$OUT/server-fp32.log"
+step postprocess 90 python3 bench/postprocess.py --device "$DEVICE" --repeats 10
+step pytest 150 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  tests/model/test_precision.py tests/model/test_masks.py tests/model/test_rle.py \
+  tests/app/test_device_decode.py > '$OUT/pytest.txt' 2>&1; status=\$?; tail -5 '$OUT/pytest.txt'; \
+  exit \$status"
+step profile 120 bash -c "python3 bench/profile_batch.py ${R50[*]} --precision fp16 \
+  --batch-size $BATCH > '$OUT/profile.txt' 2>&1; status=\$?; tail -5 '$OUT/profile.txt'; exit \$status"
+cp "${BENCH_RESULTS:-bench/RESULTS.md}" "$OUT/RESULTS.md"
+grep -E "^=== [a-z0-9-]+: exit" "$LOG"

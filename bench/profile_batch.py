@@ -1,0 +1,113 @@
+"""Where one served-size batch spends its time: ``torch.profiler`` over
+``Predictor.predict`` on ``--batch-size`` bench images, top ops by device time
+and by host time; and what decoding one bench JPEG costs (Pillow on the host,
+nvJPEG on the device), to decide where uploads should be decoded.
+
+    python bench/profile_batch.py --model r50 --device cuda --precision fp16 [--batch-size 8]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.bare import (
+    add_model_arguments,
+    bench_jpegs,
+    decode_jpegs,
+    load_predictor,
+    prepare_model,
+)
+from bench.results import machine
+from model.options import PredictOptions
+
+
+def profile_batch(predictor, images, batch_size: int, rows: int) -> str:
+    batch, options = images[:batch_size], [PredictOptions()] * batch_size
+    for _ in range(3):
+        predictor.predict(batch, options)
+    activities = [ProfilerActivity.CPU]
+    if predictor.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            predictor.predict(batch, options)
+    averages = prof.key_averages()
+    keys = ["self_cpu_time_total"]
+    if predictor.device.type == "cuda":  # the key's name depends on the torch version
+        keys.insert(0, "self_device_time_total")
+    tables = []
+    for key in keys:
+        for name in (key, key.replace("device", "cuda")):
+            try:
+                table = averages.table(sort_by=name, row_limit=rows, max_name_column_width=60)
+            except (AttributeError, KeyError, ValueError):
+                continue
+            tables.append(f"top {rows} ops by {name}, 3 batches of {batch_size}:\n{table}")
+            break
+    return "\n".join(tables)
+
+
+def time_decoders(jpegs: list[bytes], device: torch.device, repeats: int = 50) -> str:
+    """ms per image: Pillow alone and with 8 threads; nvJPEG likewise."""
+    lines = []
+
+    def pillow(data):
+        return decode_jpegs([data])[0]
+
+    decoders = {"Pillow": pillow}
+    if device.type == "cuda":
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def nvjpeg(data):
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
+        decoders["nvJPEG"] = nvjpeg
+    for name, decode in decoders.items():
+        for threads in (1, 8):
+            work = [jpegs[i % len(jpegs)] for i in range(repeats)]
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(decode, work[:threads]))  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                list(pool.map(decode, work))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            ms = 1000 * (time.perf_counter() - start) / repeats
+            lines.append(f"{name}, {threads} thread(s): {ms:.2f} ms per 640x480 image")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    jpegs = bench_jpegs()
+    images = decode_jpegs(jpegs)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
+        predictor = load_predictor(spec, args.device, args.precision)
+    images = (images * args.batch_size)[: max(args.batch_size, len(images))]
+    print(f"{args.model}, {args.precision}, batch {args.batch_size}; {machine(args.device)}\n")
+    print(profile_batch(predictor, images, args.batch_size, args.rows))
+    print(time_decoders(jpegs, predictor.device))
+
+
+if __name__ == "__main__":
+    main()

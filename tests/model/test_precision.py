@@ -1,0 +1,158 @@
+"""``PRECISION=fp16|bf16`` against float32 on CUDA (skipped without it).
+
+Detections: on the bundled demo model (trained, so its detections are confident
+and well separated), every detection with score >= 0.5 in one precision has a
+partner in the other: same class, box IoU >= 0.95, mask IoU >= 0.9. Partners are
+looked for down to score 0.3, so a score moving across 0.5 by rounding is not a
+missing detection.
+
+The production architecture, R50-FPN, is checked on its features: with random
+weights its proposals are near-ties that any rounding reorders (on the CPU, bf16
+autocast left no detection of 62 with its float32 partner while the features
+differed by only 1.1%), so detections of a random R50-FPN compare nothing but
+noise. Its FPN features must agree with float32 to the rounding of the format,
+and its detections must be finite and inside the image.
+"""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou
+
+from model.info import ModelInfo
+from model.loading import load_model
+from model.networks import build_network
+from model.options import PredictOptions
+from model.predictor import ImageResult, Predictor
+from model.synthetic import SyntheticConfig, render_image
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+SCORE = 0.5
+PARTNER_SCORE = 0.3
+MIN_BOX_IOU = 0.95
+MIN_MASK_IOU = 0.9
+MIN_COMPARED = 10
+
+
+def shapes_images(size: int, count: int) -> list[torch.Tensor]:
+    images = []
+    for index in range(count):
+        array, _ = render_image(SyntheticConfig(image_size=size, seed=99), index)
+        images.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+    return images
+
+
+def demo_case():
+    loaded = load_model("demo")
+    return loaded.network, loaded.info, shapes_images(256, 8)
+
+
+def r50_case():
+    torch.manual_seed(0)
+    network = build_network("maskrcnn_resnet50_fpn", num_classes=91, min_size=480, max_size=640)
+    with torch.no_grad():
+        network.roi_heads.box_predictor.cls_score.weight.mul_(0.75)
+        network.roi_heads.box_predictor.cls_score.bias.mul_(0.75)
+    info = ModelInfo("r50", "maskrcnn_resnet50_fpn", tuple(range(91)), ("bg",) + ("x",) * 90)
+    return network, info, shapes_images(480, 4)
+
+
+def unmatched(ours: list[ImageResult], theirs: list[ImageResult]) -> tuple[int, list[str]]:
+    """How many of ``ours`` (score >= SCORE) were compared, and what failed."""
+    compared, failures = 0, []
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        candidates = b.detections
+        for det in (d for d in a.detections if d.score >= SCORE):
+            compared += 1
+            same_class = [d for d in candidates if d.class_id == det.class_id]
+            if not same_class:
+                failures.append(f"image {index}: no class {det.class_id} for {det}")
+                continue
+            ious = box_iou(torch.tensor([det.box]), torch.tensor([d.box for d in same_class]))[0]
+            best = int(ious.argmax())
+            partner = same_class[best]
+            mask_iou = float(mask_utils.iou([det.mask], [partner.mask], [0])[0][0])
+            if ious[best] < MIN_BOX_IOU or mask_iou < MIN_MASK_IOU:
+                failures.append(
+                    f"image {index}: class {det.class_id} score {det.score:.3f}: box IoU "
+                    f"{float(ious[best]):.3f}, mask IoU {mask_iou:.3f} with score "
+                    f"{partner.score:.3f}"
+                )
+    return compared, failures
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_demo_detections_match_fp32(precision):
+    network, info, images = demo_case()
+    options = [PredictOptions(score_threshold=PARTNER_SCORE)] * len(images)
+    reference = Predictor(network, info, device="cuda", precision="fp32").predict(images, options)
+    reduced = Predictor(network, info, device="cuda", precision=precision).predict(images, options)
+    compared, failures = unmatched(reference, reduced)
+    back, back_failures = unmatched(reduced, reference)
+    assert compared >= MIN_COMPARED, f"only {compared} detections with score >= {SCORE}"
+    assert back >= MIN_COMPARED
+    assert not failures + back_failures, "\n".join(failures + back_failures)
+
+
+# ||reduced - fp32|| / ||fp32|| of the FPN outputs; unit roundoff is 4.9e-4 (fp16)
+# and 3.9e-3 (bf16), and ~50 layers accumulate it (bf16 on the CPU: 1.1e-2)
+FEATURE_TOLERANCE = {"fp16": 1e-2, "bf16": 5e-2}
+
+
+@pytest.fixture
+def no_tf32():
+    """A float32 reference computed in float32, not TF32 (cuDNN's default)."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.usefixtures("no_tf32")
+def test_r50_features_and_detections(precision):
+    network, info, images = r50_case()
+    predictor = Predictor(network, info, device="cuda", precision=precision)
+    batch = [image.cuda().float() / 255 for image in images]
+    with torch.inference_mode():
+        image_list, _ = network.transform(batch)
+        reference = network.backbone(image_list.tensors)
+        with torch.autocast("cuda", dtype=_DTYPES[precision]):
+            reduced = network.backbone(image_list.tensors)
+    for name, ref in reference.items():
+        assert reduced[name].dtype == _DTYPES[precision]
+        error = ((reduced[name].float() - ref).norm() / ref.norm()).item()
+        assert error <= FEATURE_TOLERANCE[precision], f"level {name}: relative error {error:.2e}"
+    results = predictor.predict(images)
+    assert sum(len(r.detections) for r in results) >= MIN_COMPARED
+    for image, result in zip(images, results, strict=True):
+        boxes = torch.tensor([d.box for d in result.detections]).reshape(-1, 4)
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[2]).all()
+        assert (boxes[:, 3] <= image.shape[1]).all()
+        assert all(0.5 <= d.score <= 1 for d in result.detections)
+        assert all(d.mask["size"] == list(image.shape[1:]) for d in result.detections)
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def test_reduced_precision_runs_reduced():
+    """The speed-up is real: the backbone's convolutions run in half precision."""
+    network, info, images = demo_case()
+    predictor = Predictor(network, info, device="cuda", precision="fp16")
+    seen = []
+    hook = network.backbone.register_forward_hook(
+        lambda module, args, output: seen.append(next(iter(output.values())).dtype)
+    )
+    try:
+        predictor.predict(images[:1])
+    finally:
+        hook.remove()
+    assert seen == [torch.float16]
+    assert np.isfinite([d.score for d in predictor.predict(images[:1])[0].detections]).all()
