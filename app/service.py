@@ -214,9 +214,16 @@ class Service:
         settings = await asyncio.to_thread(self._settings_for, model_id)
         async with self._swap_lock:
             self._check_serving()
-            if self.predictor.info.id != model_id:
+            async def record() -> None:
+                self._seen = await asyncio.to_thread(registry.write_activation, self.db, model_id)
+
+            if self.predictor.info.id == model_id:
+                await record()
+            else:
                 try:
-                    await self._switch(settings)
+                    # recorded after the warm-up and before the swap: a database that
+                    # cannot take the record leaves every replica where it was
+                    await self._switch(settings, before_swap=record)
                 except NotReadyError:
                     raise
                 except Exception as e:
@@ -225,22 +232,26 @@ class Service:
                         f"cannot activate model {model_id!r}: {e}; "
                         f"still serving {self.predictor.info.id!r}"
                     ) from e
-            self._seen = await asyncio.to_thread(registry.write_activation, self.db, model_id)
         log.info("model %r is now the active model of every replica", model_id)
 
     def _check_serving(self) -> None:
         if not self.ready or self.predictor is None or self.batcher is None:
             raise NotReadyError(f"cannot switch models now ({self.state})", retry_after=5)
 
-    async def _switch(self, settings: Settings) -> None:
+    async def _switch(
+        self, settings: Settings, *, before_swap: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Load and warm a model beside the served one, then swap it in between
-        batches; the old one is freed after its last batch (in the background)."""
+        batches; the old one is freed after its last batch (in the background).
+        ``before_swap`` runs once the new model is warm; if it fails, nothing changes."""
         started = time.perf_counter()
         predictor = None
         try:
             predictor = await asyncio.to_thread(self.load_predictor, settings)
             seconds = await asyncio.to_thread(warm_up, predictor)
             self._check_serving()  # a drain may have begun meanwhile
+            if before_swap is not None:
+                await before_swap()
         except Exception as e:
             # the error's traceback holds frames holding the new model: clear them, or
             # it stays in memory beside the served one for as long as the error lives

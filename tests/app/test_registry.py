@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from app import registry
 from app.db import Database, DatasetRecord, TrainingJobRecord
@@ -150,6 +151,30 @@ def test_unknown_or_broken_models_are_refused_and_change_nothing(data_dir, db, d
         assert 'maskrcnn_model_switches_total{result="failed"} 1.0' in client.get("/metrics").text
 
 
+def test_an_activation_the_database_cannot_record_changes_nothing(
+    data_dir, db, dummy, monkeypatch
+):
+    """Recorded before the swap: a replica never serves a model the others don't follow."""
+    model_id = register_model(db, dummy)
+
+    def unavailable(*_):
+        raise OperationalError("UPDATE meta", {}, Exception("database is gone"))
+
+    with app_client(data_dir) as client:
+        monkeypatch.setattr(registry, "write_activation", unavailable)
+        message = error_of(
+            client.post(f"/v1/models/{model_id}/activate", headers=AS_ADMIN),
+            500,
+            "activation_failed",
+        )
+        assert "database is gone" in message and "still serving 'fake'" in message
+        assert served_model_id(client, PNG) == "fake"
+        assert registry.read_activation(db) is None
+        monkeypatch.undo()
+        assert client.post(f"/v1/models/{model_id}/activate", headers=AS_ADMIN).status_code == 200
+        assert served_model_id(client, PNG) == model_id
+
+
 def test_activation_swaps_the_served_model_and_frees_the_old_one(data_dir, db, dummy):
     model_id = register_model(db, dummy, metrics={"bbox_mAP": 0.5})
     with app_client(data_dir) as client:
@@ -196,9 +221,9 @@ def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
         reports = []
         original = service._switch
 
-        async def switch_keeping_the_error(settings):
+        async def switch_keeping_the_error(settings, **kwargs):
             try:
-                await original(settings)
+                await original(settings, **kwargs)
             except Exception as e:
                 reports.append(e)  # as an error reporter would
                 raise
