@@ -23,6 +23,7 @@ the resource limits stop extraction at once. The caller owns ``dest`` and
 removes it when ``extract_zip`` raises.
 """
 
+import bisect
 import os
 import stat
 import struct
@@ -96,7 +97,14 @@ def extract_zip(source: BinaryIO, dest: Path, limits: ArchiveLimits) -> Extracte
     count_members(source, limits)
     try:
         archive = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        OSError,
+        ValueError,
+        EOFError,
+    ) as e:
         raise DatasetError(f"the upload is not a readable zip file ({e})") from None
     with archive:
         return _Extraction(archive, dest, limits).run()
@@ -195,6 +203,10 @@ class _Extraction:
         self.problems: list[str] = []
         self.files: set[str] = set()
         self.total = 0
+        # where each member's data must end: the next header, the central directory
+        # or the end of the file, whatever compressed size the directory claims
+        starts = {info.header_offset for info in archive.infolist()} | {archive.start_dir}
+        self.boundaries = sorted(starts | {archive.fp.seek(0, os.SEEK_END)})
 
     def run(self) -> Extracted:
         try:
@@ -245,10 +257,20 @@ class _Extraction:
                 self._copy(info, member, out)
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
             self._problem(f"{name!r}: corrupt data ({e})")
+        except NotImplementedError as e:  # zipfile: patched data, strong encryption...
+            self._problem(f"{name!r}: not supported ({e})")
+
+    def _compressed_bytes(self, info: zipfile.ZipInfo) -> int:
+        """The compressed size ``info`` claims, but no more than the bytes between its
+        header and the next boundary: a larger claim would loosen the ratio bound."""
+        after = bisect.bisect_right(self.boundaries, info.header_offset)
+        end = self.boundaries[min(after, len(self.boundaries) - 1)]
+        return min(info.compress_size, max(0, end - info.header_offset))
 
     def _copy(self, info: zipfile.ZipInfo, member: BinaryIO, out: BinaryIO) -> None:
         written = 0
-        bound = max(self.limits.ratio_grace_bytes, self.limits.max_ratio * info.compress_size)
+        compressed = self._compressed_bytes(info)
+        bound = max(self.limits.ratio_grace_bytes, self.limits.max_ratio * compressed)
         while chunk := member.read(CHUNK):
             if written == 0 and (kind := archive_kind(chunk[:512])):
                 self._problem(f"{info.filename!r}: an archive inside the archive ({kind} data)")
@@ -264,7 +286,7 @@ class _Extraction:
             if written > bound:
                 self._problem(
                     f"{info.filename!r}: inflates to more than {self.limits.max_ratio:g}× its "
-                    f"{info.compress_size} compressed bytes (a zip bomb?)",
+                    f"{compressed} compressed bytes (a zip bomb?)",
                     stop=True,
                 )
             out.write(chunk)

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 MAX_POLYGON_VERTICES = 10_000
 MAX_ANNOTATION_VERTICES = 100_000
+MAX_SIDE = 2**31 - 1  # Pillow's limit; larger sides would also overflow float arithmetic
 BORDER = 1.0  # pixels a box or polygon may reach past the image edge (rounding)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -71,9 +72,21 @@ def unsafe_path_reason(name: str) -> str | None:
         return "'..' in the path"
     if "." in parts or "" in parts:
         return "an empty or '.' part in the path"
+    if not _is_text(name):
+        return "a lone surrogate (no Unicode text) in the path"
     if len(name.encode()) > 1024 or any(len(p.encode()) > 255 for p in parts):
         return "a path longer than 1024 bytes or a part longer than 255"
     return None
+
+
+def _is_text(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON may spell one, ``"\\ud800"``):
+    it has no UTF-8 form, so no file name, database row or JSON answer can hold it."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_coco(data: bytes) -> dict[str, Any]:
@@ -89,6 +102,8 @@ def load_coco(data: bytes) -> dict[str, Any]:
         coco = json.loads(data, parse_constant=refuse)
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text ({e})") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise ValueError("not valid JSON (nested too deeply)") from None
     except ValueError as e:  # JSONDecodeError and refused constants
         raise ValueError(f"not valid JSON ({e})") from None
     if not isinstance(coco, dict) or not all(
@@ -128,7 +143,12 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer no float can hold
+        return False
 
 
 def _check_categories(categories: list, problems: _Problems) -> set[int]:
@@ -142,6 +162,8 @@ def _check_categories(categories: list, problems: _Problems) -> set[int]:
             problems.add(f"categories[{i}]: id {category['id']} is used twice")
         elif not isinstance(category.get("name"), str) or not category["name"].strip():
             problems.add(f"categories[{i}]: expected a non-empty name")
+        elif not _is_text(category["name"]):
+            problems.add(f"categories[{i}]: the name is no Unicode text (a lone surrogate)")
         else:
             ids.add(category["id"])
     return ids
@@ -169,6 +191,9 @@ def _check_images(
         width, height = image.get("width"), image.get("height")
         if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
             problems.add(f"{where}: width and height must be positive integers")
+            continue
+        if width > MAX_SIDE or height > MAX_SIDE:
+            problems.add(f"{where}: width and height must be at most {MAX_SIDE}")
             continue
         sizes[image["id"]] = (width, height)
         if max_pixels is not None and width * height > max_pixels:
@@ -226,9 +251,10 @@ def check_annotation(
         return "expected an object"
     if not _is_int(ann.get("id")):
         return "expected an integer id"
-    if ann.get("image_id") not in sizes:
+    # _is_int first: a list or object id is unhashable, so no key of either
+    if not _is_int(ann.get("image_id")) or ann["image_id"] not in sizes:
         return f"image_id {ann.get('image_id')!r} names no image"
-    if ann.get("category_id") not in categories:
+    if not _is_int(ann.get("category_id")) or ann["category_id"] not in categories:
         return f"category_id {ann.get('category_id')!r} names no category"
     if ann.get("iscrowd", 0) not in (0, 1):
         return f"iscrowd must be 0 or 1; got {ann.get('iscrowd')!r}"

@@ -5,6 +5,7 @@ import contextlib
 import gzip
 import io
 import stat
+import struct
 import tarfile
 import warnings
 import zipfile
@@ -165,6 +166,26 @@ def test_encrypted_and_bzip2_members_are_refused(dest):
     ]
 
 
+def patch_central(source: io.BytesIO, offset: int, fmt: str, value: int) -> io.BytesIO:
+    """Overwrite a field of the first central directory entry (local headers untouched)."""
+    data = bytearray(source.getvalue())
+    struct.pack_into(fmt, data, data.index(b"PK\x01\x02") + offset, value)
+    return io.BytesIO(bytes(data))
+
+
+def test_features_zipfile_does_not_implement_are_refused_not_crashed_on(dest):
+    """``zipfile`` raises ``NotImplementedError`` (no ``BadZipFile``) for these."""
+    needs_version_99 = patch_central(make_zip(("a.png", b"x")), 6, "<H", 99)
+    with pytest.raises(DatasetError, match=r"not a readable zip file \(zip file version 9\.9\)"):
+        extract_zip(needs_version_99, dest, SMALL)
+    for flag, feature in ((0x20, "compressed patched data"), (0x40, "strong encryption")):
+        source = patch_central(make_zip(("a.png", b"x"), ("b.png", b"y")), 8, "<H", flag)
+        (folder := dest / feature).mkdir()
+        problems = rejected(source, folder)
+        assert len(problems) == 1 and problems[0].startswith("'a.png': not supported (")
+        assert feature in problems[0]
+
+
 def test_problems_are_collected_up_to_the_limit(dest):
     names = [f"../evil{i}.txt" for i in range(10)]
     problems = rejected(make_zip(*[(n, b"x") for n in names]), dest)
@@ -218,6 +239,24 @@ def test_compression_ratio_stops_a_bomb_after_the_grace(tmp_path, dest):
     assert len(problems) == 1
     assert problems[0].startswith("'zeros.bin': inflates to more than 10× its ")
     assert (dest / "zeros.bin").stat().st_size <= 2**20  # stopped, not written out
+
+
+def test_a_compressed_size_that_lies_does_not_loosen_the_ratio(dest):
+    """The ratio bound must come from the bytes a member really has, not from the
+    compressed size its central directory entry claims: here it claims the whole
+    archive (the padding member behind it gives the inflater the bytes to read)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        with archive.open(deflated("zeros.bin"), "w") as f:
+            for _ in range(32):
+                f.write(bytes(2**20))  # 32 MiB of zeros, ~32 KB deflated
+        archive.writestr("pad.bin", bytes(range(256)) * 4500)  # ~1.1 MiB, stored
+    claimed = len(buffer.getvalue())
+    source = patch_central(buffer, 20, "<L", claimed)
+    problems = rejected(source, dest, ArchiveLimits(max_ratio=10, ratio_grace_bytes=2**16))
+    assert len(problems) == 1 and problems[0].startswith("'zeros.bin': "), problems
+    assert str(claimed) not in problems[0]
+    assert not (dest / "zeros.bin").exists() or (dest / "zeros.bin").stat().st_size <= 2**20
 
 
 def test_total_size_is_counted_while_extracting(dest):

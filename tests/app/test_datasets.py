@@ -266,6 +266,26 @@ def test_every_annotation_problem_is_listed(admin):
         (zip_bytes({"annotations.json": b"{not json"}), "annotations.json: not valid JSON"),
         (zip_bytes({"annotations.json": b'{"images": NaN}'}), "NaN is not a JSON number"),
         (zip_bytes({"annotations.json": b"[]"}), "must be an object with lists 'images'"),
+        (
+            zip_bytes({"annotations.json": b"[" * 100_000 + b"]" * 100_000}),
+            "annotations.json: not valid JSON (nested too deeply)",
+        ),
+        (
+            with_coco(lambda c: c["annotations"][0].update(image_id=[1], category_id={})),
+            "annotations[0]: image_id [1] names no image",
+        ),
+        (
+            with_coco(lambda c: c["annotations"][1].update(area=10**400)),
+            "annotations[1]: area must be a number ≥ 0",
+        ),
+        (
+            with_coco(lambda c: c["images"][0].update(file_name="images/\ud800.png")),
+            "images[0]: file_name 'images/\\ud800.png' is not a safe relative path (a lone",
+        ),
+        (  # stored, this name would break every later answer that lists it
+            with_coco(lambda c: c["categories"][0].update(name="\ud800")),
+            "categories[0]: the name is no Unicode text",
+        ),
     ],
 )
 def test_unreadable_uploads_are_rejected(admin, data, expected):

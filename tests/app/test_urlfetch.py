@@ -10,6 +10,7 @@ real one, which answers from /etc/hosts.
 import asyncio
 import base64
 import contextlib
+import gzip
 import http.server
 import logging
 import socket
@@ -37,6 +38,8 @@ from tests.app.conftest import fake_client, png_bytes
 PUBLIC_IP = "93.184.216.34"  # looks public; the test transport maps it to 127.0.0.1
 GENERIC = "the URL could not be fetched"
 IMAGE = png_bytes(np.full((24, 32, 3), 120, dtype=np.uint8))
+GZIPPED = gzip.compress(IMAGE)
+BAD_LOCATIONS = ("http://[::1", "//[zz]/image", "http://\x01x/image", "http://a b/")  # no URLs
 
 
 # -- servers on 127.0.0.1 --------------------------------------------------------
@@ -69,6 +72,8 @@ class ImageServer(http.server.ThreadingHTTPServer):
     """``/image``; ``/hop/N`` redirects N times, then serves the image; ``/to?url``
     redirects there; ``/big/N`` N bytes with Content-Length, ``/chunked/N``
     without; ``/lie/N`` declares N bytes and sends the image and 4N more; ``/drip`` a byte a second;
+    ``/drip-headers`` its headers a byte every half second; ``/bad-location/N`` redirects
+    to ``BAD_LOCATIONS[N]`` as is; ``/gzip`` the image gzipped with Content-Encoding;
     ``/missing`` 404. ``hits`` lists the paths asked for, ``hosts`` their Host."""
 
     daemon_threads = True
@@ -115,6 +120,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.answer(200, IMAGE + b"x" * (4 * int(parts[1])), length=int(parts[1]))
             elif parts[0] == "drip":
                 self.drip()
+            elif parts[0] == "drip-headers":
+                self.drip_headers()
+            elif parts[0] == "gzip":
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(GZIPPED)))
+                self.end_headers()
+                self.wfile.write(GZIPPED)
+            elif parts[0] == "bad-location":
+                self.redirect(BAD_LOCATIONS[int(parts[1])])
             else:
                 self.answer(404, b"secret upstream body")
 
@@ -148,6 +163,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"x")
             self.wfile.flush()
             time.sleep(1)
+
+    def drip_headers(self) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-Slow: " + b"x" * 100:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.5)
 
 
 @pytest.fixture
@@ -436,6 +457,18 @@ def test_at_most_three_redirects_each_checked(images):
     assert images.hits == ["/hop/4", "/hop/3", "/hop/2", "/hop/1"]  # the 5th never asked
 
 
+def test_a_malformed_redirect_location_is_the_generic_400(images):
+    """Such a Location is no URL (``url.join`` would raise ``InvalidURL``, which is no
+    ``HTTPError``): it must be the one generic answer, never an unhandled 500."""
+    network = Network(routes={(PUBLIC_IP, 80): images.port})
+    fetcher = make_fetcher(Resolver({"images.example": [PUBLIC_IP]}), network)
+    for n in range(len(BAD_LOCATIONS)):
+        network.requests.clear()
+        with pytest.raises(UrlFetchError, match=GENERIC):
+            fetch(fetcher, f"http://images.example/bad-location/{n}")
+        assert network.hosts == [PUBLIC_IP]  # the first hop, nothing after it
+
+
 # -- size and time limits -------------------------------------------------------------
 
 
@@ -465,6 +498,14 @@ def test_a_lying_content_length_is_not_believed_past_its_own_count(images):
     assert body == (IMAGE + b"x" * 20_000)[:5000]
 
 
+def test_an_encoded_body_is_refused_never_inflated(images):
+    """``Accept-Encoding: identity`` is asked for; a server that compresses anyway is
+    refused (inflating would let a small body pass every size limit)."""
+    with pytest.raises(UrlFetchError, match=GENERIC):
+        fetch(local(), f"http://127.0.0.1:{images.port}/gzip")
+    assert fetch(local(), f"http://127.0.0.1:{images.port}/image") == IMAGE
+
+
 def test_the_budget_is_shared_by_the_urls_of_one_request(images):
     budget, fetcher = ByteBudget(15_000), local(max_bytes=15_000)
     fetch(fetcher, f"http://127.0.0.1:{images.port}/big/10000", budget)
@@ -472,10 +513,11 @@ def test_the_budget_is_shared_by_the_urls_of_one_request(images):
         fetch(fetcher, f"http://127.0.0.1:{images.port}/chunked/10000", budget)
 
 
-def test_a_dripping_server_is_cut_off_at_the_total_deadline(images, caplog):
+@pytest.mark.parametrize("path", ["drip", "drip-headers"])
+def test_a_dripping_server_is_cut_off_at_the_total_deadline(images, caplog, path):
     started = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(UrlFetchError, match=GENERIC):
-        fetch(local(total_timeout_s=1.5), f"http://127.0.0.1:{images.port}/drip")
+        fetch(local(total_timeout_s=1.5), f"http://127.0.0.1:{images.port}/{path}")
     assert 1.4 < time.monotonic() - started < 3.5
     assert "took longer than 1.5 s" in caplog.text
 

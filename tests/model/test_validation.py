@@ -1,6 +1,7 @@
 """COCO validation: the RLE string reader against pycocotools, geometry that would
 make rasterising unbounded, strict JSON, image headers, and the problem limit."""
 
+import copy
 import json
 
 import numpy as np
@@ -111,6 +112,7 @@ def test_annotation_fields(changes, problem):
         ("images\\a.png", "a backslash in the path"),
         ("images/./a.png", "an empty or '.' part in the path"),
         ("", "an empty path"),
+        ("images/\ud800.png", "a lone surrogate (no Unicode text) in the path"),  # JSON "\ud800"
     ],
 )
 def test_unsafe_paths(name, reason):
@@ -125,6 +127,68 @@ def test_json_must_be_strict_and_shaped():
         load_coco(b"\xff\xfe")
     with pytest.raises(ValueError, match="lists 'images', 'annotations' and 'categories'"):
         load_coco(b'{"images": {}}')
+
+
+def test_deeply_nested_json_is_refused_not_crashed_on():
+    """Python's parser recurses: nesting deeper than its limit is a RecursionError."""
+    with pytest.raises(ValueError, match=r"not valid JSON \(nested too deeply\)"):
+        load_coco(b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+
+ODD_VALUES = (None, True, "10", "\udc00", 1.5, -1, [], [10], {}, {"id": 10}, 10**400, -(10**400))
+
+
+def value_paths(node, path=()):
+    """Every key or index under ``node`` (the first two items of each list)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node[:2])
+    for key, value in items:
+        yield (*path, key)
+        if isinstance(value, dict | list):
+            yield from value_paths(value, (*path, key))
+
+
+def test_any_json_value_anywhere_gives_problems_never_an_exception(tmp_path):
+    """Unhashable ids (``[10]``), integers too large for a float (``10**400``)...
+    each is a listed problem: ``validate_coco`` itself must never raise."""
+    coco = write_dataset(tmp_path / "ds")
+    files = _Files(tmp_path / "ds")
+    for path in value_paths(coco):
+        if len(path) == 1:
+            continue  # the three lists themselves: load_coco's check
+        for value in ODD_VALUES:
+            changed = copy.deepcopy(coco)
+            parent = changed
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+            try:
+                problems = validate_coco(changed, files, check_images=True, max_pixels=10**6)
+            except Exception as e:
+                raise AssertionError(f"{path} = {value!r}: {e!r}") from e
+            assert all(isinstance(p, str) for p in problems), (path, value)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "problem"),
+    [
+        (("annotations", 0, "image_id"), [10], "annotations[0]: image_id [10] names no image"),
+        (("annotations", 0, "category_id"), {}, "annotations[0]: category_id {} names no categ"),
+        (("annotations", 0, "image_id"), True, "annotations[0]: image_id True names no image"),
+        (("annotations", 0, "area"), 10**400, "annotations[0]: area must be a number ≥ 0"),
+        (("annotations", 0, "bbox", 2), 10**400, "annotations[0]: bbox must be [x, y, width, "),
+        (("annotations", 0, "segmentation", 0, 0), -(10**400), "annotations[0]: polygon 0 must"),
+        (("images", 0, "width"), 10**400, "images[0]: width and height must be at most "),
+        (("categories", 0, "name"), "s\ud800", "categories[0]: the name is no Unicode text"),
+    ],
+)
+def test_odd_values_are_named_in_the_problem(tmp_path, where, value, problem):
+    coco = write_dataset(tmp_path / "ds")
+    parent = coco
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = value
+    problems = validate_coco(coco, _Files(tmp_path / "ds"))
+    assert any(p.startswith(problem) for p in problems), problems
 
 
 def test_image_headers_are_checked_only_when_asked(tmp_path):
