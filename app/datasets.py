@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_PROBLEMS = 50
 MAX_ANNOTATIONS_BYTES = 512 * 2**20  # json.loads needs several times this in memory
 ACTIVE_JOB_STATES = ("queued", "running")
+STALE_STAGING_S = 24 * 3600  # far longer than any upload takes to extract and check
 
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
@@ -173,6 +175,30 @@ def _remove_folder(db: Database, relative: str) -> None:
         log.warning("could not move %s away for deletion: %s", folder, e)
         trash = folder
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_staging(data_dir: Path, *, older_than_s: float = STALE_STAGING_S) -> int:
+    """Remove what a crashed process left under ``DATA_DIR/tmp/`` (half-extracted
+    uploads, half-deleted datasets); returns how many entries went. Only old ones:
+    another replica sharing the volume may be extracting an upload right now."""
+    root = data_dir / "tmp"
+    if not root.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    for entry in root.iterdir():
+        try:
+            if entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError as e:
+            log.warning("could not remove the stale %s: %s", entry, e)
+    if removed:
+        log.info("removed %d stale entries from %s", removed, root)
+    return removed
 
 
 def _not_found(dataset_id: str) -> NotFoundError:

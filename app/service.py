@@ -29,6 +29,7 @@ import torch
 from app import registry
 from app.batching import Batcher
 from app.buckets import bucket_key_for
+from app.datasets import sweep_staging
 from app.db import Database
 from app.errors import NotFoundError, NotReadyError
 from app.metrics import Metrics
@@ -108,6 +109,7 @@ class Service:
         try:
             self.state = "loading"
             await asyncio.to_thread(self.db.create_schema)
+            await asyncio.to_thread(sweep_staging, self.settings.data_dir)
             predictor = await self._load_initial()
             self._set_state("warming_up")
             seconds = await asyncio.to_thread(warm_up, predictor)

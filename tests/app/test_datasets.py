@@ -5,7 +5,9 @@ round trip through a real ``maskrcnn serve`` on PostgreSQL."""
 
 import io
 import json
+import os
 import stat
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -473,3 +475,16 @@ def test_real_server_on_postgresql(checkpoint, tmp_path, postgres_url):
         assert client.delete(f"/v1/datasets/{dataset_id}", headers=AS_ADMIN).status_code == 204
         assert client.get("/v1/datasets", headers=AS_ADMIN).json() == {"data": [], "count": 0}
         assert not any((data_dir / "datasets").iterdir()) and not any((data_dir / "tmp").iterdir())
+
+
+def test_start_up_sweeps_what_a_crashed_upload_left_but_not_a_fresh_one(tmp_path):
+    data_dir = tmp_path / "data"
+    stale, fresh = data_dir / "tmp" / "ds-crashed-1", data_dir / "tmp" / "ds-uploading-2"
+    for folder in (stale, fresh):
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "a.png").write_bytes(b"half written")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
+    with fake_client(admin_token=ADMIN_TOKEN, data_dir=data_dir, run_worker=False):
+        assert not stale.exists()
+        assert (fresh / "images" / "a.png").read_bytes() == b"half written"
