@@ -86,8 +86,8 @@ def default_transport() -> httpx.AsyncBaseTransport:
 
 class UrlFetcher:
     """``fetch(url)``: the body of an image URL under ``policy``. ``resolve`` and
-    ``transport`` (a factory) are the seams tests use to stand in for DNS and to
-    watch every connection the fetcher asks for."""
+    ``transport`` (a factory, called for every address tried) are the seams tests
+    use to stand in for DNS and to watch every connection the fetcher asks for."""
 
     def __init__(
         self,
@@ -113,24 +113,9 @@ class UrlFetcher:
         parsed = self.check_syntax(url, name)
         budget = budget or ByteBudget(self.policy.max_bytes)
         policy = self.policy
-        timeout = httpx.Timeout(
-            connect=policy.connect_timeout_s,
-            read=policy.read_timeout_s,
-            write=policy.read_timeout_s,
-            pool=policy.connect_timeout_s,
-        )
         try:
-            async with (
-                asyncio.timeout(policy.total_timeout_s),
-                httpx.AsyncClient(
-                    transport=self.transport(),
-                    trust_env=False,
-                    follow_redirects=False,
-                    timeout=timeout,
-                    headers=_HEADERS,
-                ) as client,
-            ):
-                return await self._follow(client, parsed, budget, name)
+            async with asyncio.timeout(policy.total_timeout_s):
+                return await self._follow(parsed, budget, name)
         except (UrlRefusedError, httpx.HTTPError, OSError, UnicodeError) as e:
             if isinstance(e, TimeoutError):  # the total deadline (asyncio.timeout)
                 reason = f"took longer than {policy.total_timeout_s:g} s"
@@ -143,13 +128,11 @@ class UrlFetcher:
                 "that answers with an image in time)"
             ) from None
 
-    async def _follow(
-        self, client: httpx.AsyncClient, url: httpx.URL, budget: ByteBudget, name: str
-    ) -> bytes:
+    async def _follow(self, url: httpx.URL, budget: ByteBudget, name: str) -> bytes:
         for hop in range(MAX_REDIRECTS + 1):
             if hop:
                 url = parse_url(str(url))
-            answer = await self._get(client, url, budget, name)
+            answer = await self._get(url, budget, name)
             if isinstance(answer, bytes):
                 return answer
             url = answer
@@ -173,34 +156,51 @@ class UrlFetcher:
                 raise UrlRefusedError(f"{host}:{port} refused: {why}")
         return found
 
-    async def _get(
-        self, client: httpx.AsyncClient, url: httpx.URL, budget: ByteBudget, name: str
-    ) -> bytes | httpx.URL:
+    async def _get(self, url: httpx.URL, budget: ByteBudget, name: str) -> bytes | httpx.URL:
         """One hop: the body, or the URL a redirect points to."""
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses = (await self._checked_addresses(host, port))[:MAX_ADDRESSES_TRIED]
         for address in addresses[:-1]:
             with contextlib.suppress(httpx.ConnectError, httpx.ConnectTimeout):
-                return await self._send(client, url, address, budget, name)
-        return await self._send(client, url, addresses[-1], budget, name)
+                return await self._send(url, address, budget, name)
+        return await self._send(url, addresses[-1], budget, name)
+
+    def _client(self) -> httpx.AsyncClient:
+        policy = self.policy
+        timeout = httpx.Timeout(
+            connect=policy.connect_timeout_s,
+            read=policy.read_timeout_s,
+            write=policy.read_timeout_s,
+            pool=policy.connect_timeout_s,
+        )
+        return httpx.AsyncClient(
+            transport=self.transport(),
+            trust_env=False,
+            follow_redirects=False,
+            timeout=timeout,
+            headers=_HEADERS,
+        )
 
     async def _send(
-        self,
-        client: httpx.AsyncClient,
-        url: httpx.URL,
-        address: IPAddress,
-        budget: ByteBudget,
-        name: str,
+        self, url: httpx.URL, address: IPAddress, budget: ByteBudget, name: str
     ) -> bytes | httpx.URL:
         """GET ``url`` from the checked ``address``: the URL names the address, so
         nothing resolves the name again; ``Host`` and SNI keep the name (and TLS
-        certificates are checked against it)."""
+        certificates are checked against it).
+
+        A client (and connection pool) of its own, closed when the answer is read:
+        the pool keys connections by the address alone, so a shared one would carry
+        a redirect to another name on the same address over the TLS session opened
+        for the first name, whose certificate was never checked against the second."""
         host = url.raw_host.decode("ascii")
         headers = {"Host": url.netloc.decode("ascii")}
         extensions = {"sni_hostname": host} if ip_literal(host) is None else {}
         target = url.copy_with(host=str(address))
-        async with client.stream("GET", target, headers=headers, extensions=extensions) as response:
+        async with (
+            self._client() as client,
+            client.stream("GET", target, headers=headers, extensions=extensions) as response,
+        ):
             return await self._read(response, url, budget, name)
 
     async def _read(

@@ -13,7 +13,10 @@ import contextlib
 import gzip
 import http.server
 import logging
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app import urlfetch
 from app.errors import PayloadTooLargeError
 from app.urlfetch import (
     MAX_REDIRECTS,
@@ -74,15 +78,19 @@ class ImageServer(http.server.ThreadingHTTPServer):
     without; ``/lie/N`` declares N bytes and sends the image and 4N more; ``/drip`` a byte a second;
     ``/drip-headers`` its headers a byte every half second; ``/bad-location/N`` redirects
     to ``BAD_LOCATIONS[N]`` as is; ``/gzip`` the image gzipped with Content-Encoding;
-    ``/missing`` 404. ``hits`` lists the paths asked for, ``hosts`` their Host."""
+    ``/missing`` 404. ``hits`` lists the paths asked for, ``hosts`` their Host,
+    ``peers`` the client end of the connection each came over. With ``tls``, HTTPS."""
 
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, tls: ssl.SSLContext | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.port = self.server_address[1]
         self.hits: list[str] = []
         self.hosts: list[str] = []
+        self.peers: list[tuple[str, int]] = []
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -99,6 +107,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.hits.append(self.path)
         self.server.hosts.append(self.headers.get("Host", ""))
+        self.server.peers.append(self.client_address)
         path, _, query = self.path.partition("?")
         parts = path.strip("/").split("/")
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -455,6 +464,89 @@ def test_at_most_three_redirects_each_checked(images):
     with pytest.raises(UrlFetchError, match=GENERIC):
         fetch(fetcher, f"http://images.example/hop/{MAX_REDIRECTS + 1}")
     assert images.hits == ["/hop/4", "/hop/3", "/hop/2", "/hop/1"]  # the 5th never asked
+
+
+class Draining(httpx.AsyncBaseTransport):
+    """``default_transport`` that reads every body in full before handing the
+    response on, so each connection goes back to its pool idle and reusable (the
+    fetcher itself drops a redirect's connection unread, which hides a shared pool)."""
+
+    def __init__(self):
+        self.real = urlfetch.default_transport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.real.handle_async_request(request)
+        body = await response.aread()
+        return httpx.Response(response.status_code, headers=response.headers, stream=Body(body))
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+TRANSPORTS = {"default": urlfetch.default_transport, "draining": Draining}
+TWO_NAMES = {"a.example": ["127.0.0.1"], "b.example": ["127.0.0.1"]}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_hop_gets_a_connection_of_its_own(images, transport):
+    """Two names on one address: the redirect to the second name must not ride the
+    keep-alive connection opened for the first (with TLS, that connection's
+    certificate was only ever checked against the first name)."""
+    policy = FetchPolicy(max_bytes=1 << 20, allow_private=True)
+    fetcher = UrlFetcher(policy, resolve=Resolver(TWO_NAMES), transport=TRANSPORTS[transport])
+    second = f"http://b.example:{images.port}/image"
+    assert fetch(fetcher, f"http://a.example:{images.port}/to?{second}") == IMAGE
+    assert images.hosts == [f"a.example:{images.port}", f"b.example:{images.port}"]
+    assert len(set(images.peers)) == 2  # two TCP connections: nothing was reused
+
+
+def certificate(tmp_path, *names: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A self-signed certificate for ``names``: the server's context, and a client
+    context that trusts that certificate alone."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    alt_names = ",".join(f"DNS:{name}" for name in names)
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", f"/CN={names[0]}"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(cert), "-addext", f"subjectAltName={alt_names}"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("second_name_in_cert", [False, True])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_redirect_to_another_name_on_the_same_address_checks_its_certificate(
+    tmp_path, monkeypatch, caplog, second_name_in_cert, transport
+):
+    """``a.example`` and ``b.example`` share 127.0.0.1; the certificate always names
+    ``a.example``. The hop to ``b.example`` must do its own TLS handshake, with SNI
+    ``b.example``, and be refused when the certificate does not name it."""
+    names = ("a.example", "b.example") if second_name_in_cert else ("a.example",)
+    server_tls, client_tls = certificate(tmp_path, *names)
+    monkeypatch.setattr(urlfetch, "_tls_context", lambda: client_tls)  # trusts this cert alone
+    server = ImageServer(tls=server_tls)
+    try:
+        policy = FetchPolicy(max_bytes=1 << 20, allow_private=True)
+        fetcher = UrlFetcher(policy, resolve=Resolver(TWO_NAMES), transport=TRANSPORTS[transport])
+        url = f"https://a.example:{server.port}/to?https://b.example:{server.port}/image"
+        if second_name_in_cert:
+            assert fetch(fetcher, url) == IMAGE
+            assert server.hosts == [f"a.example:{server.port}", f"b.example:{server.port}"]
+            assert len(set(server.peers)) == 2
+        else:
+            with caplog.at_level(logging.WARNING), pytest.raises(UrlFetchError, match=GENERIC):
+                fetch(fetcher, url)
+            assert server.hits == [f"/to?https://b.example:{server.port}/image"]
+            assert "certificate verify failed" in caplog.text and "b.example" in caplog.text
+    finally:
+        server.close()
 
 
 def test_a_malformed_redirect_location_is_the_generic_400(images):
