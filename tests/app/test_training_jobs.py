@@ -2,6 +2,8 @@
 stream in-process; then real training jobs run by the worker embedded in a real
 ``maskrcnn serve``, followed over HTTP."""
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -9,6 +11,7 @@ import pytest
 
 from app import jobs
 from app.db import DatasetRecord, ModelRecord, utcnow
+from app.routes.training_jobs import RETRY_MS
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
@@ -215,6 +218,79 @@ def test_events_replay_a_finished_job_then_end(api):
     assert events[4][1]["id"] == job["id"] and events[4][1]["state"] == "failed"
 
 
+def follow(response) -> Iterator[tuple[str, str, dict]]:
+    """(id, event, data) of each server-sent event as it arrives, after checking the
+    stream opens with its `retry:` advice and that no event lacks an id."""
+    lines = response.iter_lines()
+    assert [next(lines), next(lines)] == [f"retry: {RETRY_MS}", ""]
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line and not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            fields[key] = value
+        elif not line and fields:
+            yield fields["id"], fields["event"], json.loads(fields["data"])
+            fields = {}
+
+
+def replay(client, job_id: str, last_id: str | None = None, **params) -> httpx.Response:
+    headers = {**AS_ADMIN, "Last-Event-ID": last_id} if last_id is not None else AS_ADMIN
+    return client.get(f"/v1/training-jobs/{job_id}/events", headers=headers, params=params)
+
+
+def finished_job(api) -> str:
+    job = create(api, epochs=2).json()
+    epochs = [{"epoch": n, "losses": {"loss": 1.0 / n}, "bbox": None, "segm": None} for n in (1, 2)]
+    progress = {"epoch": 2, "epochs": 2, "step": 8, "total_steps": 8, "loss": 0.5, "eta_s": 0}
+    set_job(api.db, job["id"], state="succeeded", model_id="model-x", progress=progress,
+            metrics=epochs, finished_at=utcnow())  # fmt: skip
+    return job["id"]
+
+
+def test_resuming_after_any_event_gives_exactly_the_rest(api):
+    job_id = finished_job(api)
+    full = list(follow(replay(api, job_id)))
+    assert [name for _, name, _ in full] == ["progress", "epoch", "epoch", "state", "done"]
+    ids = [tuple(map(int, event_id.split("."))) for event_id, _, _ in full]
+    assert ids == sorted(set(ids)), ids  # strictly increasing
+    for i, (event_id, _, _) in enumerate(full[:-1]):
+        assert list(follow(replay(api, job_id, event_id))) == full[i + 1 :], event_id
+        assert list(follow(replay(api, job_id, last_event_id=event_id))) == full[i + 1 :]
+    # the header wins over the query parameter: an EventSource reconnecting to a URL
+    # that carries the first id sends its newer one in the header
+    resumed = replay(api, job_id, full[2][0], last_event_id=full[0][0])
+    assert list(follow(resumed)) == full[3:]
+    # after `done` there is nothing left: 204 tells an EventSource to stop reconnecting
+    for done in (replay(api, job_id, full[-1][0]), replay(api, job_id, last_event_id=full[-1][0])):
+        assert done.status_code == 204 and done.content == b""
+
+
+@pytest.mark.parametrize(
+    "garbled",
+    [
+        "",
+        "garbage",
+        "3.8",
+        "3.8.2.1",
+        " 3.8.2",
+        "-1.0.0",
+        "3.8.2x",
+        "\u0663.8.2",  # Arabic-Indic 3: a digit to a regex, not to this format
+        "5.8.2",  # a stage past done
+        "2.9.2",  # a step the job never reached
+        "2.8.3",  # an epoch it never finished
+        "3.7.2",  # the final state without the last progress before it
+        "4.0.0",  # `done` without anything before it
+    ],
+)
+def test_an_id_that_this_job_never_sent_replays_everything(api, garbled):
+    job_id = finished_job(api)
+    full = list(follow(replay(api, job_id)))
+    assert list(follow(replay(api, job_id, last_event_id=garbled))) == full
+    if garbled.isascii() and garbled == garbled.strip():  # what a header can carry
+        assert list(follow(replay(api, job_id, garbled))) == full
+
+
 # -- real jobs in a real server ---------------------------------------------------
 
 
@@ -251,6 +327,75 @@ def get_job(server, job_id: str) -> dict:
 def model_files(server) -> list[str]:
     models = server.db.data_dir / "models"
     return sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def follower(tmp_path_factory):
+    """``maskrcnn serve`` without a worker, and its job store: tests move jobs along
+    there, as a worker on another replica would."""
+    tmp = tmp_path_factory.mktemp("follower")
+    db = job_store(tmp / "data")
+    with running_server(Path("demo"), tmp, admin_token=ADMIN_TOKEN, run_worker="false") as server:
+        server.db = db
+        server.dataset_id = add_dataset(db, num_images=2)
+        server.wait_listening()
+        yield server
+    db.dispose()
+
+
+def test_a_client_that_reconnects_misses_nothing_and_gets_nothing_twice(follower):
+    """Over real HTTP: follow a running job, drop the connection, let the job move
+    on, reconnect with the last id; then resume once more on another server (a
+    second replica on the same store) to the end."""
+    db, job_id = follower.db, post_job(follower, epochs=2)["id"]
+    url = f"/v1/training-jobs/{job_id}/events"
+
+    def progress(step: int) -> dict:
+        return {"epoch": 1 + step // 4, "epochs": 2, "step": step, "total_steps": 8,
+                "loss": 1.0 / step, "eta_s": 8.0 - step}  # fmt: skip
+
+    def epoch(n: int) -> dict:
+        return {"epoch": n, "losses": {"loss": 1.0 / n}, "bbox": None, "segm": None}
+
+    set_job(db, job_id, state="running", started_at=utcnow(), progress=progress(1))
+    with follower.client.stream("GET", url, headers=AS_ADMIN) as response:
+        events = follow(response)
+        got = [next(events), next(events)]
+    assert [(name, data) for _, name, data in got] == [
+        ("state", {"state": "running", "error": None, "model_id": None}),
+        ("progress", progress(1)),
+    ]
+
+    # while the client is away: the first epoch ends, and a later step
+    set_job(db, job_id, progress=progress(4), metrics=[epoch(1)])
+    set_job(db, job_id, progress=progress(5))
+    # a garbled id replays from the start (still "running" first)
+    with follower.client.stream("GET", url, headers={**AS_ADMIN, "Last-Event-ID": "??"}) as r:
+        assert next(follow(r))[1:] == got[0][1:]
+
+    with follower.client.stream(
+        "GET", url, headers={**AS_ADMIN, "Last-Event-ID": got[-1][0]}
+    ) as response:
+        events = follow(response)
+        got += [next(events), next(events)]  # what it missed: the latest progress, epoch 1
+        set_job(db, job_id, progress=progress(8), metrics=[epoch(1), epoch(2)])
+        got.append(next(events))  # seen live: the next step, not yet the epoch
+    assert [(name, data) for _, name, data in got[2:]] == [
+        ("progress", progress(5)),
+        ("epoch", epoch(1)),
+        ("progress", progress(8)),
+    ]
+
+    set_job(db, job_id, state="succeeded", model_id="model-x", finished_at=utcnow())
+    with fake_client(admin_token=ADMIN_TOKEN, run_worker=False, data_dir=db.data_dir) as other:
+        got += list(follow(replay(other, job_id, got[-1][0])))
+        assert replay(other, job_id, got[-1][0]).status_code == 204
+    names = [name for _, name, _ in got]
+    assert names == ["state", "progress", "progress", "epoch", "progress", "epoch", "state", "done"]
+    assert got[5][2] == epoch(2) and got[6][2]["state"] == "succeeded"
+    assert got[-1][2] == get_job(follower, job_id)
+    ids = [tuple(map(int, event_id.split("."))) for event_id, _, _ in got]
+    assert ids == sorted(set(ids)), ids  # strictly increasing across all four connections
 
 
 @pytest.mark.slow
