@@ -21,7 +21,7 @@ parse ``MAX_UPLOAD_MB`` of JSON or multipart.
 
 import hmac
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import fastapi.routing
 from fastapi import Depends, FastAPI, Request
@@ -117,7 +117,6 @@ def check_docs_token(request: Request) -> None:
 ApiToken = Depends(check_api_token)
 AdminToken = Depends(check_admin_token)
 MetricsToken = Depends(check_metrics_token)
-AdminDep = Annotated[None, AdminToken]
 
 Check = Callable[[Request], None]
 CHECKS: tuple[Check, ...] = (

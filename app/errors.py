@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from app.responses import OrjsonResponse
 from model.errors import (
@@ -176,11 +177,17 @@ async def _handle_validation(request: Request, exc: RequestValidationError) -> R
     return error_response(422, "validation_error", describe_validation(exc), request_id_of(request))
 
 
-async def _handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def internal_error_response(scope: Scope) -> Response:
+    """The 500 for an exception nothing else answered; call it while handling that
+    exception, whose traceback goes to the log and never to the client."""
+    log.exception("unhandled error on %s %s", scope.get("method"), scope["path"])
     return error_response(
-        500, "internal_error", "internal server error; see the server log", request_id_of(request)
+        500, "internal_error", "internal server error; see the server log", request_id_of(scope)
     )
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    return internal_error_response(request.scope)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,7 +24,6 @@ from PIL import Image, UnidentifiedImageError
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from model.images import pil_to_tensor
 
-PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 ALLOWED = "JPEG, PNG, WebP or BMP"
 EXIF_ORIENTATION = 0x0112
 

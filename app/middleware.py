@@ -1,7 +1,6 @@
 """The ASGI middleware every request passes: request id, early body-size check,
 in-flight count (graceful drain waits for it) and request metrics."""
 
-import logging
 import re
 import time
 import uuid
@@ -10,10 +9,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_response
+from app.errors import error_response, internal_error_response
 from app.service import Service
-
-log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -63,7 +60,6 @@ class RequestContextMiddleware:
         default = (self.max_body_bytes, "MAX_UPLOAD_MB")
         limit, setting = self.body_limits.get(scope["path"].rstrip("/"), default)
         self.service.in_flight += 1
-        self.metrics.in_flight.inc()
         try:
             if _declared_length(headers) > limit:
                 message = _too_large(limit, setting)
@@ -76,13 +72,9 @@ class RequestContextMiddleware:
                 raise
             # answered here rather than by Starlette's outermost error middleware, so
             # the 500 carries the request id like every other answer
-            log.exception("unhandled error on %s %s", scope.get("method"), scope["path"])
-            message = "internal server error; see the server log"
-            response = error_response(500, "internal_error", message, request_id)
-            await response(scope, receive, send_with_id)
+            await internal_error_response(scope)(scope, receive, send_with_id)
         finally:
             self.service.in_flight -= 1
-            self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope.get("method", "")
             self.metrics.requests.labels(route, method, str(status)).inc()

@@ -76,15 +76,9 @@ def free_memory() -> None:
 
 
 class Service:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        load_predictor: PredictorLoader | None = None,
-        metrics: Metrics | None = None,
-    ):
+    def __init__(self, settings: Settings, *, load_predictor: PredictorLoader | None = None):
         self.settings = settings
-        self.metrics = metrics or Metrics(max_batch_size=settings.max_batch_size)
+        self.metrics = Metrics(max_batch_size=settings.max_batch_size)
         self.load_predictor = load_predictor or build_predictor
         self.db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
         self.predictor: Predictor | None = None
@@ -93,6 +87,7 @@ class Service:
         self.state = "starting"
         self.error: str | None = None
         self.in_flight = 0  # HTTP requests being handled (RequestContextMiddleware)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._swap_lock = asyncio.Lock()
         self._seen: Activation | None = None  # the last activation this replica acted on

@@ -182,6 +182,7 @@ def test_metrics_expose_requests_batches_and_queue(client):
         "maskrcnn_postprocess_seconds_bucket",
         "maskrcnn_http_request_duration_seconds_bucket",
         "maskrcnn_ready 1.0",
+        "maskrcnn_http_requests_in_flight 1.0",  # the /metrics request itself
     ):
         assert name in text
 
