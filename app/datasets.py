@@ -148,10 +148,11 @@ def delete_dataset(db: Database, dataset_id: str) -> None:
             raise _not_found(dataset_id)
         jobs = session.execute(
             select(TrainingJobRecord.id, TrainingJobRecord.state).where(
-                TrainingJobRecord.dataset_id == dataset_id
+                TrainingJobRecord.dataset_id == dataset_id,
+                TrainingJobRecord.state.in_(ACTIVE_JOB_STATES),
             )
         ).all()
-        active = [f"{job_id} ({state})" for job_id, state in jobs if state in ACTIVE_JOB_STATES]
+        active = [f"{job_id} ({state})" for job_id, state in jobs]
         if active:
             raise ConflictError(
                 f"dataset {dataset_id!r} is used by training job {', '.join(active)}; "

@@ -32,7 +32,6 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
-    select,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -185,11 +184,6 @@ class Database:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def get_meta(self, key: str) -> str | None:
-        with self.session() as session:
-            value = session.scalar(select(Meta.value).where(Meta.key == key))
-        return value
 
     def set_meta(self, key: str, value: str) -> None:
         with self.session() as session:

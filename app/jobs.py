@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from app.db import (
     FINAL_STATES,
@@ -78,16 +77,10 @@ def create_job(db: Database, dataset_id: str, config: dict[str, Any]) -> Trainin
                 "or a model id from GET /v1/models",
                 code="unknown_model",
             )
-    job = TrainingJobRecord(
-        id=new_id("job"), state="queued", dataset_id=dataset_id, config=config, progress={}
-    )
-    try:
-        with db.session() as session:
-            session.add(job)
-    except IntegrityError:  # the dataset was deleted in between
-        raise BadRequestError(
-            f"no dataset with id {dataset_id!r}", code="unknown_dataset"
-        ) from None
+        job = TrainingJobRecord(
+            id=new_id("job"), state="queued", dataset_id=dataset_id, config=config, progress={}
+        )
+        session.add(job)
     return job
 
 
