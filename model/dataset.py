@@ -87,7 +87,6 @@ class CocoDataset(Dataset):
         source: str | os.PathLike,
         *,
         transforms: Transform | None = None,
-        image_ids: Sequence[int] | None = None,
         annotation_file: str | os.PathLike | None = None,
     ):
         self.source = Path(source)
@@ -104,12 +103,10 @@ class CocoDataset(Dataset):
         )
         self.label_to_category = [0, *(c["id"] for c in self.categories)]
         self.category_to_label = {cid: label for label, cid in enumerate(self.label_to_category)}
-        wanted = None if image_ids is None else set(image_ids)
-        self.images = [im for im in self._coco["images"] if wanted is None or im["id"] in wanted]
+        self.images = list(self._coco["images"])
         self._annotations: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
-        for ann in self._coco["annotations"]:
-            if ann["image_id"] in self._annotations:
-                self._annotations[ann["image_id"]].append(ann)
+        for ann in self._coco["annotations"]:  # validated: each names one of the images
+            self._annotations[ann["image_id"]].append(ann)
 
     @property
     def dataset_id(self) -> str:

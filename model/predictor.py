@@ -209,12 +209,12 @@ class Predictor:
                     ]
                 ),
             )
-            parts = masks.split([counts[i] for i in group])
             if all(options[i].mask_format == "rle" for i in group):
                 found = iter(find_runs(masks))
                 for i in group:
                     runs[i] = [next(found) for _ in range(counts[i])]
                 continue
+            parts = masks.split([counts[i] for i in group])
             for i, part in zip(group, parts, strict=True):
                 if options[i].mask_format == "rle":
                     runs[i] = find_runs(part)
