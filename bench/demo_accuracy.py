@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from model.checkpoint import read_checkpoint, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.dataset import CocoDataset
 from model.evaluation import STAT_NAMES, evaluate_predictor
-from model.loading import load_model
+from model.loading import load_file, load_model
 from model.predictor import Predictor
 from model.synthetic import generate_dataset
 
@@ -60,9 +60,8 @@ def main() -> None:
 
 
 def write_metrics(path: Path, held_out: dict) -> None:
-    state, meta = read_checkpoint(path)
-    loaded = load_model(str(path), device="cpu")
-    loaded.network.load_state_dict(state)
+    loaded = load_file(path)  # reads the file once, its hash verified
+    meta = loaded.info.metadata
     save_checkpoint(
         path, loaded.network, architecture=meta["architecture"], arch_kwargs=meta["arch_kwargs"],
         classes=meta["classes"], dataset_id=meta.get("dataset_id"),

@@ -9,7 +9,6 @@ and prints a Markdown table with the machine it ran on.
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -19,18 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.results import cpu_name
 from model.loading import load_model
 from model.options import PredictOptions
 from model.predictor import Predictor
 from model.synthetic import SyntheticConfig, render_image
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -76,10 +76,14 @@ def scene(height: int, width: int, seed: int) -> np.ndarray:
     return array
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    return encode(Image.fromarray(array), "PNG")
 
 
 # -- a tiny real model and real servers ------------------------------------------

@@ -1,7 +1,6 @@
 """Upload decoding: allowed formats by content, limits, orientation, modes (SPEC §9)."""
 
 import asyncio
-import io
 
 import numpy as np
 import pytest
@@ -9,12 +8,7 @@ from PIL import Image
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from app.images import decode_image, decode_images
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
+from tests.app.conftest import encode
 
 
 def gradient(width=40, height=30) -> Image.Image:

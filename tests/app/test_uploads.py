@@ -21,14 +21,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from model.predictor import Detection, ImageResult
-from tests.app.conftest import fake_client, png_bytes, running_server
+from tests.app.conftest import encode, fake_client, png_bytes, running_server
 from tests.app.fakes import FakePredictor
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def upload(client, data: bytes, name: str = "photo.jpg", **options):

@@ -3,6 +3,7 @@ import torch
 
 from model.info import ModelInfo
 from model.networks import build_network
+from model.predictor import Predictor
 
 TEST_CLASSES = ((0, 3, 5, 7, 9), ("background", "circle", "square", "triangle", "star"))
 
@@ -27,6 +28,11 @@ def network():
 @pytest.fixture(scope="session")
 def info():
     return ModelInfo("test", "maskrcnn_resnet50_fpn", *TEST_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def predictor(network, info):
+    return Predictor(network, info)
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:

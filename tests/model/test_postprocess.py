@@ -8,7 +8,7 @@ import torch
 
 from model import predictor as predictor_module
 from model.options import PredictOptions
-from model.predictor import Predictor, group_by_size
+from model.predictor import group_by_size
 
 
 def fake_detections(count: int, size: tuple[int, int], g: torch.Generator) -> dict:
@@ -34,11 +34,6 @@ CASES = [
     ((90, 70), 4, PredictOptions(mask_format="none")),
     ((100, 130), 11, PredictOptions(mask_threshold=0.0)),
 ]
-
-
-@pytest.fixture(scope="module")
-def predictor(network, info):
-    return Predictor(network, info)
 
 
 def pending_for(predictor, cases, monkeypatch, limit):
