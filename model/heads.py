@@ -9,13 +9,21 @@ that are kept.
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import batched_nms
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from model.nms import device_tensor, greedy_nms
 from model.options import PredictOptions
+from model.proposals import image_limits, offset_groups
+
+# Most candidates (boxes over the score threshold) of one image that the batched
+# selection takes: its NMS holds a bool and a half matrix of this size squared.
+_MAX_DENSE_CANDIDATES = 4096
 
 
 def select_boxes(
@@ -24,13 +32,17 @@ def select_boxes(
     proposals: list[torch.Tensor],
     image_sizes: list[tuple[int, int]],
     options: Sequence[PredictOptions],
+    *,
+    vectorized: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Box head on the proposals, then each image's selection.
+    """Box head on the proposals, then each image's selection: image by image,
+    or (``vectorized``) for the whole batch in one set of tensor operations with
+    the same result (see ``model.nms``), which pays where host syncs are dear.
 
     Returns per image ``boxes`` ``[N, 4]`` (in the network's resized frame),
     ``scores`` ``[N]`` and ``labels`` ``[N]`` (network labels, 1..K-1), scores descending.
     """
-    box_features = heads.box_head(heads.box_roi_pool(features, proposals, image_sizes))
+    box_features = heads.box_head(pool_rois(heads.box_roi_pool, features, proposals, image_sizes))
     # float32 from here on, also under autocast: box corners decoded in half
     # precision would be rounded to 0.5 px (fp16) or 4 px (bf16) at 800 px, and
     # batched NMS's class offsets overflow fp16
@@ -38,12 +50,92 @@ def select_boxes(
     boxes = heads.box_coder.decode(box_regression, proposals)
     scores = F.softmax(class_logits, -1)
     per_image = [len(p) for p in proposals]
-    kept = []
-    for image_boxes, image_scores, size, opts in zip(
-        boxes.split(per_image), scores.split(per_image), image_sizes, options, strict=True
-    ):
-        kept.append(_select_image(image_boxes, image_scores, size, opts))
-    return kept
+    if vectorized:
+        kept = _select_batch(boxes, scores, per_image, image_sizes, options)
+        if kept is not None:
+            return kept
+    return [
+        _select_image(image_boxes, image_scores, size, opts)
+        for image_boxes, image_scores, size, opts in zip(
+            boxes.split(per_image), scores.split(per_image), image_sizes, options, strict=True
+        )
+    ]
+
+
+def _select_batch(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    per_image: list[int],
+    image_sizes: list[tuple[int, int]],
+    options: Sequence[PredictOptions],
+) -> list[dict[str, torch.Tensor]] | None:
+    """``_select_image`` for every image at once: three host syncs per batch
+    rather than two or more per image. ``None`` where an image has more
+    candidates than the dense NMS takes (``_MAX_DENSE_CANDIDATES``)."""
+    device = boxes.device
+    num_images, num_classes = len(per_image), scores.shape[-1]
+    rows = torch.arange(num_images, device=device).repeat_interleave(
+        device_tensor(per_image, device, torch.int64), output_size=len(scores)
+    )
+    limits = image_limits(image_sizes, device, boxes.dtype)[rows]
+    boxes = torch.minimum(boxes.clamp(min=0), limits[:, None, :])[:, 1:]
+    scores = scores[:, 1:]
+    thresholds = device_tensor([o.score_threshold for o in options], device, scores.dtype)
+    candidate = scores >= thresholds[rows][:, None]
+    if any(o.classes is not None for o in options):
+        wanted = [
+            [o.classes is None or label in o.classes for label in range(1, num_classes)]
+            for o in options
+        ]
+        candidate &= device_tensor(wanted, device, torch.bool)[rows]
+    candidate &= (boxes[..., 2] - boxes[..., 0] >= 1e-2) & (boxes[..., 3] - boxes[..., 1] >= 1e-2)
+    counts = (
+        torch.zeros(num_images, dtype=torch.int64, device=device)
+        .index_add_(0, rows, candidate.sum(1))
+        .tolist()
+    )
+    widest = max(counts)
+    if widest > _MAX_DENSE_CANDIDATES:
+        return None
+    if widest == 0:
+        empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros(0)}
+        return [empty | {"labels": torch.zeros(0, dtype=torch.int64, device=device)}] * num_images
+
+    # the candidates of each image in a row of their own, padded to the widest,
+    # in descending score order (torchvision's NMS sorts stably)
+    flat = torch.nonzero_static(candidate.view(-1), size=sum(counts)).squeeze(1)
+    image = rows[flat // (num_classes - 1)]
+    starts = device_tensor([0, *np.cumsum(counts)[:-1].tolist()], device, torch.int64)
+    slot = torch.arange(len(flat), device=device) - starts[image]
+    padded_boxes = boxes.new_zeros((num_images, widest, 4))
+    padded_boxes[image, slot] = boxes.reshape(-1, 4)[flat]
+    padded_scores = scores.new_full((num_images, widest), -torch.inf)
+    padded_scores[image, slot] = scores.reshape(-1)[flat]
+    labels = torch.zeros((num_images, widest), dtype=torch.int64, device=device)
+    labels[image, slot] = flat % (num_classes - 1) + 1
+    order = padded_scores.sort(dim=1, descending=True, stable=True).indices
+    scores, labels = padded_scores.gather(1, order), labels.gather(1, order)
+    boxes = padded_boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
+    valid = scores > -torch.inf
+
+    keep = greedy_nms(
+        offset_groups(boxes, valid, labels),
+        valid,
+        [o.iou_threshold for o in options],
+        classes=labels,
+    )
+    # the first max_detections kept, still by descending score
+    limit = min(max(o.max_detections for o in options), widest)
+    order = torch.where(keep, scores, -torch.inf).sort(dim=1, descending=True, stable=True)
+    order = order.indices[:, :limit]
+    tops = device_tensor([o.max_detections for o in options], device, torch.int64)
+    kept = torch.minimum(keep.sum(1), tops).tolist()
+    boxes = boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
+    scores, labels = scores.gather(1, order), labels.gather(1, order)
+    return [
+        {"boxes": boxes[i, :k], "scores": scores[i, :k], "labels": labels[i, :k]}
+        for i, k in enumerate(kept)
+    ]
 
 
 def _select_image(
@@ -58,7 +150,7 @@ def _select_image(
     labels = labels[:, 1:].reshape(-1)
     keep = scores >= opts.score_threshold
     if opts.classes is not None:
-        wanted = torch.tensor(sorted(opts.classes), device=labels.device, dtype=labels.dtype)
+        wanted = device_tensor(sorted(opts.classes), labels.device, labels.dtype)
         keep &= torch.isin(labels, wanted)
     # remove_small_boxes' test folded into the same mask, and one integer index for
     # the three tensors: one host sync where boolean indexing takes four (on a GPU,
@@ -81,7 +173,7 @@ def predict_masks(
     if sum(len(b) for b in boxes) == 0:
         size = heads.mask_roi_pool.output_size[0] * 2
         return [b.new_zeros((0, size, size)) for b in boxes]
-    mask_features = heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes))
+    mask_features = heads.mask_head(pool_rois(heads.mask_roi_pool, features, boxes, image_sizes))
     mask_logits = heads.mask_predictor(mask_features)
     # torchvision's maskrcnn_inference takes the sigmoid of every class's mask and
     # then keeps one; keeping first is the same numbers for 1/K of the work, and
@@ -89,3 +181,39 @@ def predict_masks(
     labels = torch.cat([det["labels"] for det in detections])
     picked = mask_logits[torch.arange(len(labels), device=labels.device), labels]
     return list(picked.float().sigmoid().split([len(b) for b in boxes]))
+
+
+def pool_rois(
+    pooler: MultiScaleRoIAlign,
+    features: dict[str, torch.Tensor],
+    boxes: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+) -> torch.Tensor:
+    """``pooler(features, boxes, image_sizes)`` with one host sync: torchvision
+    finds each level's boxes with a ``torch.where`` (a sync per level); here the
+    boxes are sorted by level once and the per-level counts read in one transfer.
+    Each box is pooled by the same ``roi_align`` call on the same level, so the
+    result is the same."""
+    levels = _filter_input(features, pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            levels, image_sizes, pooler.canonical_scale, pooler.canonical_level
+        )
+    rois = _convert_to_roi_format(boxes)
+    options = {"output_size": pooler.output_size, "sampling_ratio": pooler.sampling_ratio}
+    if len(levels) == 1:
+        return roi_align(levels[0], rois, spatial_scale=pooler.scales[0], **options)
+    level_of = pooler.map_levels(boxes)
+    order = level_of.argsort(stable=True)
+    counts = torch.bincount(level_of, minlength=len(levels)).tolist()
+    pooled = torch.cat(
+        [
+            roi_align(feature, part, spatial_scale=scale, **options)
+            for feature, scale, part in zip(
+                levels, pooler.scales, rois[order].split(counts), strict=True
+            )
+        ]
+    ).to(levels[0].dtype)
+    result = torch.empty_like(pooled)
+    result[order] = pooled
+    return result

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.image_list import ImageList
 
 from model.errors import InvalidImageError, InvalidOptionError
 from model.heads import predict_masks, select_boxes
 from model.info import ModelInfo
 from model.masks import paste_masks
+from model.nms import device_tensor
 from model.options import MaskFormat, PredictOptions, check_options
+from model.proposals import propose
 from model.rle import encode_polygons, find_runs, pack_runs
 
 __all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
@@ -88,6 +90,11 @@ class Predictor:
             the CPU): convolutions and linear layers in half precision, while box
             decoding, NMS and mask probabilities stay float32 (for the RPN through
             a forward hook on ``network.rpn.head``, see ``keep_float_outputs``).
+        vectorized: filter proposals and select detections for the whole batch
+            in tensor operations (``model.proposals``, ``model.heads``) instead of
+            torchvision's loop over images; the same detections. Default: on CUDA,
+            where the loop's host syncs and small kernels set the pace; on the
+            CPU the loop is cheaper.
 
     ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
     any device) and one ``PredictOptions`` per image, and returns one
@@ -102,6 +109,7 @@ class Predictor:
         *,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        vectorized: bool | None = None,
     ):
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
@@ -111,6 +119,8 @@ class Predictor:
         self.network = network.to(self.device).eval()
         self.info = info
         self.precision = precision
+        self.vectorized = self.device.type == "cuda" if vectorized is None else vectorized
+        self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
 
@@ -175,17 +185,43 @@ class Predictor:
         selection with each image's options, then the mask head on the kept boxes."""
         net = self.network
         original_sizes = [tuple(image.shape[-2:]) for image in batch]
-        image_list, _ = net.transform(batch)
+        image_list = self._transform(batch)
         features = net.backbone(image_list.tensors)
-        proposals, _ = net.rpn(image_list, features)
-        kept = select_boxes(net.roi_heads, features, proposals, image_list.image_sizes, options)
+        if self.vectorized:
+            proposals = propose(net.rpn, image_list, features)
+        else:
+            proposals, _ = net.rpn(image_list, features)
+        kept = select_boxes(
+            net.roi_heads,
+            features,
+            proposals,
+            image_list.image_sizes,
+            options,
+            vectorized=self.vectorized,
+        )
         mask_probs = predict_masks(net.roi_heads, features, kept, image_list.image_sizes)
         for det, probs, resized, original in zip(
             kept, mask_probs, image_list.image_sizes, original_sizes, strict=True
         ):
-            det["boxes"] = resize_boxes(det["boxes"], resized, original).float()
+            det["boxes"] = scale_boxes(det["boxes"].float(), resized, original)
             det["mask_probs"] = probs.float()
         return kept
+
+    def _transform(self, batch: list[torch.Tensor]) -> ImageList:
+        """``network.transform(batch)`` (normalise, resize, pad into one tensor)
+        with the mean and std kept on the device: torchvision copies them there
+        for every image, and each copy waits for the device's queue."""
+        transform = self.network.transform
+        key = (batch[0].dtype, batch[0].device)
+        if key not in self._normalization:
+            self._normalization[key] = tuple(
+                torch.as_tensor(values, dtype=key[0], device=key[1])[:, None, None]
+                for values in (transform.image_mean, transform.image_std)
+            )
+        mean, std = self._normalization[key]
+        images = [transform.resize((image - mean) / std, None)[0] for image in batch]
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+        return ImageList(transform.batch_images(images, transform.size_divisible), sizes)
 
     def _postprocess(
         self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
@@ -245,6 +281,18 @@ def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
         lambda module, args, output: tuple([t.float() for t in part] for part in output)
     )
     rpn_head._float_outputs = True
+
+
+def scale_boxes(
+    boxes: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]
+) -> torch.Tensor:
+    """Boxes ``[N, 4]`` from the network's resized frame to the input image's:
+    torchvision's ``resize_boxes`` (float32 ratios, the same products) without its
+    four host-to-device copies, each of which waits for the device's queue."""
+    ratio_y, ratio_x = (
+        np.float32(o) / np.float32(r) for o, r in zip(original, resized, strict=True)
+    )
+    return boxes * device_tensor([ratio_x, ratio_y, ratio_x, ratio_y], boxes.device, boxes.dtype)
 
 
 def group_by_size(

@@ -7,12 +7,20 @@ from pycocotools import mask as mask_utils
 
 from model.errors import InvalidImageError, InvalidOptionError
 from model.options import PredictOptions
+from model.predictor import Predictor
 from tests.model.conftest import random_image
 
 # Largest fraction of a mask's pixels that differs from torchvision's pasted mask,
 # measured in tests/model/test_masks.py over 12,000 random masks: at most 8.6e-6 (one
 # float tie at the threshold); this test asserts the 0.5% bound of the issue.
 MAX_MASK_MISMATCH = 0.005
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["loop", "vectorized"])
+def predictor(network, info, request):
+    """Every test here runs on torchvision's per-image selection and on the batched
+    one (``Predictor(vectorized=True)``, the default on CUDA)."""
+    return Predictor(network, info, vectorized=request.param)
 
 
 @pytest.fixture(scope="module")

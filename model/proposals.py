@@ -1,0 +1,119 @@
+"""The RPN's inference with the whole batch's proposal filtering at once.
+
+torchvision's ``RegionProposalNetwork.filter_proposals`` loops over the images:
+per image it clips, drops small and low-scoring boxes, runs NMS per level and
+keeps the top ``post_nms_top_n``, with three host syncs and a few dozen small
+kernels each. ``propose`` runs the same steps for every image in whole-batch
+tensor operations (``model.nms.greedy_nms`` for the NMS) and gives the same
+boxes in the same order; only the split into per-image tensors at the end waits
+for the device.
+"""
+
+import numpy as np
+import torch
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
+
+from model.nms import device_tensor, greedy_nms
+
+# torchvision's batched_nms offsets each group's coordinates into a range of its
+# own (one NMS call) up to these many box coordinates, and calls NMS once per
+# group above; the offsets move float32 rounding, so they are reproduced here.
+_COORDINATE_TRICK_LIMIT = {"cpu": 4000, "cuda": 20000}
+
+
+def propose(
+    rpn: RegionProposalNetwork, images: ImageList, features: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """``rpn(images, features)[0]`` in eval mode: the proposals of each image."""
+    levels = list(features.values())
+    objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(images, levels)
+    per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+    boxes, _ = filter_proposals(rpn, proposals, objectness, images.image_sizes, per_level)
+    return boxes
+
+
+def filter_proposals(
+    rpn: RegionProposalNetwork,
+    proposals: torch.Tensor,
+    objectness: torch.Tensor,
+    image_sizes: list[tuple[int, int]],
+    per_level: list[int],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``rpn.filter_proposals`` for the whole batch at once: per image, the top
+    ``pre_nms_top_n`` anchors of each level, clipped, small (``min_size``) and
+    low-scoring (``score_thresh``) ones dropped, NMS within each level, then the
+    best ``post_nms_top_n`` by score. Returns per-image boxes and scores."""
+    num_images = proposals.shape[0]
+    device = proposals.device
+    objectness = objectness.reshape(num_images, -1)
+    taken = [min(rpn.pre_nms_top_n(), count) for count in per_level]
+    top = rpn._get_top_n_idx(objectness, per_level)
+
+    # [images, levels, n]: each level's candidates in topk (descending score)
+    # order, padded to the longest level
+    n = max(taken)
+    slots, present = [], []
+    for start, length in zip(np.cumsum([0, *taken[:-1]]), taken, strict=True):
+        slots += [start + min(i, length - 1) for i in range(n)]
+        present += [i < length for i in range(n)]
+    index = top[:, device_tensor(slots, device, torch.int64)]
+    present = device_tensor(present, device, torch.bool).view(len(taken), n)
+    scores = objectness.gather(1, index).sigmoid().view(num_images, len(taken), n)
+    boxes = proposals.gather(1, index[:, :, None].expand(-1, -1, 4))
+    boxes = clip_boxes(boxes, image_sizes).view(num_images, len(taken), n, 4)
+
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    valid = present & (widths >= rpn.min_size) & (heights >= rpn.min_size)
+    valid &= scores >= rpn.score_thresh
+    group = torch.arange(len(taken), device=device)[None, :, None].expand_as(valid)
+    keep = greedy_nms(
+        offset_groups(boxes, valid, group).view(-1, n, 4), valid.view(-1, n), rpn.nms_thresh
+    ).view(num_images, -1)
+
+    # each image's kept boxes by descending score, as torchvision's batched_nms
+    # (stable sort over the level-ordered candidates) and keep[:post_nms_top_n]
+    limit = min(rpn.post_nms_top_n(), keep.shape[1])
+    ranked = torch.where(keep, scores.view(num_images, -1), -torch.inf)
+    order = ranked.sort(dim=1, descending=True, stable=True).indices[:, :limit]
+    boxes = boxes.view(num_images, -1, 4).gather(1, order[:, :, None].expand(-1, -1, 4))
+    scores = scores.view(num_images, -1).gather(1, order)
+    counts = keep.sum(1).clamp_(max=limit).tolist()
+    return (
+        [b[:c] for b, c in zip(boxes, counts, strict=True)],
+        [s[:c] for s, c in zip(scores, counts, strict=True)],
+    )
+
+
+def clip_boxes(boxes: torch.Tensor, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """``clip_boxes_to_image`` with each image's own size: ``boxes`` ``[B, N, 4]``."""
+    limits = image_limits(image_sizes, boxes.device, boxes.dtype)
+    return torch.minimum(boxes.clamp(min=0), limits[:, None, :])
+
+
+def image_limits(
+    image_sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[B, 4]``: each image's ``(w, h, w, h)``, the upper bounds of its box corners."""
+    return device_tensor([[w, h, w, h] for h, w in image_sizes], device, dtype)
+
+
+def offset_groups(boxes: torch.Tensor, valid: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Boxes ``[B, ..., 4]`` moved as torchvision's ``batched_nms`` moves them for
+    the image's NMS call: by ``group * (largest valid coordinate + 1)`` where the
+    image has few enough valid boxes for its coordinate trick, else unmoved.
+    Moved or not, groups never suppress each other in ``greedy_nms``; the offsets
+    only reproduce torchvision's float32 rounding."""
+    images = boxes.shape[0]
+    flat_valid = valid.reshape(images, -1)
+    limit = _COORDINATE_TRICK_LIMIT.get(boxes.device.type, _COORDINATE_TRICK_LIMIT["cuda"])
+    trick = flat_valid.sum(1) * 4 <= limit
+    coords = torch.where(flat_valid[:, :, None], boxes.reshape(images, -1, 4), -torch.inf)
+    largest = coords.amax(dim=(1, 2))
+    shape = (images,) + (1,) * (valid.dim() - 1)
+    step = (largest + 1).view(shape)
+    offsets = torch.where(trick.view(shape), group.to(boxes) * step, 0)
+    return boxes + offsets[..., None]

@@ -1,0 +1,184 @@
+"""Batched greedy NMS and the batched RPN filtering against torchvision's own."""
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.detection import rpn as rpn_module
+from torchvision.ops import batched_nms, nms
+
+from model import heads
+from model.nms import greedy_nms, iou_threshold_for
+from model.options import PredictOptions
+from model.predictor import Predictor
+from model.proposals import filter_proposals
+from tests.model.conftest import random_image
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
+
+
+def clustered_boxes(groups: int, n: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Boxes jittered around a few centres, so that suppression chains form, with
+    scores descending in each group (ties included) and some boxes degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(groups, 4, 2, generator=g) * 200
+    pick = torch.randint(0, 4, (groups, n), generator=g)
+    centre = centres[torch.arange(groups)[:, None], pick]
+    size = 20 + torch.rand(groups, n, 2, generator=g) * 30
+    jitter = torch.randn(groups, n, 2, generator=g) * 6
+    x1y1 = centre + jitter - size / 2
+    boxes = torch.cat([x1y1, x1y1 + size], -1)
+    boxes[:, ::17, 2:] = boxes[:, ::17, :2]  # zero-area boxes
+    scores = torch.rand(groups, n, generator=g).round(decimals=2)  # ties
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    valid = torch.rand(groups, n, generator=g) > 0.1
+    return boxes.to(device), scores.to(device), valid.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_greedy_nms_keeps_what_torchvision_keeps(device, threshold):
+    boxes, scores, valid = clustered_boxes(6, 300, seed=int(threshold * 10), device=device)
+    keep = greedy_nms(boxes, valid, threshold)
+    suppressed = 0
+    for b, s, v, k in zip(boxes, scores, valid, keep, strict=True):
+        index = v.nonzero().squeeze(1)
+        expected = torch.zeros_like(v)
+        expected[index[nms(b[index], s[index], threshold)]] = True
+        assert torch.equal(k, expected)
+        suppressed += int(v.sum() - k.sum())
+    assert suppressed > 300, "the boxes must overlap enough for chains to matter"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_nms_per_class_and_per_group_thresholds(device):
+    boxes, scores, valid = clustered_boxes(4, 200, seed=5, device=device)
+    classes = torch.randint(0, 3, valid.shape, generator=torch.Generator().manual_seed(1))
+    classes = classes.to(device)
+    thresholds = [0.3, 0.5, 0.6, 0.7]
+    keep = greedy_nms(boxes, valid, thresholds, classes=classes)
+    for b, s, v, c, t, k in zip(boxes, scores, valid, classes, thresholds, keep, strict=True):
+        index = v.nonzero().squeeze(1)
+        expected = torch.zeros_like(v)
+        expected[index[batched_nms(b[index], s[index], c[index], t)]] = True
+        assert torch.equal(k, expected)
+
+
+def test_greedy_nms_edge_cases():
+    empty = greedy_nms(torch.zeros(0, 5, 4), torch.zeros(0, 5, dtype=torch.bool), 0.5)
+    assert empty.shape == (0, 5)
+    # one box per group: kept when valid; identical boxes: only the first survives
+    box = torch.tensor([[[0.0, 0.0, 10.0, 10.0]]])
+    assert greedy_nms(box, torch.tensor([[True]]), 0.5).tolist() == [[True]]
+    assert greedy_nms(box, torch.tensor([[False]]), 0.5).tolist() == [[False]]
+    same = box.expand(1, 3, 4)
+    assert greedy_nms(same, torch.ones(1, 3, dtype=torch.bool), 0.5).tolist() == [
+        [True, False, False]
+    ]
+    # an invalid box does not suppress: the third survives although it overlaps the second
+    assert greedy_nms(same, torch.tensor([[False, True, True]]), 0.5).tolist() == [
+        [False, True, False]
+    ]
+
+
+def test_threshold_rounding_follows_the_device():
+    # 0.3 rounds up in float32: the CPU kernel compares with the double, CUDA's with
+    # the float, so an overlap of exactly float32(0.3) suppresses on the CPU only
+    overlap = torch.tensor(0.3, dtype=torch.float32)
+    assert overlap > iou_threshold_for(0.3, torch.device("cpu"))
+    assert not overlap > iou_threshold_for(0.3, torch.device("cuda"))
+    assert iou_threshold_for(0.5, torch.device("cpu")) == 0.5
+
+
+def capture_rpn_inputs(network, images):
+    """The arguments torchvision's RPN hands to its ``filter_proposals``."""
+    captured = []
+    original = rpn_module.RegionProposalNetwork.filter_proposals
+
+    def spy(self, *args):
+        captured.append(args)
+        return original(self, *args)
+
+    rpn_module.RegionProposalNetwork.filter_proposals = spy
+    try:
+        with torch.no_grad():
+            network([image.float() / 255 for image in images])
+    finally:
+        rpn_module.RegionProposalNetwork.filter_proposals = original
+    return captured[0]
+
+
+def by_score_then_box(boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Rows ``(score, box)`` in a canonical order: torchvision's per-level NMS path
+    sorts kept boxes with an unstable sort, so equal scores may come in any order."""
+    rows = torch.cat([scores[:, None], boxes], 1).double()
+    for column in (4, 3, 2, 1, 0):
+        rows = rows[rows[:, column].sort(stable=True, descending=column == 0).indices]
+    return rows
+
+
+@pytest.mark.parametrize("pre_nms", [1000, 150])
+def test_filter_proposals_matches_torchvision(network, pre_nms):
+    """At 150 per level the image's NMS uses torchvision's coordinate offsets, at
+    1000 its per-level calls (CPU limits); both are reproduced."""
+    rpn = network.rpn
+    saved = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre_nms, 300
+    try:
+        images = [random_image(128, 160, 11), random_image(96, 150, 12), random_image(128, 90, 13)]
+        args = capture_rpn_inputs(network, images)
+        expected_boxes, expected_scores = rpn.filter_proposals(*args)
+        boxes, scores = filter_proposals(rpn, *args)
+    finally:
+        rpn._pre_nms_top_n.update(saved[0])
+        rpn._post_nms_top_n.update(saved[1])
+    for b, s, eb, es in zip(boxes, scores, expected_boxes, expected_scores, strict=True):
+        assert len(b) == len(eb) > 50
+        assert torch.equal(s, es)
+        assert torch.equal(by_score_then_box(b, s), by_score_then_box(eb, es))
+        if pre_nms == 150:  # the stable-sorted path: same order too
+            assert torch.equal(b, eb)
+
+
+def test_vectorized_selection_falls_back_on_many_candidates(network, info, monkeypatch):
+    """Past ``_MAX_DENSE_CANDIDATES`` the image-by-image path decides, with the same
+    answer."""
+    images = [random_image(100, 130, 1), random_image(100, 130, 2)]
+    options = [PredictOptions(score_threshold=0.0), PredictOptions(score_threshold=0.2)]
+    loop = Predictor(network, info, vectorized=False).predict(images, options)
+    monkeypatch.setattr(heads, "_MAX_DENSE_CANDIDATES", 50)
+    calls = []
+    select_image = heads._select_image
+    monkeypatch.setattr(heads, "_select_image", lambda *a: calls.append(1) or select_image(*a))
+    vectorized = Predictor(network, info, vectorized=True).predict(images, options)
+    assert calls == [1, 1]
+    assert vectorized == loop
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vectorized_predictor_gives_the_loop_detections(network, info, device):
+    """Per-image options (thresholds, classes, top-k, formats) in one batch: the
+    batched path returns exactly the image-by-image path's detections."""
+    images = [random_image(100, 130, s) for s in range(4)] + [random_image(120, 90, 9)]
+    options = [
+        PredictOptions(),
+        PredictOptions(score_threshold=0.3, iou_threshold=0.3, max_detections=5),
+        PredictOptions(classes=frozenset({2, 3}), mask_format="polygon"),
+        PredictOptions(score_threshold=0.9, mask_format="none"),
+        PredictOptions(score_threshold=0.01, iou_threshold=0.7, max_detections=300),
+    ]
+    network = copy.deepcopy(network)  # Predictor moves it to the device
+    loop = Predictor(network, info, device=device, vectorized=False).predict(images, options)
+    vectorized = Predictor(network, info, device=device, vectorized=True).predict(images, options)
+    assert sum(len(r.detections) for r in loop) > 50
+    assert vectorized == loop
