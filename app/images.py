@@ -15,6 +15,7 @@ through Pillow as above.
 
 import asyncio
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -105,13 +106,34 @@ def decode_jpeg_on_device(
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    # nvJPEG writes on a stream of its own into memory allocated on the calling
+    # thread's current stream. On the default stream, that memory can be a block
+    # the model's thread has just freed while its queued kernels still read it,
+    # and the model's batch is corrupted. Allocating on a decode stream keeps the
+    # two apart; the model's stream is recorded for when the image is freed.
+    stream = decode_stream(device)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.cuda.stream(stream):
             warnings.simplefilter("ignore")  # torchvision >= 0.29 deprecates its image I/O
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            decoded = apply_orientation(decoded, orientation)
     except RuntimeError:
         return None
-    return apply_orientation(decoded, orientation)
+    stream.synchronize()
+    decoded.record_stream(torch.cuda.default_stream(device))
+    return decoded
+
+
+_decode_streams: dict[torch.device, torch.cuda.Stream] = {}
+_decode_streams_lock = threading.Lock()
+
+
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream JPEGs for ``device`` are decoded on, one per device."""
+    with _decode_streams_lock:
+        if device not in _decode_streams:
+            _decode_streams[device] = torch.cuda.Stream(device)
+        return _decode_streams[device]
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -109,3 +109,46 @@ def test_cuda_fallbacks_are_pinned(fmt):
 def test_cuda_truncated_jpeg_is_still_400():
     with pytest.raises(BadRequestError, match="truncated"):
         decode_image(jpeg(photo())[:-200], max_pixels=10_000, device=CUDA)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decoding_beside_the_model_leaves_its_batches_intact():
+    """nvJPEG writes on a stream of its own: the memory it decodes into must not be
+    memory the model's thread freed while its queued kernels still read it (under
+    load this corrupted whole batches: every image without proposals, then a 500)."""
+    import threading
+
+    from model.info import ModelInfo
+    from model.predictor import Predictor
+    from tests.model.conftest import TEST_CLASSES, make_network, random_image
+
+    network = make_network(min_size=480, max_size=640)
+    predictor = Predictor(network, ModelInfo("t", "r50", *TEST_CLASSES), device="cuda")
+    images = [random_image(480, 640, seed) for seed in range(8)]
+    reference = predictor.predict(images)
+    assert sum(len(r.detections) for r in reference) > 50
+    data = jpeg(photo(640, 480))
+    stop = threading.Event()
+
+    def decode_forever():
+        while not stop.is_set():
+            decode_image(data, max_pixels=10**7, device=CUDA)
+
+    threads = [threading.Thread(target=decode_forever) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(40):
+            for ours, expected in zip(predictor.predict(images), reference, strict=True):
+                assert len(ours.detections) == len(expected.detections)
+                torch.testing.assert_close(
+                    torch.tensor([d.box for d in ours.detections]),
+                    torch.tensor([d.box for d in expected.detections]),
+                    atol=1e-2,
+                    rtol=0,
+                )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
