@@ -21,9 +21,10 @@ from model.nms import device_tensor, greedy_nms
 from model.options import PredictOptions
 from model.proposals import image_limits, offset_groups
 
-# Most candidates (boxes over the score threshold) of one image that the batched
-# selection takes: its NMS holds a bool and a half matrix of this size squared.
-_MAX_DENSE_CANDIDATES = 4096
+# Largest images x candidates^2 (candidates: boxes over the score threshold, of
+# the image with most) that the batched selection takes: its NMS keeps a half
+# matrix of that many elements (512 MiB here); past it, image by image.
+_MAX_DENSE_ELEMENTS = 2**28
 
 
 def select_boxes(
@@ -70,8 +71,8 @@ def _select_batch(
     options: Sequence[PredictOptions],
 ) -> list[dict[str, torch.Tensor]] | None:
     """``_select_image`` for every image at once: three host syncs per batch
-    rather than two or more per image. ``None`` where an image has more
-    candidates than the dense NMS takes (``_MAX_DENSE_CANDIDATES``)."""
+    rather than two or more per image. ``None`` where the batch has more
+    candidates than the dense NMS takes (``_MAX_DENSE_ELEMENTS``)."""
     device = boxes.device
     num_images, num_classes = len(per_image), scores.shape[-1]
     rows = torch.arange(num_images, device=device).repeat_interleave(
@@ -95,7 +96,7 @@ def _select_batch(
         .tolist()
     )
     widest = max(counts)
-    if widest > _MAX_DENSE_CANDIDATES:
+    if num_images * widest**2 > _MAX_DENSE_ELEMENTS:
         return None
     if widest == 0:
         empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros(0)}

@@ -135,7 +135,9 @@ def iou_threshold_for(iou_threshold: float, device: torch.device) -> float:
     return float(np.nextafter(nearest, np.float32(-np.inf)))
 
 
-def device_tensor(values: Sequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def device_tensor(
+    values: Sequence | np.ndarray, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """A small tensor of host values on ``device``, copied without waiting for the
     work already queued there (``torch.tensor(values, device=cuda)`` waits)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -56,12 +56,11 @@ def filter_proposals(
     # [images, levels, n]: each level's candidates in topk (descending score)
     # order, padded to the longest level
     n = max(taken)
-    slots, present = [], []
-    for start, length in zip(np.cumsum([0, *taken[:-1]]), taken, strict=True):
-        slots += [start + min(i, length - 1) for i in range(n)]
-        present += [i < length for i in range(n)]
-    index = top[:, device_tensor(slots, device, torch.int64)]
-    present = device_tensor(present, device, torch.bool).view(len(taken), n)
+    position, lengths = np.arange(n), np.array(taken)[:, None]
+    starts = np.cumsum([0, *taken[:-1]])[:, None]
+    slots = starts + np.minimum(position, lengths - 1)
+    index = top[:, device_tensor(slots.ravel(), device, torch.int64)]
+    present = device_tensor(position < lengths, device, torch.bool)
     scores = objectness.gather(1, index).sigmoid().view(num_images, len(taken), n)
     boxes = proposals.gather(1, index[:, :, None].expand(-1, -1, 4))
     boxes = clip_boxes(boxes, image_sizes).view(num_images, len(taken), n, 4)

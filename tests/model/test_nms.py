@@ -151,12 +151,12 @@ def test_filter_proposals_matches_torchvision(network, pre_nms):
 
 
 def test_vectorized_selection_falls_back_on_many_candidates(network, info, monkeypatch):
-    """Past ``_MAX_DENSE_CANDIDATES`` the image-by-image path decides, with the same
+    """Past ``_MAX_DENSE_ELEMENTS`` the image-by-image path decides, with the same
     answer."""
     images = [random_image(100, 130, 1), random_image(100, 130, 2)]
     options = [PredictOptions(score_threshold=0.0), PredictOptions(score_threshold=0.2)]
     loop = Predictor(network, info, vectorized=False).predict(images, options)
-    monkeypatch.setattr(heads, "_MAX_DENSE_CANDIDATES", 50)
+    monkeypatch.setattr(heads, "_MAX_DENSE_ELEMENTS", 2 * 50**2)
     calls = []
     select_image = heads._select_image
     monkeypatch.setattr(heads, "_select_image", lambda *a: calls.append(1) or select_image(*a))
