@@ -21,10 +21,12 @@ from model.nms import device_tensor, greedy_nms
 from model.options import PredictOptions
 from model.proposals import image_limits, offset_groups
 
-# Largest images x candidates^2 (candidates: boxes over the score threshold, of
-# the image with most) that the batched selection takes: its NMS keeps a half
-# matrix of that many elements (512 MiB here); past it, image by image.
-_MAX_DENSE_ELEMENTS = 2**28
+# The batched selection's NMS keeps a half matrix of images x candidates^2
+# elements (candidates: boxes over the score threshold, of the image with most)
+# and builds it with float32 temporaries of up to candidates^2 per image; past
+# either bound the selection goes image by image.
+_MAX_DENSE_ELEMENTS = 2**28  # 512 MiB
+_MAX_DENSE_CANDIDATES = 4096  # 64 MiB per temporary
 
 
 def select_boxes(
@@ -70,9 +72,9 @@ def _select_batch(
     image_sizes: list[tuple[int, int]],
     options: Sequence[PredictOptions],
 ) -> list[dict[str, torch.Tensor]] | None:
-    """``_select_image`` for every image at once: three host syncs per batch
-    rather than two or more per image. ``None`` where the batch has more
-    candidates than the dense NMS takes (``_MAX_DENSE_ELEMENTS``)."""
+    """``_select_image`` for every image at once: two host syncs per batch and
+    one per four NMS rounds, rather than two or more per image. ``None`` where the batch has more
+    candidates than the dense NMS takes (``_MAX_DENSE_*``)."""
     device = boxes.device
     num_images, num_classes = len(per_image), scores.shape[-1]
     rows = torch.arange(num_images, device=device).repeat_interleave(
@@ -96,11 +98,17 @@ def _select_batch(
         .tolist()
     )
     widest = max(counts)
-    if num_images * widest**2 > _MAX_DENSE_ELEMENTS:
+    if widest > _MAX_DENSE_CANDIDATES or num_images * widest**2 > _MAX_DENSE_ELEMENTS:
         return None
     if widest == 0:
-        empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros(0)}
-        return [empty | {"labels": torch.zeros(0, dtype=torch.int64, device=device)}] * num_images
+        return [
+            {
+                "boxes": boxes.new_zeros((0, 4)),
+                "scores": scores.new_zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64, device=device),
+            }
+            for _ in range(num_images)
+        ]
 
     # the candidates of each image in a row of their own, padded to the widest,
     # in descending score order (torchvision's NMS sorts stably)
@@ -206,7 +214,12 @@ def pool_rois(
         return roi_align(levels[0], rois, spatial_scale=pooler.scales[0], **options)
     level_of = pooler.map_levels(boxes)
     order = level_of.argsort(stable=True)
-    counts = torch.bincount(level_of, minlength=len(levels)).tolist()
+    # counted with index_add_: bincount reads the input's range back first (2 syncs)
+    counts = (
+        torch.zeros(len(levels), dtype=torch.int64, device=level_of.device)
+        .index_add_(0, level_of, torch.ones_like(level_of))
+        .tolist()
+    )
     pooled = torch.cat(
         [
             roi_align(feature, part, spatial_scale=scale, **options)

@@ -60,7 +60,7 @@ def greedy_nms(
     per_chunk = max(1, _CHUNK_ELEMENTS // (n * n))
     if classes is None:
         classes = torch.zeros_like(valid, dtype=torch.int8)
-    if isinstance(iou_threshold, int | float):
+    if isinstance(iou_threshold, int | float | np.floating):
         iou_threshold = [iou_threshold] * groups
     thresholds = device_tensor(
         [iou_threshold_for(t, boxes.device) for t in iou_threshold], boxes.device, torch.float32
@@ -73,21 +73,23 @@ def greedy_nms(
         strict=True,
     )
     # counting suppressors is a batched matrix-vector product; half precision is
-    # exact enough for "> 0" (a sum of ones never rounds to zero)
+    # exact enough for "> 0" (a sum of ones never rounds to zero); autocast off,
+    # or bf16 autocast would cast the whole matrix again in every round
     dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
-    weights = [suppressors(*chunk).to(dtype) for chunk in chunks]
-    valid = list(valid.split(per_chunk))
-    keep = valid
-    while True:
-        for _ in range(_ROUNDS_PER_CHECK):
-            previous = keep
-            keep = [
-                v & ~(torch.bmm(w, k.to(dtype)[:, :, None])[:, :, 0] > 0)
-                for w, v, k in zip(weights, valid, keep, strict=True)
-            ]
-        changed = [(k != p).any() for k, p in zip(keep, previous, strict=True)]
-        if not torch.stack(changed).any().item():
-            return torch.cat(keep)
+    with torch.autocast(boxes.device.type, enabled=False):
+        weights = [suppressors(*chunk).to(dtype) for chunk in chunks]
+        valid = list(valid.split(per_chunk))
+        keep = valid
+        while True:
+            for _ in range(_ROUNDS_PER_CHECK):
+                previous = keep
+                keep = [
+                    v & ~(torch.bmm(w, k.to(dtype)[:, :, None])[:, :, 0] > 0)
+                    for w, v, k in zip(weights, valid, keep, strict=True)
+                ]
+            changed = [(k != p).any() for k, p in zip(keep, previous, strict=True)]
+            if not torch.stack(changed).any().item():
+                return torch.cat(keep)
 
 
 def suppressors(

@@ -11,15 +11,26 @@ for the device.
 
 import numpy as np
 import torch
+import torchvision
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from model.nms import device_tensor, greedy_nms
 
+
+def _torchvision_version() -> tuple[int, int]:
+    major, minor = torchvision.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 # torchvision's batched_nms offsets each group's coordinates into a range of its
 # own (one NMS call) up to these many box coordinates, and calls NMS once per
 # group above; the offsets move float32 rounding, so they are reproduced here.
-_COORDINATE_TRICK_LIMIT = {"cpu": 4000, "cuda": 20000}
+# The GPU limit rose from 20,000 to 100,000 in torchvision 0.22.
+COORDINATE_TRICK_LIMIT = {
+    "cpu": 4000,
+    "cuda": 100_000 if _torchvision_version() >= (0, 22) else 20_000,
+}
 
 
 def propose(
@@ -108,7 +119,7 @@ def offset_groups(boxes: torch.Tensor, valid: torch.Tensor, group: torch.Tensor)
     only reproduce torchvision's float32 rounding."""
     images = boxes.shape[0]
     flat_valid = valid.reshape(images, -1)
-    limit = _COORDINATE_TRICK_LIMIT.get(boxes.device.type, _COORDINATE_TRICK_LIMIT["cuda"])
+    limit = COORDINATE_TRICK_LIMIT.get(boxes.device.type, COORDINATE_TRICK_LIMIT["cuda"])
     trick = flat_valid.sum(1) * 4 <= limit
     coords = torch.where(flat_valid[:, :, None], boxes.reshape(images, -1, 4), -torch.inf)
     largest = coords.amax(dim=(1, 2))

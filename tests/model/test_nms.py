@@ -1,17 +1,23 @@
 """Batched greedy NMS and the batched RPN filtering against torchvision's own."""
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
+import torchvision
 from torchvision.models.detection import rpn as rpn_module
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, nms
 
 from model import heads
+from model import nms as nms_module
+from model.heads import pool_rois
 from model.nms import greedy_nms, iou_threshold_for
 from model.options import PredictOptions
-from model.predictor import Predictor
-from model.proposals import filter_proposals
+from model.predictor import Predictor, scale_boxes
+from model.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
 from tests.model.conftest import random_image
 
 DEVICES = [
@@ -47,7 +53,10 @@ def clustered_boxes(groups: int, n: int, seed: int, device: str) -> tuple[torch.
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
-def test_greedy_nms_keeps_what_torchvision_keeps(device, threshold):
+@pytest.mark.parametrize("chunk", [None, 2 * 300**2], ids=["one-chunk", "chunks-of-2"])
+def test_greedy_nms_keeps_what_torchvision_keeps(device, threshold, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(nms_module, "_CHUNK_ELEMENTS", chunk)
     boxes, scores, valid = clustered_boxes(6, 300, seed=int(threshold * 10), device=device)
     keep = greedy_nms(boxes, valid, threshold)
     suppressed = 0
@@ -91,13 +100,29 @@ def test_greedy_nms_edge_cases():
     ]
 
 
-def test_threshold_rounding_follows_the_device():
-    # 0.3 rounds up in float32: the CPU kernel compares with the double, CUDA's with
-    # the float, so an overlap of exactly float32(0.3) suppresses on the CPU only
-    overlap = torch.tensor(0.3, dtype=torch.float32)
-    assert overlap > iou_threshold_for(0.3, torch.device("cpu"))
-    assert not overlap > iou_threshold_for(0.3, torch.device("cuda"))
-    assert iou_threshold_for(0.5, torch.device("cpu")) == 0.5
+@pytest.mark.parametrize("device", DEVICES)
+def test_threshold_rounding_follows_the_device(device):
+    """Two boxes overlapping by exactly float32(0.3), which is above 0.3: torchvision's
+    CPU kernel compares with the double threshold and suppresses, its CUDA kernel
+    compares with the float and keeps both; greedy_nms does what the device does."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 3.0, 1.0]], device=device)
+    scores = torch.tensor([0.9, 0.8], device=device)
+    expected = torch.zeros(2, dtype=torch.bool, device=device)
+    expected[nms(boxes, scores, 0.3)] = True
+    assert expected.tolist() == ([True, False] if device == "cpu" else [True, True])
+    keep = greedy_nms(boxes[None], torch.ones(1, 2, dtype=torch.bool, device=device), 0.3)
+    assert torch.equal(keep[0], expected)
+    assert iou_threshold_for(0.5, torch.device(device)) == 0.5
+
+
+def test_coordinate_trick_limits_are_torchvisions():
+    """batched_nms switches from one offset call to per-group calls past these many
+    box coordinates (its source says so); the offsets change float32 rounding."""
+    source = inspect.getsource(torchvision.ops.boxes.batched_nms)
+    cpu, gpu = re.search(
+        r"\((\d[\d_]*) if boxes\.device\.type == .cpu. else (\d[\d_]*)\)", source
+    ).groups()
+    assert {"cpu": int(cpu), "cuda": int(gpu)} == COORDINATE_TRICK_LIMIT
 
 
 def capture_rpn_inputs(network, images):
@@ -127,26 +152,36 @@ def by_score_then_box(boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     return rows
 
 
-@pytest.mark.parametrize("pre_nms", [1000, 150])
-def test_filter_proposals_matches_torchvision(network, pre_nms):
-    """At 150 per level the image's NMS uses torchvision's coordinate offsets, at
-    1000 its per-level calls (CPU limits); both are reproduced."""
+@pytest.mark.parametrize(("pre_nms", "per_level_calls"), [(4000, True), (150, False)])
+def test_filter_proposals_matches_torchvision(network, pre_nms, per_level_calls, monkeypatch):
+    """At 150 per level each image's NMS is one call with torchvision's coordinate
+    offsets; at 4000, over 1,000 boxes, one call per level (CPU limits). Both are
+    reproduced."""
     rpn = network.rpn
+    vanilla_calls = []
+    vanilla = torchvision.ops.boxes._batched_nms_vanilla
+    monkeypatch.setattr(
+        torchvision.ops.boxes,
+        "_batched_nms_vanilla",
+        lambda *a: vanilla_calls.append(1) or vanilla(*a),
+    )
     saved = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
     rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre_nms, 300
     try:
         images = [random_image(128, 160, 11), random_image(96, 150, 12), random_image(128, 90, 13)]
         args = capture_rpn_inputs(network, images)
+        vanilla_calls.clear()
         expected_boxes, expected_scores = rpn.filter_proposals(*args)
         boxes, scores = filter_proposals(rpn, *args)
     finally:
         rpn._pre_nms_top_n.update(saved[0])
         rpn._post_nms_top_n.update(saved[1])
+    assert bool(vanilla_calls) == per_level_calls
     for b, s, eb, es in zip(boxes, scores, expected_boxes, expected_scores, strict=True):
         assert len(b) == len(eb) > 50
         assert torch.equal(s, es)
         assert torch.equal(by_score_then_box(b, s), by_score_then_box(eb, es))
-        if pre_nms == 150:  # the stable-sorted path: same order too
+        if not per_level_calls:  # the stable-sorted path: same order too
             assert torch.equal(b, eb)
 
 
@@ -182,3 +217,32 @@ def test_vectorized_predictor_gives_the_loop_detections(network, info, device):
     vectorized = Predictor(network, info, device=device, vectorized=True).predict(images, options)
     assert sum(len(r.detections) for r in loop) > 50
     assert vectorized == loop
+
+
+def test_sync_free_replacements_give_torchvisions_numbers(network, info):
+    """Predictor's transform, box rescaling and ROI pooling are torchvision's
+    GeneralizedRCNNTransform, resize_boxes and MultiScaleRoIAlign, bit for bit."""
+    images = [random_image(100, 130, 1).float() / 255, random_image(90, 70, 2).float() / 255]
+    predictor = Predictor(network, info)
+    with torch.no_grad():
+        ours = predictor._transform(images)
+        expected, _ = network.transform(images)
+        assert torch.equal(ours.tensors, expected.tensors)
+        assert ours.image_sizes == expected.image_sizes
+        features = network.backbone(expected.tensors)
+        proposals = network.rpn(expected, features)[0]
+        heads_ = network.roi_heads
+        for pooler, boxes in [
+            (heads_.box_roi_pool, proposals),
+            (heads_.mask_roi_pool, [p[:7] for p in proposals]),
+            (heads_.mask_roi_pool, [proposals[0][:0], proposals[1][:3]]),
+        ]:
+            assert torch.equal(
+                pool_rois(pooler, features, boxes, expected.image_sizes),
+                pooler(features, boxes, expected.image_sizes),
+            )
+    box = proposals[0][:20]
+    for resized, original in [((800, 1067), (480, 640)), ((123, 457), (1000, 333))]:
+        assert torch.equal(
+            scale_boxes(box, resized, original), resize_boxes(box, resized, original)
+        )
