@@ -14,6 +14,7 @@ through Pillow as above.
 """
 
 import asyncio
+import contextlib
 import io
 import threading
 import warnings
@@ -110,16 +111,23 @@ def decode_jpeg_on_device(
     # thread's current stream. On the default stream, that memory can be a block
     # the model's thread has just freed while its queued kernels still read it,
     # and the model's batch is corrupted. Allocating on a decode stream keeps the
-    # two apart; the model's stream is recorded for when the image is freed.
-    stream = decode_stream(device)
+    # two apart; ``raw`` is held until that stream is done, so that another
+    # thread's decode cannot be given its block while the flip still reads it.
     try:
+        stream = decode_stream(device)
         with warnings.catch_warnings(), torch.cuda.stream(stream):
             warnings.simplefilter("ignore")  # torchvision >= 0.29 deprecates its image I/O
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-            decoded = apply_orientation(decoded, orientation)
+            raw = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            decoded = apply_orientation(raw, orientation)
+        stream.synchronize()
     except RuntimeError:
+        # nvJPEG may have queued work into memory now free again: let it finish
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.synchronize(device)
         return None
-    stream.synchronize()
+    del raw
+    # the model reads images on its thread's default stream (app.stages sets no
+    # other): the block is not reused before the work queued there when it is freed
     decoded.record_stream(torch.cuda.default_stream(device))
     return decoded
 
@@ -129,11 +137,13 @@ _decode_streams_lock = threading.Lock()
 
 
 def decode_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream JPEGs for ``device`` are decoded on, one per device."""
+    """The stream JPEGs for ``device`` are decoded on, one per GPU."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device(device.type, index)
     with _decode_streams_lock:
-        if device not in _decode_streams:
-            _decode_streams[device] = torch.cuda.Stream(device)
-        return _decode_streams[device]
+        if key not in _decode_streams:
+            _decode_streams[key] = torch.cuda.Stream(key)
+        return _decode_streams[key]
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:

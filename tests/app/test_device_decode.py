@@ -128,14 +128,24 @@ def test_decoding_beside_the_model_leaves_its_batches_intact():
     images = [random_image(480, 640, seed) for seed in range(8)]
     reference = predictor.predict(images)
     assert sum(len(r.detections) for r in reference) > 50
-    data = jpeg(photo(640, 480))
+    # upright and turned (orientation 6: a flip on the device after the decode)
+    inputs = [jpeg(photo(640, 480)), jpeg(photo(640, 480), orientation=6)]
+    expected_pixels = [decode_image(data, max_pixels=10**7, device=CUDA) for data in inputs]
     stop = threading.Event()
+    decoded = [0] * 4
+    failures: list[BaseException] = []
 
-    def decode_forever():
-        while not stop.is_set():
-            decode_image(data, max_pixels=10**7, device=CUDA)
+    def decode_forever(k: int):
+        data, expected_image = inputs[k % 2], expected_pixels[k % 2]
+        try:
+            while not stop.is_set():
+                image = decode_image(data, max_pixels=10**7, device=CUDA)
+                assert torch.equal(image, expected_image)
+                decoded[k] += 1
+        except BaseException as e:  # reported by the main thread
+            failures.append(e)
 
-    threads = [threading.Thread(target=decode_forever) for _ in range(4)]
+    threads = [threading.Thread(target=decode_forever, args=(k,)) for k in range(4)]
     for thread in threads:
         thread.start()
     try:
@@ -152,3 +162,5 @@ def test_decoding_beside_the_model_leaves_its_batches_intact():
         stop.set()
         for thread in threads:
             thread.join()
+    assert not failures, failures
+    assert min(decoded) > 10, f"the decoders must run beside the model: {decoded}"
