@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
         "--graph-backbone", action="store_true", help="experiment: CUDA graphs, backbone + FPN"
     )
     args = parser.parse_args(argv)
+    if args.graph_backbone and torch.device(args.device).type != "cuda":
+        parser.error("--graph-backbone needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     images = decode_jpegs(bench_jpegs())

@@ -44,7 +44,7 @@ else
 fi
 BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a short re-measure
 R50=(--model r50 --device "$DEVICE" "${SIZE[@]}")
-SERVED=(--seconds 3 --warmup 2 --processes "$PROCS" --max-batch-size "$BATCH")
+SERVED=(--seconds "$((SECONDS_PER + 1))" --warmup 2 --processes "$PROCS")
 
 step machine 30 bash -c 'nvidia-smi || true; python3 -c "import torch, torchvision; \
 print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
@@ -55,12 +55,14 @@ step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
   tail -5 '$OUT/pytest.txt'; exit \$status"
 step bare-fp16 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$BATCHES" --seconds "$SECONDS_PER"
-for experiment in loop-selection graph-backbone; do
+EXPERIMENTS=(loop-selection); [ "$DEVICE" = cpu ] || EXPERIMENTS+=(graph-backbone)
+for experiment in "${EXPERIMENTS[@]}"; do
   step "$experiment" 60 python3 bench/bare.py "${R50[@]}" --precision fp16 \
     --batch-sizes "$FEW" --seconds "$SECONDS_PER" "--$experiment"
 done
 step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
-  --concurrency "$CONC" "${SERVED[@]}" --server-log "$OUT/server-fp16.log"
+  --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" \
+  --server-log "$OUT/server-fp16.log"
 step served-fp16-b16 80 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 2)) \
   --server-log "$OUT/server-fp16-b16.log"
