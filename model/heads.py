@@ -17,9 +17,9 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from model.nms import device_tensor, greedy_nms
+from model.nms import device_tensor, greedy_nms, top_kept
 from model.options import PredictOptions
-from model.proposals import image_limits, offset_groups
+from model.proposals import clip_boxes, image_limits, offset_groups
 
 # The batched selection's NMS keeps a half matrix of images x candidates^2
 # elements (candidates: boxes over the score threshold, of the image with most)
@@ -80,8 +80,7 @@ def _select_batch(
     rows = torch.arange(num_images, device=device).repeat_interleave(
         device_tensor(per_image, device, torch.int64), output_size=len(scores)
     )
-    limits = image_limits(image_sizes, device, boxes.dtype)[rows]
-    boxes = torch.minimum(boxes.clamp(min=0), limits[:, None, :])[:, 1:]
+    boxes = clip_boxes(boxes, image_limits(image_sizes, device, boxes.dtype)[rows])[:, 1:]
     scores = scores[:, 1:]
     thresholds = device_tensor([o.score_threshold for o in options], device, scores.dtype)
     candidate = scores >= thresholds[rows][:, None]
@@ -134,17 +133,8 @@ def _select_batch(
         classes=labels,
     )
     # the first max_detections kept, still by descending score
-    limit = min(max(o.max_detections for o in options), widest)
-    order = torch.where(keep, scores, -torch.inf).sort(dim=1, descending=True, stable=True)
-    order = order.indices[:, :limit]
-    tops = device_tensor([o.max_detections for o in options], device, torch.int64)
-    kept = torch.minimum(keep.sum(1), tops).tolist()
-    boxes = boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
-    scores, labels = scores.gather(1, order), labels.gather(1, order)
-    return [
-        {"boxes": boxes[i, :k], "scores": scores[i, :k], "labels": labels[i, :k]}
-        for i, k in enumerate(kept)
-    ]
+    tops = [o.max_detections for o in options]
+    return top_kept(keep, scores, tops, boxes=boxes, labels=labels)
 
 
 def _select_image(

@@ -143,3 +143,27 @@ def device_tensor(
     """A small tensor of host values on ``device``, copied without waiting for the
     work already queued there (``torch.tensor(values, device=cuda)`` waits)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def top_kept(
+    keep: torch.Tensor, scores: torch.Tensor, tops: Sequence[int], **rows: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
+    """Per image, its first ``tops[i]`` kept entries by descending score (a stable
+    sort: ties stay in their order), as ``batched_nms(...)[:top]`` returns them.
+
+    ``keep`` and ``scores`` are ``[B, N]``; each of ``rows`` is ``[B, N]`` or
+    ``[B, N, 4]``. Returns one dict per image with ``scores`` and every ``rows``
+    entry cut to its length; one host sync, for the lengths.
+    """
+    limit = min(max(tops, default=0), keep.shape[1])
+    ranked = torch.where(keep, scores, -torch.inf)
+    order = ranked.sort(dim=1, descending=True, stable=True).indices[:, :limit]
+    picked = {"scores": scores.gather(1, order)}
+    for name, values in rows.items():
+        index = order if values.dim() == 2 else order[:, :, None].expand(-1, -1, values.shape[2])
+        picked[name] = values.gather(1, index)
+    lengths = torch.minimum(keep.sum(1), device_tensor(tops, keep.device, torch.int64))
+    return [
+        {name: values[i, :length] for name, values in picked.items()}
+        for i, length in enumerate(lengths.tolist())
+    ]

@@ -15,7 +15,7 @@ import torchvision
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
-from model.nms import device_tensor, greedy_nms
+from model.nms import device_tensor, greedy_nms, top_kept
 
 
 def _torchvision_version() -> tuple[int, int]:
@@ -74,7 +74,8 @@ def filter_proposals(
     present = device_tensor(position < lengths, device, torch.bool)
     scores = objectness.gather(1, index).sigmoid().view(num_images, len(taken), n)
     boxes = proposals.gather(1, index[:, :, None].expand(-1, -1, 4))
-    boxes = clip_boxes(boxes, image_sizes).view(num_images, len(taken), n, 4)
+    limits = image_limits(image_sizes, device, boxes.dtype)
+    boxes = clip_boxes(boxes, limits).view(num_images, len(taken), n, 4)
 
     widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     valid = present & (widths >= rpn.min_size) & (heights >= rpn.min_size)
@@ -86,21 +87,18 @@ def filter_proposals(
 
     # each image's kept boxes by descending score, as torchvision's batched_nms
     # (stable sort over the level-ordered candidates) and keep[:post_nms_top_n]
-    limit = min(rpn.post_nms_top_n(), keep.shape[1])
-    ranked = torch.where(keep, scores.view(num_images, -1), -torch.inf)
-    order = ranked.sort(dim=1, descending=True, stable=True).indices[:, :limit]
-    boxes = boxes.view(num_images, -1, 4).gather(1, order[:, :, None].expand(-1, -1, 4))
-    scores = scores.view(num_images, -1).gather(1, order)
-    counts = keep.sum(1).clamp_(max=limit).tolist()
-    return (
-        [b[:c] for b, c in zip(boxes, counts, strict=True)],
-        [s[:c] for s, c in zip(scores, counts, strict=True)],
+    kept = top_kept(
+        keep,
+        scores.view(num_images, -1),
+        [rpn.post_nms_top_n()] * num_images,
+        boxes=boxes.view(num_images, -1, 4),
     )
+    return [k["boxes"] for k in kept], [k["scores"] for k in kept]
 
 
-def clip_boxes(boxes: torch.Tensor, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """``clip_boxes_to_image`` with each image's own size: ``boxes`` ``[B, N, 4]``."""
-    limits = image_limits(image_sizes, boxes.device, boxes.dtype)
+def clip_boxes(boxes: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """``clip_boxes_to_image`` for boxes ``[R, N, 4]`` with a row's own
+    ``(w, h, w, h)`` bounds, ``limits`` ``[R, 4]`` (see ``image_limits``)."""
     return torch.minimum(boxes.clamp(min=0), limits[:, None, :])
 
 
