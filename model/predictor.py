@@ -15,6 +15,7 @@ network and everything on the device) and ``finish`` (string encoding on the CPU
 ``predict`` runs both.
 """
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from model.errors import InvalidImageError, InvalidOptionError
+from model.fusion import prepare_network, to_backbone_input
 from model.heads import predict_masks, select_boxes
 from model.info import ModelInfo
 from model.masks import paste_masks
@@ -95,6 +97,12 @@ class Predictor:
             torchvision's loop over images; the same detections. Default: on CUDA,
             where the loop's host syncs and small kernels set the pace; on the
             CPU the loop is cheaper.
+        fused: run a rewritten copy of ``network`` (``model.fusion``): batch norms
+            folded into the convolutions, convolution and linear weights stored
+            in the autocast precision, the backbone channels-last. The same
+            detections up to float rounding. Default: with ``fp16`` / ``bf16`` on
+            CUDA, where autocast would otherwise cast every weight and convert
+            every activation's layout on every batch.
 
     ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
     any device) and one ``PredictOptions`` per image, and returns one
@@ -110,16 +118,22 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         vectorized: bool | None = None,
+        fused: bool | None = None,
     ):
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
                 f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}"
             )
         self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
         self.info = info
         self.precision = precision
-        self.vectorized = self.device.type == "cuda" if vectorized is None else vectorized
+        on_gpu = self.device.type == "cuda"
+        self.vectorized = on_gpu if vectorized is None else vectorized
+        half = _AUTOCAST_DTYPES[precision] if on_gpu else None
+        self.fused = half is not None if fused is None else fused
+        if self.fused:  # the caller's network stays as it was
+            network = prepare_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
+        self.network = network.to(self.device).eval()
         self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
@@ -186,11 +200,13 @@ class Predictor:
         net = self.network
         original_sizes = [tuple(image.shape[-2:]) for image in batch]
         image_list = self._transform(batch)
-        features = net.backbone(image_list.tensors)
+        features = net.backbone(to_backbone_input(image_list.tensors, self.fused))
         if self.vectorized:
             proposals = propose(net.rpn, image_list, features)
         else:
             proposals, _ = net.rpn(image_list, features)
+        if self.fused:  # the ROI heads' pooling reads the standard layout
+            features = {name: level.contiguous() for name, level in features.items()}
         kept = select_boxes(
             net.roi_heads,
             features,

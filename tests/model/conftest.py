@@ -4,6 +4,7 @@ import torch
 from model.info import ModelInfo
 from model.networks import build_network
 from model.predictor import Predictor
+from model.synthetic import SyntheticConfig, render_image
 
 TEST_CLASSES = ((0, 3, 5, 7, 9), ("background", "circle", "square", "triangle", "star"))
 
@@ -44,3 +45,12 @@ def random_image(height: int, width: int, seed: int) -> torch.Tensor:
         colour = torch.randint(0, 256, (3, 1, 1), dtype=torch.uint8, generator=g)
         image[:, y : y + height // 3, x : x + width // 3] = colour
     return image
+
+
+def shapes_images(size: int, count: int) -> list[torch.Tensor]:
+    """Scenes of the synthetic shapes dataset the demo model was trained on."""
+    images = []
+    for index in range(count):
+        array, _ = render_image(SyntheticConfig(image_size=size, seed=99), index)
+        images.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+    return images

@@ -20,12 +20,13 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
+from model.fusion import to_backbone_input
 from model.info import ModelInfo
 from model.loading import load_model
 from model.networks import build_network
 from model.options import PredictOptions
 from model.predictor import ImageResult, Predictor
-from model.synthetic import SyntheticConfig, render_image
+from tests.model.conftest import shapes_images
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,14 +38,6 @@ PARTNER_SCORE = 0.3
 MIN_BOX_IOU = 0.95
 MIN_MASK_IOU = 0.9
 MIN_COMPARED = 10
-
-
-def shapes_images(size: int, count: int) -> list[torch.Tensor]:
-    images = []
-    for index in range(count):
-        array, _ = render_image(SyntheticConfig(image_size=size, seed=99), index)
-        images.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-    return images
 
 
 def demo_case():
@@ -119,11 +112,12 @@ def test_r50_features_and_detections(precision):
     network, info, images = r50_case()
     predictor = Predictor(network, info, device="cuda", precision=precision)
     batch = [image.cuda().float() / 255 for image in images]
+    assert predictor.fused  # folded norms, half weights, channels-last: what serving runs
     with torch.inference_mode():
-        image_list, _ = network.transform(batch)
+        image_list, _ = network.to("cuda").transform(batch)
         reference = network.backbone(image_list.tensors)
         with torch.autocast("cuda", dtype=_DTYPES[precision]):
-            reduced = network.backbone(image_list.tensors)
+            reduced = predictor.network.backbone(to_backbone_input(image_list.tensors, True))
     for name, ref in reference.items():
         assert reduced[name].dtype == _DTYPES[precision]
         error = ((reduced[name].float() - ref).norm() / ref.norm()).item()
@@ -143,16 +137,23 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def test_reduced_precision_runs_reduced():
-    """The speed-up is real: the backbone's convolutions run in half precision."""
+    """The speed-up is real: the backbone's convolutions run in half precision on
+    channels-last activations, with no norm left between them, and no weight
+    of the caller's network changed."""
     network, info, images = demo_case()
     predictor = Predictor(network, info, device="cuda", precision="fp16")
+    convolutions = [m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.dtype == torch.float16 for m in convolutions)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.network.modules())
+    assert all(p.dtype == torch.float32 for p in network.parameters())
     seen = []
-    hook = network.backbone.register_forward_hook(
-        lambda module, args, output: seen.append(next(iter(output.values())).dtype)
+    hook = predictor.network.backbone.register_forward_hook(
+        lambda module, args, output: seen.append(next(iter(output.values())))
     )
     try:
         predictor.predict(images[:1])
     finally:
         hook.remove()
-    assert seen == [torch.float16]
+    assert [level.dtype for level in seen] == [torch.float16]
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert np.isfinite([d.score for d in predictor.predict(images[:1])[0].detections]).all()
