@@ -115,8 +115,9 @@ def test_cuda_truncated_jpeg_is_still_400():
 @needs_cuda
 def test_decoding_beside_the_model_leaves_its_batches_intact():
     """nvJPEG writes on a stream of its own: the memory it decodes into must not be
-    memory the model's thread freed while its queued kernels still read it (under
-    load this corrupted whole batches: every image without proposals, then a 500)."""
+    memory that work queued on another stream still reads: the model's (under load
+    this corrupted whole batches: every image without proposals, then a 500) or
+    another decoding thread's (it corrupted decoded images)."""
     import threading
 
     from model.info import ModelInfo
