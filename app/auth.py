@@ -20,7 +20,7 @@ parse ``MAX_UPLOAD_MB`` of JSON or multipart.
 """
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import fastapi.routing
@@ -64,7 +64,7 @@ def _api_secrets(settings: Settings) -> list[str]:
     return [token.get_secret_value() for token in settings.api_tokens]
 
 
-def check_api_token(request: Request) -> None:
+async def check_api_token(request: Request) -> None:
     """For inference and read-only ``/v1`` routes (and, where the settings say so,
     ``/metrics`` and the docs)."""
     settings = _settings(request)
@@ -81,7 +81,7 @@ def check_api_token(request: Request) -> None:
         raise UnauthorizedError("the bearer token is not valid", headers=_CHALLENGE)
 
 
-def check_admin_token(request: Request) -> None:
+async def check_admin_token(request: Request) -> None:
     """For dataset upload, training jobs and model activation."""
     settings = _settings(request)
     admin = _admin_secret(settings)
@@ -104,21 +104,21 @@ def check_admin_token(request: Request) -> None:
     raise UnauthorizedError("the bearer token is not valid", headers=_CHALLENGE)
 
 
-def check_metrics_token(request: Request) -> None:
+async def check_metrics_token(request: Request) -> None:
     if _settings(request).protect_metrics:
-        check_api_token(request)
+        await check_api_token(request)
 
 
-def check_docs_token(request: Request) -> None:
+async def check_docs_token(request: Request) -> None:
     if _settings(request).protect_docs:
-        check_api_token(request)
+        await check_api_token(request)
 
 
 ApiToken = Depends(check_api_token)
 AdminToken = Depends(check_admin_token)
 MetricsToken = Depends(check_metrics_token)
 
-Check = Callable[[Request], None]
+Check = Callable[[Request], Awaitable[None]]
 CHECKS: tuple[Check, ...] = (
     check_api_token,
     check_admin_token,
@@ -181,7 +181,7 @@ class AuthGate:
         if scope["type"] == "http":
             try:
                 for check in self._checks_for(scope):
-                    check(Request(scope))
+                    await check(Request(scope))
             except AppError as e:
                 response = error_response(
                     e.status_code, e.code, e.message, request_id_of(scope), e.headers

@@ -15,21 +15,21 @@ if TYPE_CHECKING:
     from model.predictor import Predictor
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_settings(service: ServiceDep) -> Settings:
+async def get_settings(service: ServiceDep) -> Settings:
     return service.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_database(service: ServiceDep) -> Database:
+async def get_database(service: ServiceDep) -> Database:
     return service.db
 
 
@@ -42,7 +42,7 @@ def _not_ready(service: Service) -> NotReadyError:
     return NotReadyError(f"the model is not ready yet ({service.state})", retry_after=5)
 
 
-def get_predictor(service: ServiceDep) -> "Predictor":
+async def get_predictor(service: ServiceDep) -> "Predictor":
     if service.predictor is None:
         raise _not_ready(service)
     return service.predictor
@@ -51,7 +51,7 @@ def get_predictor(service: ServiceDep) -> "Predictor":
 PredictorDep = Annotated[Any, Depends(get_predictor)]  # a model.predictor.Predictor
 
 
-def get_batcher(service: ServiceDep) -> Batcher:
+async def get_batcher(service: ServiceDep) -> Batcher:
     """The queue, while it takes work: ready, and also while draining (a load
     balancer may still send a few requests after SIGTERM; they are served)."""
     if service.batcher is None or service.state not in ("ready", "draining"):

@@ -37,7 +37,7 @@ router = APIRouter(
 )
 
 
-def form_options(
+async def form_options(
     score_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
     iou_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
     mask_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
