@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from PIL import Image
 
+import model.fusion
 from bench.results import command_line, machine, write_section
 from model.images import pil_to_tensor
 from model.loading import load_model
@@ -99,10 +100,13 @@ def prepare_model(
     return str(path)
 
 
-def load_predictor(spec: str, device: str, precision: str) -> Predictor:
-    """As ``maskrcnn serve`` builds it (``app.service.build_predictor``)."""
+def load_predictor(
+    spec: str, device: str, precision: str, *, fused: bool | None = None
+) -> Predictor:
+    """As ``maskrcnn serve`` builds it (``app.service.build_predictor``);
+    ``fused=False`` turns ``model.fusion``'s rewrites off (an experiment)."""
     loaded = load_model(spec, device=device)
-    return Predictor(loaded.network, loaded.info, device=device, precision=precision)
+    return Predictor(loaded.network, loaded.info, device=device, precision=precision, fused=fused)
 
 
 def measure(
@@ -186,7 +190,7 @@ def section(model: str, device: torch.device, precision: str, extra: str = "") -
 def experiments(args: argparse.Namespace) -> str:
     flags = [
         f
-        for f in ("cudnn_benchmark", "channels_last", "loop_selection", "graph_backbone")
+        for f in ("cudnn_benchmark", "unfused", "plain_blocks", "loop_selection", "graph_backbone")
         if getattr(args, f, False)
     ]
     return "".join(f", {flag}" for flag in flags)
@@ -239,7 +243,16 @@ def main(argv: list[str] | None = None) -> list[Point]:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per point")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="experiment")
-    parser.add_argument("--channels-last", action="store_true", help="experiment: backbone")
+    parser.add_argument(
+        "--unfused",
+        action="store_true",
+        help="experiment: without model.fusion (norms, autocast weight casts, NCHW layout)",
+    )
+    parser.add_argument(
+        "--plain-blocks",
+        action="store_true",
+        help="experiment: model.fusion without its fused residual blocks",
+    )
     parser.add_argument(
         "--loop-selection",
         action="store_true",
@@ -254,12 +267,14 @@ def main(argv: list[str] | None = None) -> list[Point]:
     if args.threads:
         torch.set_num_threads(args.threads)
     images = decode_jpegs(bench_jpegs())
+    if args.plain_blocks:
+        model.fusion.fuse_blocks = lambda module: 0
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
-        predictor = load_predictor(spec, args.device, args.precision)
+        predictor = load_predictor(
+            spec, args.device, args.precision, fused=False if args.unfused else None
+        )
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.channels_last:
-        predictor.network.backbone.to(memory_format=torch.channels_last)
     if args.loop_selection:
         predictor.vectorized = False
     if args.graph_backbone:

@@ -36,10 +36,10 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, time it
 }
 
 if [ "$QUICK" = 1 ]; then  # a CPU rehearsal: the same steps, small
-  BATCHES=1,2; FEW=1,2; SECONDS_PER=1; CONC=1,4; SAT=4; SIZE=(--min-size 128 --max-size 160)
-  BATCH=2; PROCS=1
+  BATCHES=1,2; FEW=1,2; SECONDS_PER=1; CONC=1,4; SAT=8; SIZE=(--min-size 128 --max-size 160)
+  BATCH=1; PROCS=1
 else
-  BATCHES=1,2,4,8,16,32; FEW=1,8,16; SECONDS_PER=2; CONC=1,8,16,32,64; SAT=16,32,64; SIZE=()
+  BATCHES=1,2,4,8,16,32; FEW=1,8,32; SECONDS_PER=2; CONC=1,8,16,32,64; SAT=64; SIZE=()
   BATCH=8; PROCS=4
 fi
 BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a short re-measure
@@ -49,28 +49,38 @@ SERVED=(--seconds "$((SECONDS_PER + 1))" --warmup 2 --processes "$PROCS")
 step machine 30 bash -c 'nvidia-smi || true; python3 -c "import torch, torchvision; \
 print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
 python3 -c "import app.main, pycocotools, orjson, uvicorn; print(\"app imports ok\")"'
-step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/model/test_nms.py tests/model/test_precision.py tests/model/test_masks.py \
-  tests/model/test_rle.py tests/app/test_device_decode.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
-  tail -5 '$OUT/pytest.txt'; exit \$status"
 step bare-fp16 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$BATCHES" --seconds "$SECONDS_PER"
-EXPERIMENTS=(loop-selection); [ "$DEVICE" = cpu ] || EXPERIMENTS+=(graph-backbone)
-for experiment in "${EXPERIMENTS[@]}"; do
-  step "$experiment" 60 python3 bench/bare.py "${R50[@]}" --precision fp16 \
-    --batch-sizes "$FEW" --seconds "$SECONDS_PER" "--$experiment"
-done
 step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" \
   --server-log "$OUT/server-fp16.log"
-step served-fp16-b16 80 python3 bench/served.py "${R50[@]}" --precision fp16 \
-  --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 2)) \
-  --server-log "$OUT/server-fp16-b16.log"
+step served-fp16-b32 70 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) \
+  --server-log "$OUT/server-fp16-b32.log"
+step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  tests/model/test_nms.py tests/model/test_precision.py tests/model/test_fusion.py tests/model/test_masks.py \
+  tests/model/test_rle.py tests/app/test_device_decode.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
+  tail -5 '$OUT/pytest.txt'; exit \$status"
+step plain-blocks 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+  --batch-sizes "$FEW" --seconds "$SECONDS_PER" --plain-blocks
+step unfused 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+  --batch-sizes "$FEW" --seconds "$SECONDS_PER" --unfused
 step profile 60 bash -c "python3 bench/profile_batch.py ${R50[*]} --precision fp16 \
   --batch-size $BATCH > '$OUT/profile.txt' 2>&1; status=\$?; tail -5 '$OUT/profile.txt'; exit \$status"
-step bare-fp32 50 python3 bench/bare.py "${R50[@]}" --precision fp32 \
-  --batch-sizes "$FEW" --seconds "$SECONDS_PER"
 step bare-bf16 40 python3 bench/bare.py "${R50[@]}" --precision bf16 \
-  --batch-sizes "$BATCH,$((BATCH * 2))" --seconds "$SECONDS_PER"
-step postprocess 60 python3 bench/postprocess.py --device "$DEVICE" --repeats 10
+  --batch-sizes "$BATCH,$((BATCH * 4))" --seconds "$SECONDS_PER"
+step overhead 40 python3 bench/overhead.py --no-decode
+# not affected by model.fusion; run with STEPS=...,loop-selection,bare-fp32,postprocess
+for experiment in loop-selection graph-backbone; do
+  case ",$STEPS," in *",$experiment,"*) ;; *) continue ;; esac
+  step "$experiment" 60 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+    --batch-sizes "$FEW" --seconds "$SECONDS_PER" "--$experiment"
+done
+case ",$STEPS," in *",bare-fp32,"*)
+  step bare-fp32 50 python3 bench/bare.py "${R50[@]}" --precision fp32 \
+    --batch-sizes "$FEW" --seconds "$SECONDS_PER" ;;
+esac
+case ",$STEPS," in *",postprocess,"*)
+  step postprocess 60 python3 bench/postprocess.py --device "$DEVICE" --repeats 10 ;;
+esac
 grep -E "^=== [a-z0-9-]+: exit" "$LOG"
