@@ -130,8 +130,9 @@ class FusedBlock(nn.Module):
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu(conv(x) + add)``: one cuDNN call on CUDA, in the weights' dtype."""
-    if not x.is_cuda:
+    """``relu(conv(x) + add)``: one cuDNN call on CUDA, in the weights' dtype
+    (step by step where cuDNN is off or absent, as on ROCm)."""
+    if not (x.is_cuda and torch.backends.cudnn.enabled and torch.version.hip is None):
         out = conv(x)
         return F.relu(out if add is None else out.add_(add), inplace=True)
     x = x.to(conv.weight.dtype)
