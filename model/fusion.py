@@ -82,8 +82,13 @@ def _pairs(parent: nn.Module) -> list[tuple[str, str]]:
         names = list(parent._modules)
         return list(itertools.pairwise(names))
     if isinstance(parent, (BasicBlock, Bottleneck)):
-        return [(f"conv{k}", f"bn{k}") for k in (1, 2, 3) if hasattr(parent, f"bn{k}")]
+        return _block_layers(parent)
     return []
+
+
+def _block_layers(block: BasicBlock | Bottleneck) -> list[tuple[str, str]]:
+    """A ResNet block's ``(convK, bnK)`` names, in the order its forward runs them."""
+    return [(f"conv{k}", f"bn{k}") for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
 
 
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
@@ -118,8 +123,7 @@ class FusedBlock(nn.Module):
 
     def __init__(self, block: BasicBlock | Bottleneck):
         super().__init__()
-        names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
-        self.convs = nn.ModuleList(getattr(block, name) for name in names)
+        self.convs = nn.ModuleList(getattr(block, conv) for conv, _ in _block_layers(block))
         self.downsample = block.downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,8 +161,9 @@ def fuse_blocks(module: nn.Module) -> int:
 
 
 def _fusable(block: BasicBlock | Bottleneck) -> bool:
-    norms = [getattr(block, f"bn{k}") for k in (1, 2, 3) if hasattr(block, f"bn{k}")]
-    convs = [getattr(block, f"conv{k}") for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
+    layers = _block_layers(block)
+    norms = [getattr(block, norm) for _, norm in layers]
+    convs = [getattr(block, conv) for conv, _ in layers]
     return (
         all(isinstance(norm, nn.Identity) for norm in norms)
         and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" for c in convs)

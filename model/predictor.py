@@ -99,8 +99,9 @@ class Predictor:
             CPU the loop is cheaper.
         fused: run a rewritten copy of ``network`` (``model.fusion``): batch norms
             folded into the convolutions, convolution and linear weights stored
-            in the autocast precision, the backbone channels-last. The same
-            detections up to float rounding. Default: with ``fp16`` / ``bf16`` on
+            in the autocast precision, the backbone channels-last, its residual
+            blocks' bias, add and ReLUs inside cuDNN's fused convolutions. The
+            same detections up to float rounding. Default: with ``fp16`` / ``bf16`` on
             CUDA, where autocast would otherwise cast every weight and convert
             every activation's layout on every batch.
 

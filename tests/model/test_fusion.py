@@ -183,15 +183,17 @@ def test_fused_backbone_on_cuda(name, monkeypatch):
         assert error < 1e-5, f"level {level}: relative error {error:.2e}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_block_without_cudnn_runs_step_by_step(monkeypatch):
-    """Where cuDNN's fused convolutions are not available (CPU, cuDNN off, ROCm)."""
+    """A CUDA tensor where cuDNN's fused convolutions are not available (cuDNN
+    off, ROCm); on the CPU ``test_blocks_are_fused_and_compute_the_block``."""
     network = NETWORKS["demo"]()
     fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=False)
     block, reference = fused.backbone.body.layer2[0], network.backbone.body.layer2[0]
     monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
     channels = block.convs[0].in_channels
     x = torch.rand(1, channels, 16, 16, generator=torch.Generator().manual_seed(4))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.inference_mode():
-        got, expected = block.to(device)(x.to(device)), reference.to(device)(x.to(device))
+        got, expected = block.cuda()(x.cuda()), reference.cuda()(x.cuda())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
