@@ -28,7 +28,7 @@ import torch
 
 from app import registry
 from app.batching import Batcher
-from app.buckets import bucket_key_for
+from app.buckets import predictor_bucket_key
 from app.datasets import sweep_staging
 from app.db import Database
 from app.errors import NotFoundError, NotReadyError
@@ -49,10 +49,15 @@ PredictorLoader = Callable[[Settings], "Predictor"]
 
 def build_predictor(settings: Settings) -> "Predictor":
     """The predictor ``MASKRCNN_MODEL`` / ``DEVICE`` / ``PRECISION`` ask for; a
-    registry model id is served from its checkpoint under its id."""
+    registry model id is served from its checkpoint under its id. With
+    ``MODEL_PROCESS``, the same predictor in a child process (``ModelProcess``)."""
     from model.loading import load_model
     from model.predictor import Predictor
 
+    if settings.model_process:
+        from app.modelprocess import ModelProcess
+
+        return ModelProcess(settings)
     spec, model_id = registry.resolve_model_spec(settings)
     classes_file = str(settings.classes_file) if settings.classes_file else None
     loaded = load_model(spec, classes_file=classes_file, model_id=model_id, device=settings.device)
@@ -73,6 +78,14 @@ def free_memory() -> None:
     """Return a retired model's memory: cycles first, then the CUDA cache."""
     gc.collect()
     release_device_memory()
+
+
+def close_predictor(predictor: object) -> None:
+    """Stop a predictor that owns a process (``ModelProcess``); others have nothing
+    to close. Blocking."""
+    close = getattr(predictor, "close", None)
+    if close is not None:
+        close()
 
 
 class Service:
@@ -101,11 +114,13 @@ class Service:
     async def start(self) -> None:
         """Load, warm up, start the queue and the database poll; on failure log,
         mark ``failed`` and call ``on_fatal`` (``maskrcnn serve`` exits)."""
+        predictor = None
         try:
             self.state = "loading"
             await asyncio.to_thread(self.db.create_schema)
             await asyncio.to_thread(sweep_staging, self.settings.data_dir)
             predictor = await self._load_initial()
+            self._watch(predictor)
             self._set_state("warming_up")
             seconds = await asyncio.to_thread(warm_up, predictor)
             batcher = self._build_batcher(predictor)
@@ -125,8 +140,29 @@ class Service:
         except Exception as e:
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.critical("cannot serve model %r: %s", self.settings.model, e)
+            if predictor is not None and self.predictor is None:
+                await asyncio.to_thread(close_predictor, predictor)
             if self.on_fatal is not None:
                 self.on_fatal(e)
+
+    def _watch(self, predictor: "Predictor") -> None:
+        """A model in a process of its own may exit (killed, crashed): when the
+        served one does, the service fails (``maskrcnn serve`` exits, to be
+        restarted); requests waiting on it have already failed with 503."""
+        if not hasattr(predictor, "on_exit"):
+            return
+        loop = asyncio.get_running_loop()
+        predictor.on_exit = lambda: loop.call_soon_threadsafe(self._model_exited, predictor)
+
+    def _model_exited(self, predictor: "Predictor") -> None:
+        if predictor is not self.predictor or self.state in ("failed", "stopped"):
+            return  # a retired model, or the service is already down
+        error = RuntimeError(f"the process of model {predictor.info.id!r} exited")
+        self.state, self.error = "failed", str(error)
+        self.metrics.ready.set(0)
+        log.critical("%s; the service stops", error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     async def _load_initial(self) -> "Predictor":
         """The database's active model when there is one (a replica restarted after
@@ -165,7 +201,7 @@ class Service:
             max_batch_size=s.max_batch_size,
             max_batch_delay_s=s.max_batch_delay_ms / 1000,
             max_queue_size=s.max_queue_size,
-            bucket_key=bucket_key_for(getattr(predictor, "network", None)),
+            bucket_key=predictor_bucket_key(predictor),
             metrics=self.metrics,
         )
 
@@ -245,6 +281,7 @@ class Service:
         predictor = None
         try:
             predictor = await asyncio.to_thread(self.load_predictor, settings)
+            self._watch(predictor)
             seconds = await asyncio.to_thread(warm_up, predictor)
             self._check_serving()  # a drain may have begun meanwhile
             if before_swap is not None:
@@ -252,11 +289,13 @@ class Service:
         except Exception as e:
             # the error's traceback holds frames holding the new model: clear them, or
             # it stays in memory beside the served one for as long as the error lives
+            if predictor is not None:
+                await asyncio.to_thread(close_predictor, predictor)
             predictor = None
             traceback.clear_frames(e.__traceback__)
             await asyncio.to_thread(free_memory)
             raise
-        bucket_key = bucket_key_for(getattr(predictor, "network", None))
+        bucket_key = predictor_bucket_key(predictor)
         old = self.batcher.swap(predictor, bucket_key=bucket_key)
         self.predictor = predictor
         if settings is self.settings:
@@ -282,6 +321,7 @@ class Service:
     async def _free_after_last_batch(self, old: "Predictor") -> None:
         await self.batcher.retire(old)
         model_id = old.info.id
+        await asyncio.to_thread(close_predictor, old)
         del old  # the last reference: the queue and the service hold none now
         await asyncio.to_thread(free_memory)
         log.info("freed model %r after its last batch", model_id)
@@ -353,6 +393,8 @@ class Service:
             await self.batcher.stop(drain=True)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.predictor is not None:
+            await asyncio.to_thread(close_predictor, self.predictor)
         self.state = "stopped"
         self.metrics.ready.set(0)
         self.db.dispose()

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     classes_file: Path | None = None
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # run the model in a process of its own (app.modelprocess): its forward no
+    # longer shares an interpreter with the HTTP server's work
+    model_process: bool = False
     # how often a replica checks the database for a newly activated model (and
     # refreshes the training-jobs gauge)
     model_poll_s: float = Field(2.0, gt=0, le=3600)

@@ -62,6 +62,12 @@ async def form_options(
 FormOptions = Annotated[SegmentOptions, Depends(form_options)]
 
 
+def input_device(predictor: object) -> torch.device | None:
+    """Where uploads are decoded to: the model's device, or the CPU for a model in
+    its own process (``ModelProcess.input_device``)."""
+    return getattr(predictor, "input_device", getattr(predictor, "device", None))
+
+
 @router.post("", name="segment", response_model=SegmentationPublic)
 async def segment(
     request: Request,
@@ -77,9 +83,11 @@ async def segment(
     async def decode():
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
-        device = getattr(batcher.predictor, "device", None)  # decode for where the model is
         return await decode_images(
-            blobs, max_pixels=settings.max_image_pixels, names=names, device=device
+            blobs,
+            max_pixels=settings.max_image_pixels,
+            names=names,
+            device=input_device(batcher.predictor),
         )
 
     results = await run_images(request, batcher, settings, decode, opts)
@@ -118,9 +126,12 @@ async def segment_json(
         else:
             data = await asyncio.to_thread(decode_base64, source.data, f"{name}.data")
         max_pixels = settings.max_image_pixels
-        device = getattr(batcher.predictor, "device", None)  # decode for where the model is
         return await asyncio.to_thread(
-            decode_image, data, max_pixels=max_pixels, name=name, device=device
+            decode_image,
+            data,
+            max_pixels=max_pixels,
+            name=name,
+            device=input_device(batcher.predictor),
         )
 
     async def decode():

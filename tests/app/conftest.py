@@ -482,3 +482,17 @@ def training_processes(job_id: str) -> list[int]:
             if b"app.jobrunner" in args and job_id.encode() in args:
                 found.append(int(cmdline.parent.name))
     return found
+
+
+def model_children(pid: int) -> list[int]:
+    """Live ``multiprocessing`` spawned children of ``pid`` (model processes)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found

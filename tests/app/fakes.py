@@ -89,3 +89,12 @@ def fake_mask(height: int, width: int, mask_format: str):
     array[y0:y1, x0:x1] = 1
     rle = mask_utils.encode(array)
     return box, {"size": [height, width], "counts": rle["counts"].decode()}
+
+
+def load_fake(settings=None, *, oom_over: int | None = None, **kwargs) -> FakePredictor:
+    """A ``FakePredictor`` built in another process (``app.modelprocess``'s ``load``,
+    with ``functools.partial`` for the keywords): more than ``oom_over`` images in
+    one forward raise an out-of-memory error."""
+    if oom_over is not None:
+        kwargs["oom_if"] = lambda images: len(images) > oom_over
+    return FakePredictor(**kwargs)

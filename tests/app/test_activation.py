@@ -20,6 +20,7 @@ from tests.app.conftest import (
     detections_by,
     job_store,
     make_checkpoint,
+    model_children,
     png_bytes,
     register_model,
     running_server,
@@ -106,8 +107,9 @@ def references(checkpoint, new_checkpoint) -> dict[Path, list[tuple[int, float]]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_process", ["false", "true"])
 def test_activation_under_load_fails_no_request_and_switches_once(
-    checkpoint, new_checkpoint, references, tmp_path
+    checkpoint, new_checkpoint, references, tmp_path, model_process
 ):
     data = tmp_path / "data"
     db = job_store(data)
@@ -116,8 +118,11 @@ def test_activation_under_load_fails_no_request_and_switches_once(
     db.resolve(f"models/{broken}.safetensors").write_bytes(b"truncated")
     db.dispose()
     env = {"data_dir": data, "admin_token": ADMIN_TOKEN, "max_batch_size": 4, "run_worker": "false"}
+    env["model_process"] = model_process
     with running_server(checkpoint, tmp_path, **env) as server:
         server.wait_ready()
+        children = model_children(server.process.pid)
+        assert len(children) == (model_process == "true")
         with Traffic(server.url, PNG) as traffic:
             traffic.wait_for("tiny")
             response = server.client.post(f"/v1/models/{broken}/activate", headers=AS_ADMIN)
@@ -135,6 +140,9 @@ def test_activation_under_load_fails_no_request_and_switches_once(
         assert flags == {new: True, "tiny": False, broken: False}
         freed = "freed model 'tiny' after its last batch"
         wait_for(lambda: freed in server.log(), 10, f"{freed!r} in {server.log_path}")
+        if model_process == "true":  # the old model's process exited, the new one serves
+            [serving] = model_children(server.process.pid)
+            assert serving not in children
 
 
 @pytest.mark.slow

@@ -1,0 +1,205 @@
+"""The model in a process of its own (``MASKRCNN_MODEL_PROCESS``): the answers of
+the in-process predictor, its errors carried over, the queue's out-of-memory
+split unchanged; a child that dies fails what waits on it with 503 and stops the
+service; closing and shutting down leave no process behind."""
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from app.buckets import input_geometry
+from app.errors import UnavailableError
+from app.main import create_app
+from app.modelprocess import ModelProcess
+from app.service import build_predictor
+from app.settings import load_settings
+from model.errors import InvalidImageError, InvalidOptionError
+from model.options import PredictOptions
+from tests.app.conftest import (
+    model_children,
+    png_bytes,
+    running_server,
+    scene,
+    wait_for,
+    wait_ready,
+)
+from tests.app.fakes import load_fake, solid_image
+from tests.app.test_batching import run, started, submit
+
+IMAGES = [scene(96, 96, seed) for seed in range(3)] + [scene(64, 112, 3)]
+TENSORS = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in IMAGES]
+
+
+def settings_for(model: str, tmp_path: Path, **values):
+    return load_settings(model=model, device="cpu", data_dir=tmp_path / "data", **values)
+
+
+@pytest.mark.slow
+def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
+    settings = settings_for(str(checkpoint), tmp_path)
+    local = build_predictor(settings)
+    remote = ModelProcess(settings)
+    try:
+        assert remote.info == local.info
+        assert (remote.device, remote.precision) == (local.device, local.precision)
+        assert remote.input_geometry == input_geometry(local.network)
+        options = [
+            PredictOptions(),
+            PredictOptions(mask_format="polygon", score_threshold=0.3),
+            PredictOptions(mask_format="none", classes=frozenset({1})),
+            PredictOptions(max_detections=2),
+        ]
+        expected = local.predict(TENSORS, options)
+        got = remote.predict(TENSORS, options)
+        assert sum(len(r.detections) for r in expected) > 0, "the test model should detect"
+        for g, e in zip(got, expected, strict=True):
+            assert (g.width, g.height) == (e.width, e.height)
+            assert [d.class_id for d in g.detections] == [d.class_id for d in e.detections]
+            for a, b in zip(g.detections, e.detections, strict=True):
+                assert a.score == pytest.approx(b.score, abs=1e-5)
+                assert a.box == pytest.approx(b.box, abs=1e-3)
+                assert a.mask == b.mask
+        # the child's errors come back as themselves
+        with pytest.raises(InvalidOptionError, match="score_threshold"):
+            remote.predict(TENSORS[:1], [PredictOptions(score_threshold=2.0)])
+        with pytest.raises(InvalidImageError, match="uint8"):
+            remote.predict([TENSORS[0].float()], [PredictOptions()])
+        assert len(remote.predict(TENSORS[:1])) == 1  # and it goes on serving
+    finally:
+        remote.close()
+    assert not remote.process.is_alive()
+    with pytest.raises(UnavailableError, match="closed"):
+        remote.predict(TENSORS[:1])
+
+
+def test_a_model_that_cannot_load_raises_its_error_and_leaves_no_process(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(Exception, match=r"missing\.safetensors") as caught:
+        ModelProcess(settings_for(str(missing), tmp_path))
+    assert not isinstance(caught.value, UnavailableError)
+    assert model_children(os.getpid()) == []
+
+
+def test_out_of_memory_in_the_child_splits_the_batch_as_in_process(tmp_path):
+    load = functools.partial(load_fake, oom_over=1)
+    remote = ModelProcess(settings_for("demo", tmp_path), load=load)
+
+    async def scenario():
+        batcher = await started(remote, max_batch_size=4, max_batch_delay_s=0.2)
+        requests = [submit(batcher, [solid_image(v)]) for v in (10, 20, 30, 40)]
+        results = await asyncio.gather(*requests)
+        await batcher.stop()
+        return results, batcher.metrics.oom_retries._value.get()
+
+    try:
+        results, retries = run(scenario())
+    finally:
+        remote.close()
+    scores = [round(r[0].result.detections[0].score * 255) for r in results]
+    assert scores == [10, 20, 30, 40]  # each answer is its own image's
+    assert retries == 3  # 4 → 2 + 2 → 1 + 1 + 1 + 1
+
+
+def test_a_child_that_dies_fails_waiting_calls_with_503_and_reports_it(tmp_path):
+    exited = threading.Event()
+    remote = ModelProcess(
+        settings_for("demo", tmp_path),
+        load=functools.partial(load_fake, forward_s=60),
+        on_exit=exited.set,
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(remote.forward, [solid_image(1)], [PredictOptions()])
+        time.sleep(0.5)  # the child is in its minute-long forward
+        assert not waiting.done()
+        os.kill(remote.process.pid, signal.SIGKILL)
+        with pytest.raises(UnavailableError, match="exited") as caught:
+            waiting.result(timeout=10)
+    assert caught.value.code == "model_unavailable" and caught.value.status_code == 503
+    assert exited.wait(5)
+    with pytest.raises(UnavailableError):  # later calls fail at once
+        remote.forward([solid_image(1)], [PredictOptions()])
+    remote.close()  # closing a dead child does not hang
+
+
+def test_the_service_stops_when_its_model_process_dies_and_closes_it_at_shutdown(tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = settings_for("demo", tmp_path, model_process=True)
+    remote: list[ModelProcess] = []
+
+    def load(s):
+        remote.append(ModelProcess(s, load=functools.partial(load_fake)))
+        return remote[-1]
+
+    app = create_app(settings, load_predictor=load)
+    fatal = []
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        service = app.state.service
+        service.on_fatal = fatal.append
+        files = [("images", ("a.png", png_bytes(IMAGES[0]), "image/png"))]
+        response = client.post("/v1/segment", files=files)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"]["id"] == "fake"
+        [child] = remote
+        os.kill(child.process.pid, signal.SIGKILL)
+        wait_for(lambda: fatal, 10, "the service's fatal error")
+        assert service.state == "failed" and "exited" in str(fatal[0])
+        assert client.get("/readyz").status_code == 503
+
+    settings = settings_for("demo", tmp_path, model_process=True)
+    with TestClient(create_app(settings, load_predictor=load)) as client:
+        wait_ready(client)
+        child = remote[-1]
+        assert child.alive
+    assert not child.process.is_alive()  # the lifespan's shutdown closed it
+
+
+@pytest.mark.slow
+def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(checkpoint, tmp_path):
+    from tests.app.conftest import detections_by, same_detections
+
+    expected = [detections_by(str(checkpoint), image) for image in IMAGES]
+    with running_server(checkpoint, tmp_path, model_process="true", max_batch_size=4) as server:
+        server.wait_ready()
+        [child] = model_children(server.process.pid)
+
+        def one(i: int) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                files = [("images", (f"{i}.png", png_bytes(IMAGES[i % 4]), "image/png"))]
+                return client.post("/v1/segment", files=files)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(8)]
+            time.sleep(0.3)
+            # as systemd stops a unit: SIGTERM to every process; the HTTP process
+            # drains, and the model answers what is in flight before it is closed
+            os.kill(child, signal.SIGTERM)
+            server.terminate()
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 8
+        for i, response in enumerate(responses):
+            [result] = response.json()["results"]
+            found = [(d["class_id"], d["score"]) for d in result["detections"]]
+            assert same_detections(found, expected[i % 4])
+        assert server.process.wait(30) in (0, -15), server.log()  # uvicorn re-raises SIGTERM
+        wait_for(lambda: not Path(f"/proc/{child}").exists(), 10, "the model process to exit")
+
+
+@pytest.mark.slow
+def test_a_real_server_exits_when_its_model_process_is_killed(checkpoint, tmp_path):
+    with running_server(checkpoint, tmp_path, model_process="true") as server:
+        server.wait_ready()
+        [child] = model_children(server.process.pid)
+        os.kill(child, signal.SIGKILL)
+        assert server.process.wait(30) == 1
+        assert "exited unexpectedly" in server.log()
