@@ -172,7 +172,9 @@ class ModelProcess:
                 key, ok, payload = self._replies.recv()
             except (EOFError, OSError):
                 break
-            future = self._waiting.pop(key)
+            future = self._waiting.pop(key, None)
+            if future is None:  # its call failed while sending
+                continue
             if ok:
                 future.set_result(payload)
             else:

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class BatchPredictor(Protocol):
-    """The two stages of ``model.predictor.Predictor`` the queue needs, and its
-    ``info`` (which model answers)."""
+    """The two stages of ``model.predictor.Predictor`` (or of
+    ``app.modelprocess.ModelProcess``) the queue needs, and its ``info`` (which
+    model answers)."""
 
     info: "ModelInfo"
 

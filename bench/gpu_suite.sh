@@ -9,7 +9,7 @@
 # Each step has its own time limit and a failed step does not stop the others;
 # everything lands in $OUT: suite.log (all output), RESULTS.md (the updated
 # tables, copied after every step), profile.txt, pytest.txt and the servers' logs.
-# The steps run most important first; in all about 4 minutes on an H200.
+# The steps run most important first; in all about 7 minutes on an H200.
 set -u
 OUT=${OUT:-/tmp/gpu-suite}
 DEVICE=${DEVICE:-cuda}
@@ -57,9 +57,16 @@ step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
 step served-fp16-b32 70 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) \
   --server-log "$OUT/server-fp16-b32.log"
+step served-fp16-process 120 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" --model-process \
+  --server-log "$OUT/server-fp16-process.log"
+step served-fp16-process-b32 80 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) --model-process \
+  --server-log "$OUT/server-fp16-process-b32.log"
 step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/model/test_nms.py tests/model/test_precision.py tests/model/test_fusion.py \
-  tests/model/test_masks.py tests/model/test_rle.py tests/app/test_device_decode.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
+  tests/model/test_masks.py tests/model/test_rle.py tests/app/test_device_decode.py \
+  tests/app/test_modelprocess.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
   tail -5 '$OUT/pytest.txt'; exit \$status"
 step plain-blocks 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$FEW" --seconds "$SECONDS_PER" --plain-blocks

@@ -4,6 +4,8 @@ against the bare model, in one run on one machine.
     python bench/served.py --model demo --device cpu --threads 1 \
         --concurrency 1,2,4,8,16,32,64 --seconds 10
     python bench/served.py --model r50 --device cuda --precision fp16 --processes 4
+    python bench/served.py --model r50 --device cuda --precision fp16 --processes 4 \
+        --model-process
 
 1. The bare model (``bench/bare.py``'s ``measure``) at batch ``--max-batch-size``,
    in this process, on the same images;
@@ -128,6 +130,8 @@ def server_env(args: argparse.Namespace, data_dir: Path, max_concurrency: int) -
     }
     if args.batch_delay_ms is not None:
         env["MASKRCNN_MAX_BATCH_DELAY_MS"] = str(args.batch_delay_ms)
+    if args.model_process:
+        env["MASKRCNN_MODEL_PROCESS"] = "true"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, as in bare
     return env
@@ -159,7 +163,7 @@ def section(args: argparse.Namespace) -> str:
     device = torch.device(args.device).type
     return (
         f"## Served throughput: {args.model} on {device}, {args.precision}, "
-        f"MAX_BATCH_SIZE={args.max_batch_size}"
+        f"MAX_BATCH_SIZE={args.max_batch_size}{', model process' * args.model_process}"
     )
 
 
@@ -171,7 +175,8 @@ def render(points: list[dict], bare: Point, args: argparse.Namespace, command: s
         section(args),
         "",
         f"`maskrcnn serve` (MAX_BATCH_SIZE={args.max_batch_size}, "
-        f"MAX_BATCH_DELAY_MS={args.batch_delay_ms if args.batch_delay_ms is not None else 5:g}) "
+        f"MAX_BATCH_DELAY_MS={args.batch_delay_ms if args.batch_delay_ms is not None else 5:g}"
+        f"{', MODEL_PROCESS=true' * args.model_process}) "
         f"over HTTP on loopback; closed-loop clients in {args.processes} separate "
         f"process(es) each POST one {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} JPEG to `/v1/segment`; "
         f"each point {args.seconds:g} s after {args.warmup:g} s of warm-up. "
@@ -213,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-delay-ms", type=float, help="MAX_BATCH_DELAY_MS (default: 5)")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument(
+        "--model-process", action="store_true", help="serve with MASKRCNN_MODEL_PROCESS=true"
+    )
     parser.add_argument("--bare-seconds", type=float, help="bare point's seconds (--seconds)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--server-log", type=Path, help="keep the server's output here")

@@ -203,3 +203,29 @@ def test_a_real_server_exits_when_its_model_process_is_killed(checkpoint, tmp_pa
         os.kill(child, signal.SIGKILL)
         assert server.process.wait(30) == 1
         assert "exited unexpectedly" in server.log()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_process_answers_as_in_process_and_leaves_this_process_off_cuda(
+    checkpoint, tmp_path
+):
+    """The child owns the device; this process (the HTTP server's) decodes on the
+    CPU and creates no CUDA context."""
+    settings = load_settings(
+        model=str(checkpoint), device="cuda", precision="fp16", data_dir=tmp_path / "data"
+    )
+    initialized = torch.cuda.is_initialized()
+    remote = ModelProcess(settings)
+    try:
+        assert remote.device.type == "cuda" and remote.input_device.type == "cpu"
+        got = remote.predict(TENSORS)
+        assert torch.cuda.is_initialized() == initialized
+        expected = build_predictor(settings).predict(TENSORS)
+    finally:
+        remote.close()
+    for g, e in zip(got, expected, strict=True):
+        assert [d.class_id for d in g.detections] == [d.class_id for d in e.detections]
+        for a, b in zip(g.detections, e.detections, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-3)
+            assert a.box == pytest.approx(b.box, abs=0.5)
