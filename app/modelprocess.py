@@ -42,11 +42,11 @@ import torch
 
 from app.errors import UnavailableError
 from app.stages import is_out_of_memory, release_device_memory
+from model.options import PredictOptions
 
 if TYPE_CHECKING:
     from app.settings import Settings
     from model.info import ModelInfo
-    from model.options import PredictOptions
     from model.predictor import ImageResult
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class ModelProcess:
 
     # -- the queue's stages -------------------------------------------------------
 
-    def forward(self, images: list[torch.Tensor], options: list["PredictOptions"]) -> Remote:
+    def forward(self, images: list[torch.Tensor], options: list[PredictOptions]) -> Remote:
         key = next(self._keys)
         images = [image.contiguous() for image in images]
         header = ("forward", key, [(tuple(i.shape), i.dtype) for i in images], options)
@@ -143,8 +143,6 @@ class ModelProcess:
 
     def predict(self, images, options=None) -> "list[ImageResult]":
         if options is None:
-            from model.options import PredictOptions
-
             options = [PredictOptions()] * len(images)
         return self.finish(self.forward(images, options))
 

@@ -51,13 +51,13 @@ def build_predictor(settings: Settings) -> "Predictor":
     """The predictor ``MASKRCNN_MODEL`` / ``DEVICE`` / ``PRECISION`` ask for; a
     registry model id is served from its checkpoint under its id. With
     ``MODEL_PROCESS``, the same predictor in a child process (``ModelProcess``)."""
-    from model.loading import load_model
-    from model.predictor import Predictor
-
-    if settings.model_process:
+    if settings.model_process:  # the child process loads the model, not this one
         from app.modelprocess import ModelProcess
 
         return ModelProcess(settings)
+    from model.loading import load_model
+    from model.predictor import Predictor
+
     spec, model_id = registry.resolve_model_spec(settings)
     classes_file = str(settings.classes_file) if settings.classes_file else None
     loaded = load_model(spec, classes_file=classes_file, model_id=model_id, device=settings.device)
