@@ -7,8 +7,11 @@ model calls out.
   (by default the same padded network input size), so a batch's padding never
   changes an image's detections.
 * ``predictor.forward`` runs in one worker thread, ``predictor.finish`` in another:
-  the next batch's forward overlaps the previous batch's postprocessing. At most
-  ``max_pending`` forwarded batches wait for their finish.
+  the next batch's forward overlaps the previous batch's postprocessing. A batch
+  is taken from the queue only when a forward can start on it, so images that
+  arrive meanwhile make the next batch fuller. ``concurrency`` forwards run at
+  once (one per model process, ``app.modelprocess.ModelPool``); at most
+  ``max_pending`` batches per forward are in flight.
 * Admission happens before any heavy work: ``admit(n)`` reserves ``n`` queue
   places or raises ``QueueFullError`` with a ``Retry-After`` estimated from the
   queue depth and the measured batch time.
@@ -39,7 +42,7 @@ from app.errors import (
     QueueFullError,
 )
 from app.metrics import Metrics
-from app.stages import BatchPredictor, BatchRunner, Forwarded, ItemResult, WorkItem, fail
+from app.stages import BatchPredictor, BatchRunner, ItemResult, WorkItem, fail
 from model.options import PredictOptions
 
 __all__ = ["BatchPredictor", "Batcher", "ItemResult", "Ticket", "image_size_key"]
@@ -64,6 +67,7 @@ class Batcher:
         bucket_key: Callable[[torch.Tensor], Hashable] = image_size_key,
         metrics: Metrics | None = None,
         max_pending: int = 2,
+        concurrency: int = 1,
     ):
         self.predictor = predictor
         self.max_batch_size = max_batch_size
@@ -72,7 +76,8 @@ class Batcher:
         self.bucket_key = bucket_key
         self.metrics = metrics or Metrics(max_batch_size=max_batch_size)
         self.metrics.queue_depth.set_function(lambda: self.depth)
-        self.runner = BatchRunner(self.metrics)
+        self.runner = BatchRunner(self.metrics, concurrency)
+        self.concurrency = concurrency
         self.batch_seconds = 0.0  # moving average of one forward + finish
         # keyed by (id of the item's predictor, size bucket): batches never mix models
         self._buckets: dict[Hashable, deque[WorkItem]] = {}
@@ -82,8 +87,9 @@ class Batcher:
         self._reserved = 0
         self._busy = 0  # items taken from the queue and not answered yet
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_pending)
-        self._finishers: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(max_pending * concurrency)
+        self._forwarders = asyncio.Semaphore(concurrency)
+        self._batches: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -100,7 +106,8 @@ class Batcher:
 
     def estimate_wait_s(self, extra: int = 0) -> float:
         batches = math.ceil((self.depth + extra) / self.max_batch_size) + 1
-        return batches * max(self.batch_seconds, 0.05) + self.max_batch_delay_s
+        seconds = batches * max(self.batch_seconds, 0.05) / self.concurrency
+        return seconds + self.max_batch_delay_s
 
     def record_batch_time(self, seconds: float) -> None:
         a = 0.2 if self.batch_seconds else 1.0
@@ -150,8 +157,8 @@ class Batcher:
         self._wakeup.set()
         if self._task is not None:
             await self._task
-        if self._finishers:
-            await asyncio.gather(*self._finishers, return_exceptions=True)
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
         self.runner.shutdown()
 
     # -- admission --------------------------------------------------------------
@@ -221,20 +228,18 @@ class Batcher:
         no local outlives it: an idle loop holding the last batch would keep a
         retired model (its items, its outputs) in memory."""
         await self._slots.acquire()
+        await self._forwarders.acquire()
         batch = await self._next_batch()
-        if batch is None:
-            self._slots.release()
-            return False
-        live = self._drop_dead(batch)
+        live = self._drop_dead(batch) if batch is not None else []
         if not live:
+            self._forwarders.release()
             self._slots.release()
-            return True
+            return batch is not None
         self._busy += len(live)
         self._use(live[0].predictor, +1)
-        forwarded = await self.runner.forward(live)
-        task = asyncio.create_task(self._finish(live[0].predictor, forwarded))
-        self._finishers.add(task)
-        task.add_done_callback(self._finishers.discard)
+        task = asyncio.create_task(self._run(live[0].predictor, live))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
         return True
 
     async def _next_batch(self) -> list[WorkItem] | None:
@@ -285,14 +290,19 @@ class Batcher:
                 live.append(item)
         return live
 
-    async def _finish(self, predictor: BatchPredictor, forwarded: list[Forwarded]) -> None:
+    async def _run(self, predictor: BatchPredictor, items: list[WorkItem]) -> None:
+        """Forward (the next batch may start once it is done), then finish."""
         try:
+            try:
+                forwarded = await self.runner.forward(items)
+            finally:
+                self._forwarders.release()
             for group in forwarded:
                 seconds = await self.runner.finish(group)
                 if seconds is not None:
                     self.record_batch_time(group.seconds + seconds)
         finally:
-            self._busy -= sum(len(group.items) for group in forwarded)
+            self._busy -= len(items)
             self._use(predictor, -1)
             self._slots.release()
 

@@ -35,9 +35,10 @@ class Settings(BaseSettings):
     classes_file: Path | None = None
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # run the model in a process of its own (app.modelprocess): its forward no
-    # longer shares an interpreter with the HTTP server's work
-    model_process: bool = False
+    # N: N copies of the model, each in a process of its own (app.modelprocess),
+    # share the device and forward N batches at once; 0: the model runs in the
+    # HTTP server's process; auto: 2 on a GPU, 0 on the CPU (app.service)
+    model_processes: Annotated[int, Field(ge=0, le=16)] | Literal["auto"] = "auto"
     # how often a replica checks the database for a newly activated model (and
     # refreshes the training-jobs gauge)
     model_poll_s: float = Field(2.0, gt=0, le=3600)

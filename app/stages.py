@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class BatchPredictor(Protocol):
     """The two stages of ``model.predictor.Predictor`` (or of
-    ``app.modelprocess.ModelProcess``) the queue needs, and its ``info`` (which
+    ``app.modelprocess.ModelPool``) the queue needs, and its ``info`` (which
     model answers)."""
 
     info: "ModelInfo"
@@ -95,12 +95,13 @@ def release_device_memory() -> None:
 
 
 class BatchRunner:
-    """Runs batches whose items share one predictor (``items[0].predictor``)."""
+    """Runs batches whose items share one predictor (``items[0].predictor``), up to
+    ``concurrency`` forwards and finishes at once (one per model process)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, concurrency: int = 1):
         self.metrics = metrics
-        self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="maskrcnn-forward")
-        self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="maskrcnn-finish")
+        self._forward_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="maskrcnn-forward")
+        self._finish_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="maskrcnn-finish")
 
     async def forward(self, items: list[WorkItem]) -> list[Forwarded]:
         loop = asyncio.get_running_loop()

@@ -64,7 +64,7 @@ FormOptions = Annotated[SegmentOptions, Depends(form_options)]
 
 def input_device(predictor: object) -> torch.device | None:
     """Where uploads are decoded to: the model's device, or the CPU for a model in
-    its own process (``ModelProcess.input_device``)."""
+    its own process (``ModelPool.input_device``)."""
     return getattr(predictor, "input_device", getattr(predictor, "device", None))
 
 

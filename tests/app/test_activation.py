@@ -107,9 +107,9 @@ def references(checkpoint, new_checkpoint) -> dict[Path, list[tuple[int, float]]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_process", ["false", "true"])
+@pytest.mark.parametrize("model_processes", [0, 2])
 def test_activation_under_load_fails_no_request_and_switches_once(
-    checkpoint, new_checkpoint, references, tmp_path, model_process
+    checkpoint, new_checkpoint, references, tmp_path, model_processes
 ):
     data = tmp_path / "data"
     db = job_store(data)
@@ -118,11 +118,11 @@ def test_activation_under_load_fails_no_request_and_switches_once(
     db.resolve(f"models/{broken}.safetensors").write_bytes(b"truncated")
     db.dispose()
     env = {"data_dir": data, "admin_token": ADMIN_TOKEN, "max_batch_size": 4, "run_worker": "false"}
-    env["model_process"] = model_process
+    env["model_processes"] = model_processes
     with running_server(checkpoint, tmp_path, **env) as server:
         server.wait_ready()
         children = model_children(server.process.pid)
-        assert len(children) == (model_process == "true")
+        assert len(children) == model_processes
         with Traffic(server.url, PNG) as traffic:
             traffic.wait_for("tiny")
             response = server.client.post(f"/v1/models/{broken}/activate", headers=AS_ADMIN)
@@ -140,9 +140,9 @@ def test_activation_under_load_fails_no_request_and_switches_once(
         assert flags == {new: True, "tiny": False, broken: False}
         freed = "freed model 'tiny' after its last batch"
         wait_for(lambda: freed in server.log(), 10, f"{freed!r} in {server.log_path}")
-        if model_process == "true":  # the old model's process exited, the new one serves
-            [serving] = model_children(server.process.pid)
-            assert serving not in children
+        # the old model's processes exited, the new one's serve
+        serving = model_children(server.process.pid)
+        assert len(serving) == model_processes and not set(serving) & set(children)
 
 
 @pytest.mark.slow

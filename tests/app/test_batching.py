@@ -182,6 +182,39 @@ def test_next_forward_overlaps_previous_postprocessing():
     assert times[("forward_start", 1)] < times[("finish_end", 0)]
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_forwards_run_at_once_up_to_the_concurrency(concurrency):
+    """A pool of model processes forwards one batch per child at once; a lone
+    predictor never two."""
+    predictor = FakePredictor(forward_s=0.2)
+
+    async def scenario():
+        batcher = await started(
+            predictor, max_batch_size=1, max_batch_delay_s=0, concurrency=concurrency
+        )
+        results = await asyncio.gather(*(submit(batcher, [solid_image(v)]) for v in range(6)))
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    assert [r[0].result.detections[0].score for r in results] == [
+        pytest.approx(v / 255) for v in range(6)
+    ]
+    assert most_at_once(predictor.events, "forward") == concurrency
+
+
+def most_at_once(events: list[tuple[str, int, float]], stage: str) -> int:
+    """The most ``stage`` calls running at one time, from ``FakePredictor.events``."""
+    steps = sorted(
+        (t, 1 if kind.endswith("start") else -1) for kind, _, t in events if kind.startswith(stage)
+    )
+    running = most = 0
+    for _, step in steps:
+        running += step
+        most = max(most, running)
+    return most
+
+
 def test_predictor_errors_fail_their_batch_and_the_queue_goes_on():
     predictor = FakePredictor(fail_with=RuntimeError("boom"))
 

@@ -1,7 +1,8 @@
-"""The model in a process of its own (``MASKRCNN_MODEL_PROCESS``): the answers of
+"""The model in processes of its own (``MASKRCNN_MODEL_PROCESSES``): the answers of
 the in-process predictor, its errors carried over, the queue's out-of-memory
-split unchanged; a child that dies fails what waits on it with 503 and stops the
-service; closing and shutting down leave no process behind."""
+split unchanged; a pool's children forward batches at once; a child that dies
+fails what waits on it with 503 and stops the service; closing and shutting down
+leave no process behind."""
 
 import asyncio
 import concurrent.futures
@@ -19,8 +20,8 @@ import torch
 from app.buckets import input_geometry
 from app.errors import UnavailableError
 from app.main import create_app
-from app.modelprocess import ModelProcess
-from app.service import build_predictor
+from app.modelprocess import ModelPool, ModelProcess
+from app.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
 from app.settings import load_settings
 from model.errors import InvalidImageError, InvalidOptionError
 from model.options import PredictOptions
@@ -81,6 +82,19 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         remote.predict(TENSORS[:1])
 
 
+def test_auto_runs_the_model_in_processes_of_its_own_on_a_gpu_only(tmp_path, monkeypatch):
+    def resolved(**values) -> int:
+        return model_processes(load_settings(data_dir=tmp_path / "data", **values))
+
+    assert resolved(device="cpu") == 0
+    assert resolved(device="cuda:1") == GPU_MODEL_PROCESSES == 2
+    assert resolved(device="cuda", model_processes=0) == 0
+    assert resolved(device="cpu", model_processes=3) == 3
+    for available, expected in [(True, GPU_MODEL_PROCESSES), (False, 0)]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert resolved(device="auto") == expected
+
+
 def test_a_model_that_cannot_load_raises_its_error_and_leaves_no_process(tmp_path):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(Exception, match=r"missing\.safetensors") as caught:
@@ -130,10 +144,51 @@ def test_a_child_that_dies_fails_waiting_calls_with_503_and_reports_it(tmp_path)
     remote.close()  # closing a dead child does not hang
 
 
+def test_a_pool_forwards_one_batch_per_child_at_once(tmp_path, caplog):
+    pool = ModelPool(
+        settings_for("demo", tmp_path), 2, load=functools.partial(load_fake, forward_s=0.6)
+    )
+    assert len(set(model_children(os.getpid()))) == 2 and pool.alive
+    assert (pool.info.id, pool.concurrency, pool.input_device.type) == ("fake", 2, "cpu")
+
+    async def scenario():
+        batcher = await started(pool, max_batch_size=1, max_batch_delay_s=0, concurrency=2)
+        start = time.monotonic()
+        results = await asyncio.gather(*(submit(batcher, [solid_image(v)]) for v in range(4)))
+        elapsed = time.monotonic() - start
+        await batcher.stop()
+        return results, elapsed
+
+    try:
+        results, elapsed = run(scenario())
+    finally:
+        pool.close()
+    assert [round(r[0].result.detections[0].score * 255) for r in results] == [0, 1, 2, 3]
+    assert elapsed < 4 * 0.6 * 0.75, f"4 forwards of 0.6 s took {elapsed:.2f} s: not 2 at once"
+    assert model_children(os.getpid()) == []
+    assert "did not exit" not in caplog.text  # closed, not killed
+
+
+def test_a_pool_whose_child_cannot_load_raises_its_error_and_leaves_no_process(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(Exception, match=r"missing\.safetensors"):
+        ModelPool(settings_for(str(missing), tmp_path), 2)
+    assert model_children(os.getpid()) == []
+
+
+def test_a_pool_reports_a_dead_child(tmp_path):
+    exited = threading.Event()
+    pool = ModelPool(settings_for("demo", tmp_path), 2, load=load_fake, on_exit=exited.set)
+    os.kill(pool.children[1].process.pid, signal.SIGKILL)
+    assert exited.wait(10) and not pool.alive
+    pool.close()
+    assert model_children(os.getpid()) == []
+
+
 def test_the_service_stops_when_its_model_process_dies_and_closes_it_at_shutdown(tmp_path):
     from fastapi.testclient import TestClient
 
-    settings = settings_for("demo", tmp_path, model_process=True)
+    settings = settings_for("demo", tmp_path, model_processes=1)
     remote: list[ModelProcess] = []
 
     def load(s):
@@ -156,7 +211,7 @@ def test_the_service_stops_when_its_model_process_dies_and_closes_it_at_shutdown
         assert service.state == "failed" and "exited" in str(fatal[0])
         assert client.get("/readyz").status_code == 503
 
-    settings = settings_for("demo", tmp_path, model_process=True)
+    settings = settings_for("demo", tmp_path, model_processes=1)
     with TestClient(create_app(settings, load_predictor=load)) as client:
         wait_ready(client)
         child = remote[-1]
@@ -169,9 +224,10 @@ def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(chec
     from tests.app.conftest import detections_by, same_detections
 
     expected = [detections_by(str(checkpoint), image) for image in IMAGES]
-    with running_server(checkpoint, tmp_path, model_process="true", max_batch_size=4) as server:
+    with running_server(checkpoint, tmp_path, model_processes=2, max_batch_size=4) as server:
         server.wait_ready()
-        [child] = model_children(server.process.pid)
+        children = model_children(server.process.pid)
+        assert len(children) == 2
 
         def one(i: int) -> httpx.Response:
             with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -182,8 +238,9 @@ def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(chec
             futures = [pool.submit(one, i) for i in range(8)]
             time.sleep(0.3)
             # as systemd stops a unit: SIGTERM to every process; the HTTP process
-            # drains, and the model answers what is in flight before it is closed
-            os.kill(child, signal.SIGTERM)
+            # drains, and the models answer what is in flight before they are closed
+            for child in children:
+                os.kill(child, signal.SIGTERM)
             server.terminate()
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 8
@@ -192,22 +249,28 @@ def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(chec
             found = [(d["class_id"], d["score"]) for d in result["detections"]]
             assert same_detections(found, expected[i % 4])
         assert server.process.wait(30) in (0, -15), server.log()  # uvicorn re-raises SIGTERM
-        wait_for(lambda: not Path(f"/proc/{child}").exists(), 10, "the model process to exit")
+        assert "did not exit" not in server.log()  # the children were closed, not killed
+
+        def gone() -> bool:
+            return not any(Path(f"/proc/{child}").exists() for child in children)
+
+        wait_for(gone, 10, "the model processes to exit")
 
 
 @pytest.mark.slow
-def test_a_real_server_exits_when_its_model_process_is_killed(checkpoint, tmp_path):
-    with running_server(checkpoint, tmp_path, model_process="true") as server:
+def test_a_real_server_exits_when_one_of_its_model_processes_is_killed(checkpoint, tmp_path):
+    with running_server(checkpoint, tmp_path, model_processes=2) as server:
         server.wait_ready()
-        [child] = model_children(server.process.pid)
-        os.kill(child, signal.SIGKILL)
+        first, second = model_children(server.process.pid)
+        os.kill(first, signal.SIGKILL)
         assert server.process.wait(30) == 1
         assert "exited unexpectedly" in server.log()
+        wait_for(lambda: not Path(f"/proc/{second}").exists(), 10, "the other child to exit")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_model_process_answers_as_in_process_and_leaves_this_process_off_cuda(
+def test_cuda_model_processes_answer_as_in_process_and_leave_this_process_off_cuda(
     checkpoint, tmp_path
 ):
     """The child owns the device; this process (the HTTP server's) decodes on the
@@ -216,15 +279,15 @@ def test_a_cuda_model_process_answers_as_in_process_and_leaves_this_process_off_
         model=str(checkpoint), device="cuda", precision="fp16", data_dir=tmp_path / "data"
     )
     initialized = torch.cuda.is_initialized()
-    remote = ModelProcess(settings)
+    remote = ModelPool(settings, 2)
     try:
         assert remote.device.type == "cuda" and remote.input_device.type == "cpu"
-        got = remote.predict(TENSORS)
+        got = [remote.predict(TENSORS) for _ in remote.children]  # they take turns
         assert torch.cuda.is_initialized() == initialized
         expected = build_predictor(settings).predict(TENSORS)
     finally:
         remote.close()
-    for g, e in zip(got, expected, strict=True):
+    for g, e in zip(got[0] + got[1], expected + expected, strict=True):
         assert [d.class_id for d in g.detections] == [d.class_id for d in e.detections]
         for a, b in zip(g.detections, e.detections, strict=True):
             assert a.score == pytest.approx(b.score, abs=1e-3)

@@ -27,9 +27,9 @@ def test_invalid_setting_stops_start_up_naming_the_variable(tmp_path):
     assert "MASKRCNN_MAX_BATCH_SIZE" in result.stderr
 
 
-@pytest.mark.parametrize("model_process", ["false", "true"])
-def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path, model_process):
+@pytest.mark.parametrize("model_processes", ["0", "2"])
+def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path, model_processes):
     missing = tmp_path / "missing.safetensors"
-    result = serve(tmp_path, "--model", str(missing), MASKRCNN_MODEL_PROCESS=model_process)
+    result = serve(tmp_path, "--model", str(missing), MASKRCNN_MODEL_PROCESSES=model_processes)
     assert result.returncode == 1
     assert "missing.safetensors" in result.stderr and "Traceback" not in result.stderr

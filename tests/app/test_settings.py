@@ -16,6 +16,7 @@ def clean_env(monkeypatch, tmp_path):
 def test_defaults_follow_the_spec():
     s = load_settings()
     assert (s.model, s.device, s.precision) == ("auto", "auto", "fp32")
+    assert s.model_processes == "auto"
     assert (s.max_batch_size, s.max_batch_delay_ms, s.max_queue_size) == (8, 5, 64)
     assert s.request_timeout_s == 30
     assert s.url_fetch and not s.url_allow_private and s.url_allowlist == ()
@@ -30,8 +31,10 @@ def test_environment_values_are_parsed(monkeypatch):
     monkeypatch.setenv("MASKRCNN_API_TOKENS", "token-one-xyz,token-two-xyz")
     monkeypatch.setenv("MASKRCNN_DEVICE", "CUDA:1")
     monkeypatch.setenv("MASKRCNN_LOG_LEVEL", "debug")
+    monkeypatch.setenv("MASKRCNN_MODEL_PROCESSES", "3")
     s = load_settings()
     assert s.max_batch_size == 16 and s.url_fetch is False and s.device == "cuda:1"
+    assert s.model_processes == 3
     assert s.url_allowlist == ("example.com", "10.0.0.0/8")
     assert [t.get_secret_value() for t in s.api_tokens] == ["token-one-xyz", "token-two-xyz"]
     assert s.log_level == "DEBUG"
@@ -55,6 +58,9 @@ def test_dotenv_file_is_read(tmp_path):
         ("URL_FETCH", "maybe"),
         ("LOG_FORMAT", "xml"),
         ("API_TOKENS", "short"),
+        ("MODEL_PROCESSES", "-1"),
+        ("MODEL_PROCESSES", "17"),
+        ("MODEL_PROCESSES", "some"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch, name, value):
