@@ -8,8 +8,9 @@
 # Wheels (cp312) for the packages the machine lacks travel in .benchwhl/ (carried).
 # Each step has its own time limit and a failed step does not stop the others;
 # everything lands in $OUT: suite.log (all output), RESULTS.md (the updated
-# tables, copied after every step), profile.txt, pytest.txt and the servers' logs.
-# The steps run most important first; in all about 7 minutes on an H200.
+# tables, copied after every step), profile.txt, pytest.txt and servers.log (the
+# servers' logs). The steps run most important first; in all about 8 minutes on an
+# H200.
 set -u
 OUT=${OUT:-/tmp/gpu-suite}
 DEVICE=${DEVICE:-cuda}
@@ -36,10 +37,12 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, time it
 }
 
 if [ "$QUICK" = 1 ]; then  # a CPU rehearsal: the same steps, small
-  BATCHES=1,2; FEW=1,2; SECONDS_PER=1; CONC=1,4; SAT=8; SIZE=(--min-size 128 --max-size 160)
+  BATCHES=1,2; FEW=1,2; SECONDS_PER=1; CONC=1,4; HIGH=4,8; SAT=8
+  SIZE=(--min-size 128 --max-size 160)
   BATCH=1; PROCS=1
 else
-  BATCHES=1,2,4,8,16,32; FEW=1,8,32; SECONDS_PER=2; CONC=1,8,16,32,64; SAT=64; SIZE=()
+  BATCHES=1,2,4,8,16,32; FEW=1,8,32; SECONDS_PER=2; CONC=1,8,16,32,64; HIGH=16,32,64; SAT=64
+  SIZE=()
   BATCH=8; PROCS=4
 fi
 BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a short re-measure
@@ -57,12 +60,15 @@ step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
 step served-fp16-b32 70 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) \
   --server-log "$OUT/server-fp16-b32.log"
-step served-fp16-process 120 python3 bench/served.py "${R50[@]}" --precision fp16 \
-  --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" --model-process \
-  --server-log "$OUT/server-fp16-process.log"
-step served-fp16-process-b32 80 python3 bench/served.py "${R50[@]}" --precision fp16 \
-  --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) --model-process \
-  --server-log "$OUT/server-fp16-process-b32.log"
+# N copies of the model in child processes (MODEL_PROCESSES; 2 is the GPU default)
+served_processes() {  # served_processes STEP LIMIT PROCESSES BATCH CLIENTS
+  step "$1" "$2" python3 bench/served.py "${R50[@]}" --precision fp16 --concurrency "$5" \
+    "${SERVED[@]}" --max-batch-size "$4" --model-processes "$3" \
+    --server-log "$OUT/server-${1#served-}.log"
+}
+served_processes served-fp16-processes2 120 2 "$BATCH" "$CONC"
+served_processes served-fp16-processes3 100 3 "$BATCH" "$HIGH"
+served_processes served-fp16-processes4 80 4 "$BATCH" "$SAT"
 step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/model/test_nms.py tests/model/test_precision.py tests/model/test_fusion.py \
   tests/model/test_masks.py tests/model/test_rle.py tests/app/test_device_decode.py \
@@ -90,4 +96,13 @@ esac
 case ",$STEPS," in *",postprocess,"*)
   step postprocess 60 python3 bench/postprocess.py --device "$DEVICE" --repeats 10 ;;
 esac
+# larger batches with model processes gained less; run with STEPS=...,served-fp16-processes2-b16
+for processes in 2 3; do
+  case ",$STEPS," in *",served-fp16-processes$processes-b16,"*) ;; *) continue ;; esac
+  served_processes "served-fp16-processes$processes-b16" 80 "$processes" $((BATCH * 2)) "$HIGH"
+done
+# one file for the servers' logs: $OUT brings back 8 files at most
+for log in "$OUT"/server-*.log; do
+  [ -f "$log" ] && { echo "=== $log"; cat "$log"; rm "$log"; }
+done >>"$OUT/servers.log"
 grep -E "^=== [a-z0-9-]+: exit" "$LOG"

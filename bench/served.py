@@ -5,12 +5,13 @@ against the bare model, in one run on one machine.
         --concurrency 1,2,4,8,16,32,64 --seconds 10
     python bench/served.py --model r50 --device cuda --precision fp16 --processes 4
     python bench/served.py --model r50 --device cuda --precision fp16 --processes 4 \
-        --model-process
+        --model-processes 2
 
 1. The bare model (``bench/bare.py``'s ``measure``) at batch ``--max-batch-size``,
    in this process, on the same images;
 2. ``maskrcnn serve`` in a subprocess on the same model (``MAX_BATCH_SIZE`` as
-   above, the other settings at their defaults), ready when ``/readyz`` says so;
+   above, ``MODEL_PROCESSES`` from ``--model-processes``: 0, in process, unless
+   given; the other settings at their defaults), ready when ``/readyz`` says so;
 3. for each client concurrency, ``bench/loadgen.py`` in its own process posts
    the same 640x480 JPEGs to ``/v1/segment`` (one image a request), and the
    server's ``/metrics`` before and after tell the mean batch size and the time
@@ -130,8 +131,7 @@ def server_env(args: argparse.Namespace, data_dir: Path, max_concurrency: int) -
     }
     if args.batch_delay_ms is not None:
         env["MASKRCNN_MAX_BATCH_DELAY_MS"] = str(args.batch_delay_ms)
-    if args.model_process:
-        env["MASKRCNN_MODEL_PROCESS"] = "true"
+    env["MASKRCNN_MODEL_PROCESSES"] = str(args.model_processes)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, as in bare
     return env
@@ -163,8 +163,12 @@ def section(args: argparse.Namespace) -> str:
     device = torch.device(args.device).type
     return (
         f"## Served throughput: {args.model} on {device}, {args.precision}, "
-        f"MAX_BATCH_SIZE={args.max_batch_size}{', model process' * args.model_process}"
+        f"MAX_BATCH_SIZE={args.max_batch_size}{model_processes(args)}"
     )
+
+
+def model_processes(args: argparse.Namespace) -> str:
+    return f", MODEL_PROCESSES={args.model_processes}" if args.model_processes else ""
 
 
 def render(points: list[dict], bare: Point, args: argparse.Namespace, command: str) -> str:
@@ -176,7 +180,7 @@ def render(points: list[dict], bare: Point, args: argparse.Namespace, command: s
         "",
         f"`maskrcnn serve` (MAX_BATCH_SIZE={args.max_batch_size}, "
         f"MAX_BATCH_DELAY_MS={args.batch_delay_ms if args.batch_delay_ms is not None else 5:g}"
-        f"{', MODEL_PROCESS=true' * args.model_process}) "
+        f"{model_processes(args)}) "
         f"over HTTP on loopback; closed-loop clients in {args.processes} separate "
         f"process(es) each POST one {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]} JPEG to `/v1/segment`; "
         f"each point {args.seconds:g} s after {args.warmup:g} s of warm-up. "
@@ -219,7 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-delay-ms", type=float, help="MAX_BATCH_DELAY_MS (default: 5)")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument(
-        "--model-process", action="store_true", help="serve with MASKRCNN_MODEL_PROCESS=true"
+        "--model-processes",
+        type=int,
+        default=0,
+        help="MASKRCNN_MODEL_PROCESSES (default 0: in the server's process, whatever the device)",
     )
     parser.add_argument("--bare-seconds", type=float, help="bare point's seconds (--seconds)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
