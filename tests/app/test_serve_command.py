@@ -27,7 +27,7 @@ def test_invalid_setting_stops_start_up_naming_the_variable(tmp_path):
     assert "MASKRCNN_MAX_BATCH_SIZE" in result.stderr
 
 
-@pytest.mark.parametrize("model_processes", ["0", "2"])
+@pytest.mark.parametrize("model_processes", ["0", "1"])
 def test_a_model_that_cannot_load_stops_the_server_with_its_reason(tmp_path, model_processes):
     missing = tmp_path / "missing.safetensors"
     result = serve(tmp_path, "--model", str(missing), MASKRCNN_MODEL_PROCESSES=model_processes)
