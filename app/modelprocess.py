@@ -251,7 +251,6 @@ class ModelPool:
         first = self.children[0]
         self.info, self.device, self.precision = first.info, first.device, first.precision
         self.input_geometry = first.input_geometry
-        self.concurrency = size
         self._idle: queue.Queue[ModelProcess] = queue.Queue()
         for child in self.children:
             self._idle.put(child)
@@ -277,6 +276,11 @@ class ModelPool:
         if options is None:
             options = [PredictOptions()] * len(images)
         return self.finish(self.forward(images, options))
+
+    @property
+    def concurrency(self) -> int:
+        """Batches forwarded at once: one per child."""
+        return len(self.children)
 
     @property
     def alive(self) -> bool:
