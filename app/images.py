@@ -11,6 +11,11 @@ JPEGs (the usual upload) are decoded there by nvJPEG, with the EXIF orientation
 applied on the device too, and the rest lands in pinned host memory, so the
 batch's upload does not block the forward thread; anything nvJPEG refuses goes
 through Pillow as above.
+
+For a model in processes of its own on a GPU (``app.modelprocess``), those JPEGs
+are checked from their header here and left encoded (``EncodedJpeg``, with
+``keep_jpeg``): only their bytes cross the pipe, and the model process decodes
+them with ``decode_image`` on its device.
 """
 
 import asyncio
@@ -19,6 +24,7 @@ import io
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -43,13 +49,31 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """An upload ``decode_image`` checked and left for the model process to decode:
+    a complete RGB or grayscale JPEG within the pixel limit. ``shape`` is the
+    ``[3, H, W]`` it decodes to (EXIF orientation applied), for the queue's size
+    buckets."""
+
+    data: bytes
+    name: str
+    shape: tuple[int, int, int]
+
+
 def decode_image(
-    data: bytes, *, max_pixels: int, name: str = "image", device: torch.device | None = None
-) -> torch.Tensor:
+    data: bytes,
+    *,
+    max_pixels: int,
+    name: str = "image",
+    device: torch.device | None = None,
+    keep_jpeg: bool = False,
+) -> torch.Tensor | EncodedJpeg:
     """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
 
     ``device``: where the model runs; for CUDA the tensor is on that device or in
-    pinned memory (see the module docstring), otherwise in ordinary memory."""
+    pinned memory (see the module docstring), otherwise in ordinary memory.
+    ``keep_jpeg``: an ``EncodedJpeg`` for what nvJPEG would decode."""
     if not data:
         raise BadRequestError(f"{name}: empty file", code="invalid_image")
     fmt = sniff_format(data)
@@ -66,6 +90,9 @@ def decode_image(
                     f"{name}: animated or multi-frame images are not supported",
                     code="invalid_image",
                 )
+            if keep_jpeg and (orientation := nvjpeg_orientation(data, image)) is not None:
+                height, width = image.size[::-1] if orientation < 5 else image.size
+                return EncodedJpeg(data, name, (3, height, width))
             on_cuda = device is not None and device.type == "cuda"
             if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
                 return decoded
@@ -99,11 +126,9 @@ def decode_jpeg_on_device(
     """nvJPEG decode of a complete (end marker present) RGB or grayscale JPEG that
     Pillow has opened but not decoded; ``None`` when it is not one, or nvJPEG
     refuses it (CMYK, unusual sampling, corrupt data), so Pillow decides."""
-    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+    orientation = nvjpeg_orientation(data, image)
+    if orientation is None:
         return None
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-        return None  # truncated: Pillow's decoder says so with a 400
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -135,6 +160,17 @@ def decode_jpeg_on_device(
     return decoded
 
 
+def nvjpeg_orientation(data: bytes, image: Image.Image) -> int | None:
+    """The EXIF orientation (1-8) of a complete RGB or grayscale JPEG, the kind
+    nvJPEG is given, opened by Pillow but not decoded; ``None`` for anything else."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None  # truncated: Pillow's decoder says so with a 400
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
 _decode_streams = threading.local()
 
 
@@ -163,11 +199,14 @@ async def decode_images(
     max_pixels: int,
     names: Sequence[str] | None = None,
     device: torch.device | None = None,
-) -> list[torch.Tensor]:
+    keep_jpeg: bool = False,
+) -> list[torch.Tensor | EncodedJpeg]:
     """``decode_image`` for each blob, in worker threads; the first error wins."""
     names = names or [f"images[{i}]" for i in range(len(blobs))]
     tasks = [
-        asyncio.to_thread(decode_image, blob, max_pixels=max_pixels, name=name, device=device)
+        asyncio.to_thread(
+            decode_image, blob, max_pixels=max_pixels, name=name, device=device, keep_jpeg=keep_jpeg
+        )
         for blob, name in zip(blobs, names, strict=True)
     ]
     return list(await asyncio.gather(*tasks))

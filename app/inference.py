@@ -10,12 +10,13 @@ from typing import Any, TypeVar
 import torch
 from fastapi import Request
 
-from app.batching import Batcher, ItemResult
+from app.batching import Batcher, BatchPredictor, ItemResult
 from app.errors import (
     AppError,
     DeadlineExceededError,
     PayloadTooLargeError,
 )
+from app.images import EncodedJpeg
 from app.schemas import SegmentOptions
 from app.settings import Settings
 from model.info import ModelInfo
@@ -97,18 +98,19 @@ async def run_images(
     request: Request,
     batcher: Batcher,
     settings: Settings,
-    decode: Callable[[], Awaitable[Sequence[torch.Tensor]]],
+    decode: Callable[[BatchPredictor], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]],
     options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
-    """Admit ``len(options)`` images, decode them (``decode``), queue them and wait.
+    """Admit ``len(options)`` images, decode them for the predictor that will run
+    them (``decode``), queue them and wait.
 
-    The options are resolved against the classes of the model the ticket pins,
-    the one that will run these images even if another is activated meanwhile."""
+    The ticket pins that predictor, the one served at admission, even if another
+    is activated meanwhile; the options are resolved against its classes."""
     deadline = request_deadline(request, settings)
     with batcher.admit(len(options)) as ticket:
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
-        images = await decode()
+        images = await decode(ticket.predictor)
         try:
             return await await_or_abort(
                 request, ticket.submit(images, resolved, deadline=deadline), deadline

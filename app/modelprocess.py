@@ -14,7 +14,13 @@ process's work no longer stands in the forward's way.
   ``forward`` sends the batch (options pickled, each image's pixels as raw bytes
   written straight into the child's tensor) and returns when the child's forward
   is done; the child keeps the pending batch until ``finish`` asks for its
-  results. Images are decoded in the HTTP process on the CPU (``input_device``).
+  results. Images are decoded in the HTTP process on the CPU (``input_device``),
+  except, for a model on a GPU (``decodes_jpeg``), the JPEGs nvJPEG decodes: they
+  travel encoded (``app.images.EncodedJpeg``, a twentieth of the pixels' bytes)
+  and the child's reading thread decodes them on the device as they arrive, as
+  the HTTP process would in one process. An image the child cannot decode after
+  all (corrupt past its header) gets its 400 error from ``finish`` in its result's
+  place; the rest of the batch is answered.
 * An error raised in the child is raised again here, as itself when it pickles
   (``RuntimeError`` with its text otherwise); an out-of-memory error empties the
   child's cache before it is reported, so the queue's split-and-retry is unchanged.
@@ -47,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from app.errors import UnavailableError
+from app.images import EncodedJpeg, decode_image
 from app.stages import is_out_of_memory, release_device_memory
 from model.options import PredictOptions
 
@@ -118,6 +125,7 @@ class ModelProcess:
             raise
         self.info: ModelInfo = ready["info"]
         self.device = torch.device(ready["device"])
+        self.decodes_jpeg = self.device.type == "cuda"  # leave JPEGs to nvJPEG there
         self.precision: str = ready["precision"]
         self.input_geometry = ready["input_geometry"]
         self._reader = threading.Thread(
@@ -140,14 +148,16 @@ class ModelProcess:
 
     # -- the queue's stages -------------------------------------------------------
 
-    def forward(self, images: list[torch.Tensor], options: list[PredictOptions]) -> Remote:
+    def forward(
+        self, images: list[torch.Tensor | EncodedJpeg], options: list[PredictOptions]
+    ) -> Remote:
         key = next(self._keys)
-        images = [image.contiguous() for image in images]
-        header = ("forward", key, [(tuple(i.shape), i.dtype) for i in images], options)
-        self._call(key, header, [raw_bytes(image) for image in images])
+        described, buffers = zip(*(on_the_wire(image) for image in images), strict=True)
+        self._call(key, ("forward", key, list(described), options), list(buffers))
         return Remote(key)
 
-    def finish(self, pending: Remote) -> "list[ImageResult]":
+    def finish(self, pending: Remote) -> "list[ImageResult | BaseException]":
+        """The batch's results; an image the child could not decode has its error."""
         return self._call(pending.key, ("finish", pending.key))
 
     def predict(self, images, options=None) -> "list[ImageResult]":
@@ -250,6 +260,7 @@ class ModelPool:
             raise errors[0]
         first = self.children[0]
         self.info, self.device, self.precision = first.info, first.device, first.precision
+        self.decodes_jpeg = first.decodes_jpeg
         self.input_geometry = first.input_geometry
         self._idle: queue.Queue[ModelProcess] = queue.Queue()
         for child in self.children:
@@ -260,7 +271,7 @@ class ModelPool:
         )
 
     def forward(
-        self, images: list[torch.Tensor], options: list[PredictOptions]
+        self, images: list[torch.Tensor | EncodedJpeg], options: list[PredictOptions]
     ) -> "tuple[ModelProcess, Remote]":
         child = self._idle.get()  # the queue forwards at most `concurrency` at once
         try:
@@ -268,7 +279,7 @@ class ModelPool:
         finally:
             self._idle.put(child)
 
-    def finish(self, pending: "tuple[ModelProcess, Remote]") -> "list[ImageResult]":
+    def finish(self, pending: "tuple[ModelProcess, Remote]") -> "list[ImageResult | BaseException]":
         child, remote = pending
         return child.finish(remote)
 
@@ -311,6 +322,14 @@ def stop_child(
     requests.close()
 
 
+def on_the_wire(image: torch.Tensor | EncodedJpeg) -> tuple[tuple, bytes | memoryview]:
+    """How ``forward`` sends one image: its description, then its bytes."""
+    if isinstance(image, EncodedJpeg):
+        return ("jpeg", image.name), image.data
+    image = image.contiguous()
+    return ("pixels", tuple(image.shape), image.dtype), raw_bytes(image)
+
+
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
     """A contiguous tensor's memory as flat bytes (no copy)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -350,17 +369,21 @@ def child_main(
         replies.send((False, portable(e)))
         return
     replies.send((True, ready))
-    Child(predictor, requests, replies).serve()
+    Child(predictor, requests, replies, max_pixels=settings.max_image_pixels).serve()
 
 
 class Child:
-    """The child's loop: the main thread reads requests, a forward thread and a
-    finish thread run them, replies go back under one lock."""
+    """The child's loop: the main thread reads requests (and decodes the JPEGs
+    among their images), a forward thread and a finish thread run them, replies go
+    back under one lock."""
 
-    def __init__(self, predictor: Any, requests: Connection, replies: Connection):
+    def __init__(
+        self, predictor: Any, requests: Connection, replies: Connection, *, max_pixels: int
+    ):
         self.predictor = predictor
         self.requests = requests
         self.replies = replies
+        self.max_pixels = max_pixels
         self.pending: dict[int, Any] = {}
         self._reply_lock = threading.Lock()
         self._forwards: queue.Queue = queue.Queue()
@@ -383,8 +406,8 @@ class Child:
                 except (EOFError, OSError):
                     break  # the HTTP process is gone
                 if message[0] == "forward":
-                    _, key, shapes, options = message
-                    images = [self._receive_image(shape, dtype) for shape, dtype in shapes]
+                    _, key, described, options = message
+                    images = [self._receive_image(*description) for description in described]
                     self._forwards.put((key, images, options))
                 elif message[0] == "finish":
                     self._finishes.put((message[1],))
@@ -396,7 +419,18 @@ class Child:
             for worker in workers:
                 worker.join()
 
-    def _receive_image(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    def _receive_image(self, kind: str, *described: Any) -> torch.Tensor | BaseException:
+        """One image of a batch (see ``on_the_wire``); the error of a JPEG that
+        does not decode."""
+        if kind == "jpeg":
+            (name,) = described
+            data = self.requests.recv_bytes()
+            try:
+                device = getattr(self.predictor, "device", None)
+                return decode_image(data, max_pixels=self.max_pixels, name=name, device=device)
+            except Exception as e:
+                return portable(e)
+        shape, dtype = described
         image = torch.empty(shape, dtype=dtype)
         self.requests.recv_bytes_into(raw_bytes(image))
         return image
@@ -419,11 +453,19 @@ class Child:
                     error = RuntimeError(f"cannot send the model's reply: {e!r}")
                     self.replies.send((key, False, error))
 
-    def _forward(self, key: int, images: list[torch.Tensor], options: list) -> None:
-        self.pending[key] = self.predictor.forward(images, options)
+    def _forward(self, key: int, images: list, options: list) -> None:
+        """Forward the batch's decoded images; keep the others' errors for ``_finish``."""
+        failed = {i: image for i, image in enumerate(images) if isinstance(image, BaseException)}
+        kept = [i for i in range(len(images)) if i not in failed]
+        pending = None
+        if kept:
+            pending = self.predictor.forward([images[i] for i in kept], [options[i] for i in kept])
+        self.pending[key] = (pending, failed, len(images))
 
-    def _finish(self, key: int) -> "list[ImageResult]":
-        return self.predictor.finish(self.pending.pop(key))
+    def _finish(self, key: int) -> "list[ImageResult | BaseException]":
+        pending, failed, count = self.pending.pop(key)
+        results = iter(self.predictor.finish(pending) if pending is not None else [])
+        return [failed[i] if i in failed else next(results) for i in range(count)]
 
 
 def portable(error: BaseException) -> BaseException:

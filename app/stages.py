@@ -37,7 +37,9 @@ class BatchPredictor(Protocol):
 
     def forward(self, images: list[torch.Tensor], options: list[PredictOptions]) -> Any: ...
 
-    def finish(self, pending: Any) -> "list[ImageResult]": ...
+    def finish(self, pending: Any) -> "list[ImageResult | BaseException]":
+        """The batch's results in order; an exception in an image's place is its
+        error (``ModelPool``: an image its process could not decode)."""
 
 
 @dataclass
@@ -163,7 +165,9 @@ class BatchRunner:
         self.metrics.postprocess_seconds.observe(seconds)
         model = group.predictor.info
         for item, result in zip(group.items, results, strict=True):
-            if not item.future.done():
+            if isinstance(result, BaseException):  # one the model process could not decode
+                fail(item, result)
+            elif not item.future.done():
                 queue_s = item.dispatched_at - item.enqueued_at
                 item.future.set_result(ItemResult(result, model, queue_s, group.seconds, seconds))
         return seconds

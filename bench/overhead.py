@@ -10,7 +10,14 @@ queue, decoding, JSON) is processor time the model's forward thread cannot use
 in a real server: they share one interpreter. Pinned to one core (the load
 generator to the others) where there are several, so requests/s is that core's
 limit; the CPU column is this process's processor time per answered request.
-``--no-decode`` hands the queue a ready tensor instead of decoding the upload.
+``--no-decode`` hands the queue a ready tensor instead of decoding the upload;
+``--keep-jpeg`` reads only the JPEG's header and queues it encoded, as the server
+does for model processes on a GPU; ``--model-process`` runs the stand-in in a
+model process (``app.modelprocess``, on the other cores), so the pipe's cost is
+counted too (the child's own processor time is not).
+
+    python bench/overhead.py --model-process
+    python bench/overhead.py --model-process --keep-jpeg
 """
 
 import argparse
@@ -74,6 +81,29 @@ class InstantPredictor:
         return self.finish(self.forward(images, options))
 
 
+def load_instant(settings=None) -> InstantPredictor:
+    """The stand-in, built in a model process."""
+    return InstantPredictor()
+
+
+def load_predictor(args: argparse.Namespace):
+    """The app's ``load_predictor``: the stand-in here or in a model process."""
+
+    def load(settings):
+        if args.model_process:
+            from app.modelprocess import ModelProcess
+
+            predictor = ModelProcess(settings, load=load_instant)
+            if args.others:
+                os.sched_setaffinity(predictor.process.pid, args.others)
+        else:
+            predictor = InstantPredictor()
+        predictor.decodes_jpeg = args.keep_jpeg
+        return predictor
+
+    return load
+
+
 def skip_decoding() -> None:
     import app.routes.segment as segment
 
@@ -91,7 +121,7 @@ def measure(args: argparse.Namespace, port: int, folder: Path) -> dict:
 
     data = Path(tempfile.mkdtemp())
     settings = Settings(data_dir=data, database_url=f"sqlite:///{data / 'db.sqlite'}")
-    app = create_app(settings, load_predictor=lambda _: InstantPredictor())
+    app = create_app(settings, load_predictor=load_predictor(args))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     summary: dict = {}
@@ -127,7 +157,13 @@ def measure(args: argparse.Namespace, port: int, folder: Path) -> dict:
 def render(summary: dict, args: argparse.Namespace, command: str) -> str:
     requests = summary["requests"]
     cpu_ms = 1000 * summary["cpu_s"] / max(requests, 1)
-    decoding = "none (a ready tensor)" if args.no_decode else "Pillow, in worker threads"
+    decoding = (
+        "none (a ready tensor)"
+        if args.no_decode
+        else "header only (the JPEG queued encoded)"
+        if args.keep_jpeg
+        else "Pillow, in worker threads"
+    )
     return "\n".join(
         [
             heading(args),
@@ -135,8 +171,10 @@ def render(summary: dict, args: argparse.Namespace, command: str) -> str:
             "A real app under uvicorn with a stand-in predictor that answers at once; "
             f"{args.concurrency} closed-loop clients (`bench/loadgen.py`, another process"
             f"{' and core' if args.pin else ''}) POST 640x480 JPEGs to `/v1/segment`; "
-            f"{args.seconds:g} s after {args.warmup:g} s of warm-up. CPU: this process's "
-            "processor time per answered request (the server's own cost).",
+            f"{args.seconds:g} s after {args.warmup:g} s of warm-up"
+            f"{'; the stand-in in a model process' if args.model_process else ''}. "
+            "CPU: this process's processor time per answered request (the server's own "
+            "cost).",
             "",
             "| decoding | requests/s | server CPU ms/request | p50 ms | errors |",
             "|---|---:|---:|---:|---|",
@@ -151,7 +189,9 @@ def render(summary: dict, args: argparse.Namespace, command: str) -> str:
 
 
 def heading(args: argparse.Namespace) -> str:
-    return f"## Server overhead per request: stand-in model{', no decoding' * args.no_decode}"
+    variant = ", no decoding" * args.no_decode + ", JPEGs left encoded" * args.keep_jpeg
+    variant += ", in a model process" * args.model_process
+    return f"## Server overhead per request: stand-in model{variant}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,6 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--port", type=int, default=0, help="default: a free one")
     parser.add_argument("--no-decode", action="store_true", help="skip decoding the uploads")
+    parser.add_argument(
+        "--keep-jpeg", action="store_true", help="queue JPEGs encoded (header checks only)"
+    )
+    parser.add_argument(
+        "--model-process", action="store_true", help="the stand-in in a model process"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = parser.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]

@@ -4,16 +4,17 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.auth import ApiToken
+from app.batching import BatchPredictor
 from app.dependencies import BatcherDep, SettingsDep
 from app.errors import BadRequestError
-from app.images import decode_image, decode_images
+from app.images import EncodedJpeg, decode_image, decode_images
 from app.inference import check_image_count, encode_segmentation, run_images
 from app.responses import OrjsonResponse
 from app.schemas import (
@@ -62,10 +63,15 @@ async def form_options(
 FormOptions = Annotated[SegmentOptions, Depends(form_options)]
 
 
-def input_device(predictor: object) -> torch.device | None:
-    """Where uploads are decoded to: the model's device, or the CPU for a model in
-    its own process (``ModelPool.input_device``)."""
-    return getattr(predictor, "input_device", getattr(predictor, "device", None))
+def decode_target(predictor: object) -> dict[str, Any]:
+    """``decode_image``'s arguments for uploads that ``predictor`` will run: decoded
+    to the model's device; for a model in processes of its own, on the CPU
+    (``ModelPool.input_device``) or, the JPEGs nvJPEG takes, by the processes on
+    their GPU (``ModelPool.decodes_jpeg``)."""
+    return {
+        "device": getattr(predictor, "input_device", getattr(predictor, "device", None)),
+        "keep_jpeg": getattr(predictor, "decodes_jpeg", False),
+    }
 
 
 @router.post("", name="segment", response_model=SegmentationPublic)
@@ -80,14 +86,11 @@ async def segment(
     check_image_count(len(images), settings)
     opts = [options] * len(images)
 
-    async def decode():
+    async def decode(predictor: BatchPredictor):
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
         return await decode_images(
-            blobs,
-            max_pixels=settings.max_image_pixels,
-            names=names,
-            device=input_device(batcher.predictor),
+            blobs, max_pixels=settings.max_image_pixels, names=names, **decode_target(predictor)
         )
 
     results = await run_images(request, batcher, settings, decode, opts)
@@ -119,7 +122,7 @@ async def segment_json(
     opts = [body] * len(body.images)
     budget = ByteBudget(settings.max_upload_bytes)  # all URL images together
 
-    async def one(i: int, source: ImageSource) -> torch.Tensor:
+    async def one(i: int, source: ImageSource, target: dict) -> torch.Tensor | EncodedJpeg:
         name = f"images[{i}]"
         if source.url is not None:
             data = await fetcher.fetch(source.url, name=name, budget=budget)
@@ -127,15 +130,12 @@ async def segment_json(
             data = await asyncio.to_thread(decode_base64, source.data, f"{name}.data")
         max_pixels = settings.max_image_pixels
         return await asyncio.to_thread(
-            decode_image,
-            data,
-            max_pixels=max_pixels,
-            name=name,
-            device=input_device(batcher.predictor),
+            decode_image, data, max_pixels=max_pixels, name=name, **target
         )
 
-    async def decode():
-        return await gather_or_cancel([one(i, s) for i, s in enumerate(body.images)])
+    async def decode(predictor: BatchPredictor):
+        target = decode_target(predictor)
+        return await gather_or_cancel([one(i, s, target) for i, s in enumerate(body.images)])
 
     results = await run_images(request, batcher, settings, decode, opts)
     started_at = request.scope["state"]["started_at"]
@@ -164,7 +164,7 @@ async def segment_visualize(
     opts = options.model_copy(update={"mask_format": "rle"})
     decoded = []
 
-    async def decode():
+    async def decode(predictor: BatchPredictor):  # decoded here, for the drawing too
         blob = await image.read()
         name = image.filename or "image"
         decoded.append(

@@ -49,3 +49,13 @@ def test_rendered_images_are_the_bench_size():
     jpegs = bench_jpegs(count=2)
     assert [Image.open(io.BytesIO(j)).size for j in jpegs] == [IMAGE_SIZE[::-1]] * 2
     assert [tuple(t.shape) for t in decode_jpegs(jpegs)] == [(3, *IMAGE_SIZE)] * 2
+
+
+def test_the_overhead_script_serves_jpegs_left_for_a_model_process():
+    command = [sys.executable, str(REPO / "bench" / "overhead.py"), "--model-process"]
+    command += ["--keep-jpeg", "--seconds", "1", "--warmup", "0.5", "--no-write"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    [row] = [line for line in done.stdout.splitlines() if line.startswith("| header only")]
+    requests_per_s, cpu_ms = (float(cell) for cell in row.split("|")[2:4])
+    assert requests_per_s > 0 and cpu_ms > 0, row
+    assert row.rstrip(" |").endswith("none"), row  # no errors

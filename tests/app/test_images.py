@@ -4,10 +4,11 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.images import decode_image, decode_images
+from app.images import EncodedJpeg, decode_image, decode_images
 from tests.app.conftest import encode
 
 
@@ -73,3 +74,33 @@ def test_decode_images_names_the_bad_one():
     good = encode(gradient(), "PNG")
     with pytest.raises(UnsupportedMediaTypeError, match="images\\[1\\]"):
         asyncio.run(decode_images([good, b"hello"], max_pixels=10_000))
+
+
+def corrupt_jpeg() -> bytes:
+    """A JPEG whose header reads (size, mode, end marker) but that has no image data."""
+    data = encode(gradient(), "JPEG")
+    return data[: data.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpegs_for_a_model_process_are_checked_and_left_encoded(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for image in (gradient(40, 30), gradient(40, 30).convert("L")):
+        data = encode(image, "JPEG", exif=exif)
+        kept = decode_image(data, max_pixels=10_000, name="a.jpg", keep_jpeg=True)
+        assert isinstance(kept, EncodedJpeg) and (kept.data, kept.name) == (data, "a.jpg")
+        assert kept.shape == tuple(decode_image(data, max_pixels=10_000).shape)
+    # the checks still happen here
+    with pytest.raises(PayloadTooLargeError, match="40x30"):
+        decode_image(data, max_pixels=1_000, keep_jpeg=True)
+    truncated = encode(gradient(), "JPEG")[:-2]  # no end marker
+    with pytest.raises(BadRequestError, match="truncated"):
+        decode_image(truncated, max_pixels=10_000, keep_jpeg=True)
+    # what nvJPEG is not given is decoded here
+    for other in (encode(gradient(), "PNG"), encode(gradient().convert("CMYK"), "JPEG")):
+        assert isinstance(decode_image(other, max_pixels=10_000, keep_jpeg=True), torch.Tensor)
+    # corrupt past the header: only decoding tells, so decode_image there does
+    assert isinstance(decode_image(corrupt_jpeg(), max_pixels=10_000, keep_jpeg=True), EncodedJpeg)
+    with pytest.raises(BadRequestError, match="corrupt"):
+        decode_image(corrupt_jpeg(), max_pixels=10_000)

@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.buckets import input_geometry
-from app.errors import UnavailableError
+from app.errors import BadRequestError, UnavailableError
+from app.images import EncodedJpeg, decode_image
 from app.main import create_app
 from app.modelprocess import ModelPool, ModelProcess
 from app.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
@@ -26,6 +29,7 @@ from app.settings import load_settings
 from model.errors import InvalidImageError, InvalidOptionError
 from model.options import PredictOptions
 from tests.app.conftest import (
+    encode,
     model_children,
     png_bytes,
     running_server,
@@ -35,6 +39,7 @@ from tests.app.conftest import (
 )
 from tests.app.fakes import load_fake, solid_image
 from tests.app.test_batching import run, started, submit
+from tests.app.test_images import corrupt_jpeg
 
 IMAGES = [scene(96, 96, seed) for seed in range(3)] + [scene(64, 112, 3)]
 TENSORS = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in IMAGES]
@@ -75,11 +80,64 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         with pytest.raises(InvalidImageError, match="uint8"):
             remote.predict([TENSORS[0].float()], [PredictOptions()])
         assert len(remote.predict(TENSORS[:1])) == 1  # and it goes on serving
+        # JPEGs left encoded are decoded by the child, as here; one that does not
+        # decode gets its error in its result's place, and the rest are answered
+        jpegs = [encode(Image.fromarray(image), "JPEG", quality=95) for image in IMAGES[:2]]
+        mixed = [jpeg_for_the_child(jpegs[0]), TENSORS[2], jpeg_for_the_child(corrupt_jpeg())]
+        mixed.append(jpeg_for_the_child(jpegs[1]))
+        decoded = [decode_image(data, max_pixels=10**6) for data in jpegs]
+        expected = local.predict([decoded[0], TENSORS[2], decoded[1]])
+        got = remote.predict(mixed)
+        assert isinstance(got[2], BadRequestError) and got[2].code == "invalid_image"
+        assert "bad.jpg: corrupt" in str(got[2])
+        assert [r.detections for r in got[:2] + got[3:]] == [r.detections for r in expected]
+        [failed] = remote.predict([jpeg_for_the_child(corrupt_jpeg())])
+        assert isinstance(failed, BadRequestError)
     finally:
         remote.close()
     assert not remote.process.is_alive()
     with pytest.raises(UnavailableError, match="closed"):
         remote.predict(TENSORS[:1])
+
+
+def jpeg_for_the_child(data: bytes) -> EncodedJpeg:
+    kept = decode_image(data, max_pixels=10**6, name="bad.jpg", keep_jpeg=True)
+    assert isinstance(kept, EncodedJpeg)
+    return kept
+
+
+def test_a_jpeg_the_model_process_cannot_decode_fails_alone_in_its_batch(tmp_path):
+    """Over HTTP: with the children decoding JPEGs (as on a GPU), a corrupt one is
+    queued and sent with the others, and only its own request gets the 400."""
+    from fastapi.testclient import TestClient
+
+    settings = settings_for("demo", tmp_path, model_processes=1, max_batch_delay_s=1.0)
+
+    def load(s):
+        remote = ModelProcess(s, load=load_fake)
+        assert not remote.decodes_jpeg  # on the CPU the HTTP process decodes
+        remote.decodes_jpeg = True
+        return remote
+
+    # the size of corrupt_jpeg(): one bucket
+    good = encode(Image.fromarray(np.full((30, 40, 3), 200, np.uint8)), "JPEG", quality=95)
+    with TestClient(create_app(settings, load_predictor=load)) as client:
+        wait_ready(client)
+
+        def post(name: str, data: bytes) -> httpx.Response:
+            return client.post("/v1/segment", files=[("images", (name, data, "image/jpeg"))])
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(post, ["good.jpg", "bad.jpg"], [good, corrupt_jpeg()]))
+        metrics = client.app.state.service.batcher.metrics
+        forwards, forwarded = metrics.forwards._value.get(), metrics.images_forwarded._value.get()
+    assert answers[0].status_code == 200, answers[0].text
+    [result] = answers[0].json()["results"]
+    assert result["detections"][0]["score"] == pytest.approx(200 / 255, abs=2 / 255)
+    assert answers[1].status_code == 400
+    error = answers[1].json()["error"]
+    assert error["code"] == "invalid_image" and error["message"].startswith("bad.jpg: corrupt")
+    assert (forwards, forwarded) == (1, 2)  # one batch: the child found it corrupt
 
 
 def test_auto_runs_the_model_in_processes_of_its_own_on_a_gpu_only(tmp_path, monkeypatch):
@@ -273,21 +331,29 @@ def test_a_real_server_exits_when_one_of_its_model_processes_is_killed(checkpoin
 def test_cuda_model_processes_answer_as_in_process_and_leave_this_process_off_cuda(
     checkpoint, tmp_path
 ):
-    """The child owns the device; this process (the HTTP server's) decodes on the
-    CPU and creates no CUDA context."""
+    """The children own the device and decode JPEGs there; this process (the HTTP
+    server's) decodes other images on the CPU and creates no CUDA context."""
     settings = load_settings(
         model=str(checkpoint), device="cuda", precision="fp16", data_dir=tmp_path / "data"
     )
     initialized = torch.cuda.is_initialized()
+    jpegs = [encode(Image.fromarray(image), "JPEG", quality=95) for image in IMAGES]
     remote = ModelPool(settings, 2)
     try:
         assert remote.device.type == "cuda" and remote.input_device.type == "cpu"
+        assert remote.decodes_jpeg  # by nvJPEG, in the children
         got = [remote.predict(TENSORS) for _ in remote.children]  # they take turns
+        got_jpegs = remote.predict([jpeg_for_the_child(data) for data in jpegs])
         assert torch.cuda.is_initialized() == initialized
-        expected = build_predictor(settings).predict(TENSORS)
+        local = build_predictor(settings)
+        expected = local.predict(TENSORS)
+        on_device = [decode_image(data, max_pixels=10**6, device=local.device) for data in jpegs]
+        assert all(image.device.type == "cuda" for image in on_device)
+        expected_jpegs = local.predict(on_device)
     finally:
         remote.close()
-    for g, e in zip(got[0] + got[1], expected + expected, strict=True):
+    pairs = zip(got[0] + got[1] + got_jpegs, expected + expected + expected_jpegs, strict=True)
+    for g, e in pairs:
         assert [d.class_id for d in g.detections] == [d.class_id for d in e.detections]
         for a, b in zip(g.detections, e.detections, strict=True):
             assert a.score == pytest.approx(b.score, abs=1e-3)
