@@ -101,12 +101,25 @@ def prepare_model(
 
 
 def load_predictor(
-    spec: str, device: str, precision: str, *, fused: bool | None = None
+    spec: str,
+    device: str,
+    precision: str,
+    *,
+    fused: bool | None = None,
+    vectorized: bool | None = None,
 ) -> Predictor:
     """As ``maskrcnn serve`` builds it (``app.service.build_predictor``);
-    ``fused=False`` turns ``model.fusion``'s rewrites off (an experiment)."""
+    ``fused=False`` turns ``model.fusion``'s rewrites off (an experiment);
+    ``fused=True, vectorized=True`` runs the CUDA code path on the CPU."""
     loaded = load_model(spec, device=device)
-    return Predictor(loaded.network, loaded.info, device=device, precision=precision, fused=fused)
+    return Predictor(
+        loaded.network,
+        loaded.info,
+        device=device,
+        precision=precision,
+        fused=fused,
+        vectorized=vectorized,
+    )
 
 
 def measure(

@@ -1,9 +1,14 @@
 """Where one served-size batch spends its time: ``torch.profiler`` over
 ``Predictor.predict`` on ``--batch-size`` bench images, top ops by device time
-and by host time; and what decoding one bench JPEG costs (Pillow on the host,
-nvJPEG on the device), to decide where uploads should be decoded.
+and by host time, and the operators called from Python per batch (each at least
+one kernel launch on a GPU, where the forward is host-bound); and what decoding
+one bench JPEG costs (Pillow on the host, nvJPEG on the device), to decide where
+uploads should be decoded.
 
     python bench/profile_batch.py --model r50 --device cuda --precision fp16 [--batch-size 8]
+
+``--cuda-path`` runs the CUDA code path (fused network, batched selection) on the
+CPU, to count its operators where there is no GPU.
 """
 
 import argparse
@@ -40,6 +45,7 @@ def profile_batch(predictor, images, batch_size: int, rows: int) -> str:
     with profile(activities=activities) as prof:
         for _ in range(3):
             predictor.predict(batch, options)
+    calls = len(python_calls(prof.events())) / 3
     averages = prof.key_averages()
     keys = ["self_cpu_time_total"]
     if predictor.device.type == "cuda":  # the key's name depends on the torch version
@@ -53,7 +59,28 @@ def profile_batch(predictor, images, batch_size: int, rows: int) -> str:
                 continue
             tables.append(f"top {rows} ops by {name}, 3 batches of {batch_size}:\n{table}")
             break
+    tables.append(f"operators called from Python per batch (views excluded): {calls:.0f}")
     return "\n".join(tables)
+
+
+# operators that only make a view or read metadata: no kernel
+VIEWS = {
+    f"aten::{name}"
+    for name in (  # noqa: SIM905
+        "view as_strided reshape _reshape_alias select slice unsqueeze squeeze permute t "
+        "transpose expand expand_as view_as split unbind chunk narrow flatten unflatten "
+        "size detach alias lift_fresh empty result_type"
+    ).split()
+}
+
+
+def python_calls(events) -> list:
+    """The aten and torchvision operators Python called (not those they called)."""
+
+    def operator(event) -> bool:
+        return event is not None and event.name.startswith(("aten::", "torchvision::"))
+
+    return [e for e in events if operator(e) and not operator(e.cpu_parent) and e.name not in VIEWS]
 
 
 def time_decoders(jpegs: list[bytes], device: torch.device, repeats: int = 50) -> str:
@@ -95,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument(
+        "--cuda-path", action="store_true", help="fused network, batched selection on any device"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     images = decode_jpegs(jpegs)
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
-        predictor = load_predictor(spec, args.device, args.precision)
+        path = {"fused": True, "vectorized": True} if args.cuda_path else {}
+        predictor = load_predictor(spec, args.device, args.precision, **path)
     images = (images * args.batch_size)[: max(args.batch_size, len(images))]
     print(f"{args.model}, {args.precision}, batch {args.batch_size}; {machine(args.device)}\n")
     print(profile_batch(predictor, images, args.batch_size, args.rows))

@@ -31,7 +31,7 @@ from model.info import ModelInfo
 from model.masks import paste_masks
 from model.nms import device_tensor
 from model.options import MaskFormat, PredictOptions, check_options
-from model.proposals import propose
+from model.proposals import AnchorCache, propose
 from model.rle import encode_polygons, find_runs, pack_runs
 
 __all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
@@ -136,6 +136,7 @@ class Predictor:
             network = prepare_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
         self.network = network.to(self.device).eval()
         self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._anchors = AnchorCache()
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
 
@@ -203,7 +204,7 @@ class Predictor:
         image_list = self._transform(batch)
         features = net.backbone(to_backbone_input(image_list.tensors, self.fused))
         if self.vectorized:
-            proposals = propose(net.rpn, image_list, features)
+            proposals = propose(net.rpn, image_list, features, self._anchors)
         else:
             proposals, _ = net.rpn(image_list, features)
         if self.fused:  # the ROI heads' pooling reads the standard layout

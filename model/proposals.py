@@ -9,9 +9,12 @@ boxes in the same order; only the split into per-image tensors at the end waits
 for the device.
 """
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import torchvision
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
@@ -34,17 +37,53 @@ COORDINATE_TRICK_LIMIT = {
 
 
 def propose(
-    rpn: RegionProposalNetwork, images: ImageList, features: dict[str, torch.Tensor]
+    rpn: RegionProposalNetwork,
+    images: ImageList,
+    features: dict[str, torch.Tensor],
+    anchors: "AnchorCache | None" = None,
 ) -> list[torch.Tensor]:
-    """``rpn(images, features)[0]`` in eval mode: the proposals of each image."""
+    """``rpn(images, features)[0]`` in eval mode: the proposals of each image.
+    ``anchors``: a cache of the anchors by batch geometry (computed otherwise)."""
     levels = list(features.values())
     objectness, deltas = rpn.head(levels)
-    anchors = rpn.anchor_generator(images, levels)
+    if anchors is None:
+        anchors = rpn.anchor_generator(images, levels)
+    else:
+        anchors = anchors.get(rpn.anchor_generator, images, levels)
     per_level = [o[0].numel() for o in objectness]
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
     boxes, _ = filter_proposals(rpn, proposals, objectness, images.image_sizes, per_level)
     return boxes
+
+
+class AnchorCache:
+    """The anchors of the last ``size`` batch geometries (padded batch size, feature
+    map sizes, dtype, device). torchvision's ``AnchorGenerator`` builds them anew
+    for every batch, about fifty small kernels, although they depend on nothing
+    else: every image of a batch has the same ones."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._anchors: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(
+        self, generator: AnchorGenerator, images: ImageList, levels: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``generator(images, levels)``: one anchors tensor per image."""
+        first = levels[0]
+        sizes = tuple(tuple(level.shape[-2:]) for level in levels)
+        key = (tuple(images.tensors.shape[-2:]), sizes, first.dtype, first.device)
+        anchors = self._anchors.get(key)
+        if anchors is None:
+            one = ImageList(images.tensors[:1], images.image_sizes[:1])
+            [anchors] = generator(one, [level[:1] for level in levels])
+            self._anchors[key] = anchors
+            if len(self._anchors) > self.size:
+                self._anchors.popitem(last=False)
+        else:
+            self._anchors.move_to_end(key)
+        return [anchors] * len(images.image_sizes)
 
 
 def filter_proposals(
