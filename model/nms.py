@@ -11,11 +11,12 @@ calls were about a sixth of the device time and most of the host's waiting
 keeps exactly the boxes greedy NMS keeps: a box is kept unless a kept box earlier
 in its group (higher scoring) overlaps it by more than the threshold. That rule
 is a recursion on the order, and its fixed point is unique, so it is reached by
-iterating ``keep = valid & ~any(overlaps & keep)`` from ``keep = valid``: after
-``t`` rounds the first ``t`` boxes of every group are final, and real boxes
-settle in a handful of rounds (at most 9 for torchvision's R50-FPN RPN on the
-bench images, where a group holds 1,000 boxes). Only the check that a round
-changed nothing waits for the device.
+iterating ``keep = ~any(overlaps & keep)`` from ``keep = valid`` (an invalid box
+suppresses nothing and is dropped at the end): after ``t`` rounds the first
+``t`` boxes of every group are final, and real boxes settle in a handful of
+rounds (at most 9 for torchvision's R50-FPN RPN on the bench images, where a
+group holds 1,000 boxes). Only the check that a round changed nothing waits for
+the device.
 """
 
 from collections.abc import Sequence
@@ -72,24 +73,27 @@ def greedy_nms(
         thresholds.split(per_chunk),
         strict=True,
     )
-    # counting suppressors is a batched matrix-vector product; half precision is
-    # exact enough for "> 0" (a sum of ones never rounds to zero); autocast off,
-    # or bf16 autocast would cast the whole matrix again in every round
+    # A round counts each box's kept suppressors, a batched matrix-vector product,
+    # and keeps the boxes with none: keep = max(1 - suppressors @ keep, 0), two
+    # kernels (a round is host-bound on a GPU). Half precision is exact enough: a
+    # sum of ones never rounds below one. Invalid boxes' rows are left unmasked
+    # until the end; their columns are zero, so they never suppress. Autocast is
+    # off, or bf16 autocast would cast the whole matrix again in every round.
     dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
     with torch.autocast(boxes.device.type, enabled=False):
         weights = [suppressors(*chunk).to(dtype) for chunk in chunks]
-        valid = list(valid.split(per_chunk))
-        keep = valid
+        one = torch.ones((), dtype=dtype, device=boxes.device)
+        keep = [v.to(dtype)[:, :, None] for v in valid.split(per_chunk)]
         while True:
             for _ in range(_ROUNDS_PER_CHECK):
                 previous = keep
                 keep = [
-                    v & ~(torch.bmm(w, k.to(dtype)[:, :, None])[:, :, 0] > 0)
-                    for w, v, k in zip(weights, valid, keep, strict=True)
+                    torch.baddbmm(one, w, k, alpha=-1).clamp_min_(0)
+                    for w, k in zip(weights, keep, strict=True)
                 ]
             changed = [(k != p).any() for k, p in zip(keep, previous, strict=True)]
             if not torch.stack(changed).any().item():
-                return torch.cat(keep)
+                return (torch.cat(keep)[:, :, 0] > 0) & valid
 
 
 def suppressors(
