@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from model.nms import device_tensor, greedy_nms, top_kept
 from model.options import PredictOptions
@@ -198,11 +198,11 @@ def pool_rois(
         pooler.scales, pooler.map_levels = _setup_scales(
             levels, image_sizes, pooler.canonical_scale, pooler.canonical_level
         )
-    rois = _convert_to_roi_format(boxes)
+    rois = roi_table(boxes)
     options = {"output_size": pooler.output_size, "sampling_ratio": pooler.sampling_ratio}
     if len(levels) == 1:
         return roi_align(levels[0], rois, spatial_scale=pooler.scales[0], **options)
-    level_of = pooler.map_levels(boxes)
+    level_of = pooler.map_levels([rois[:, 1:]])  # every box's area at once, not per image
     order = level_of.argsort(stable=True)
     # counted with index_add_: bincount reads the input's range back first (2 syncs)
     counts = (
@@ -221,3 +221,12 @@ def pool_rois(
     result = torch.empty_like(pooled)
     result[order] = pooled
     return result
+
+
+def roi_table(boxes: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's ``_convert_to_roi_format(boxes)``: ``[K, 5]`` rows ``(image
+    index, x1, y1, x2, y2)``, the indices made on the host in one transfer rather
+    than filled on the device one image at a time."""
+    concat = torch.cat(boxes)
+    ids = np.repeat(np.arange(len(boxes)), [len(b) for b in boxes])[:, None]
+    return torch.cat([device_tensor(ids, concat.device, concat.dtype), concat], 1)

@@ -16,6 +16,7 @@ network and everything on the device) and ``finish`` (string encoding on the CPU
 """
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -157,7 +158,9 @@ class Predictor:
             )
         for opts in options:
             check_options(opts)
-        batch = [to_float_image(image, self.device) for image in images]
+        for image in images:
+            check_image(image)
+        batch = [image.to(self.device, non_blocking=True) for image in images]  # as uint8
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
         if not batch:
             return PendingBatch([], [], [], [], [], [], [])
@@ -226,20 +229,38 @@ class Predictor:
         return kept
 
     def _transform(self, batch: list[torch.Tensor]) -> ImageList:
-        """``network.transform(batch)`` (normalise, resize, pad into one tensor)
-        with the mean and std kept on the device: torchvision copies them there
-        for every image, and each copy waits for the device's queue."""
+        """``network.transform`` of the uint8 images scaled to ``[0, 1]`` (normalise,
+        resize, pad into one tensor), the same numbers, with the mean and std kept
+        on the device: torchvision copies them there for every image, and each
+        copy waits for the device's queue. Images of one size (the usual batch:
+        the queue batches by size) go through each step together, a kernel per
+        step rather than one per image."""
         transform = self.network.transform
-        key = (batch[0].dtype, batch[0].device)
+        key = (torch.float32, batch[0].device)
         if key not in self._normalization:
             self._normalization[key] = tuple(
                 torch.as_tensor(values, dtype=key[0], device=key[1])[:, None, None]
                 for values in (transform.image_mean, transform.image_std)
             )
         mean, std = self._normalization[key]
-        images = [transform.resize((image - mean) / std, None)[0] for image in batch]
-        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        return ImageList(transform.batch_images(images, transform.size_divisible), sizes)
+        if any(image.shape != batch[0].shape for image in batch):
+            images = [transform.resize(normalize(image, mean, std), None)[0] for image in batch]
+            sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+            return ImageList(transform.batch_images(images, transform.size_divisible), sizes)
+        count, channels, height, width = len(batch), *batch[0].shape
+        # every image's channels as the channels of one: the resize treats each alike
+        stacked = normalize(torch.stack(batch), mean, std).view(count * channels, height, width)
+        resized = transform.resize(stacked, None)[0]
+        size = (int(resized.shape[-2]), int(resized.shape[-1]))
+        padded = torch.empty(
+            (count, channels, *(padded_size(s, transform.size_divisible) for s in size)),
+            dtype=resized.dtype,
+            device=resized.device,
+            # the fused backbone's layout, or it would convert the batch again
+            memory_format=torch.channels_last if self.fused else torch.contiguous_format,
+        ).zero_()
+        padded[:, :, : size[0], : size[1]].copy_(resized.view(count, channels, *size))
+        return ImageList(padded, [size] * count)
 
     def _postprocess(
         self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
@@ -333,8 +354,8 @@ def group_by_size(
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
-def to_float_image(image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` to float ``[0, 1]`` on ``device`` (uploaded as uint8)."""
+def check_image(image: torch.Tensor) -> None:
+    """``InvalidImageError`` unless ``image`` is a non-empty uint8 ``[3, H, W]``."""
     if not isinstance(image, torch.Tensor):
         raise InvalidImageError(f"expected an image tensor, got {type(image).__name__}")
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
@@ -344,7 +365,17 @@ def to_float_image(image: torch.Tensor, device: torch.device) -> torch.Tensor:
         )
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise InvalidImageError(f"image is empty: shape {list(image.shape)}")
-    return image.to(device, non_blocking=True).float().div_(255)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
+    the order of operations of the ``network(image.float() / 255)`` reference."""
+    return (images.float().div_(255) - mean) / std
+
+
+def padded_size(size: int, divisor: int) -> int:
+    """A side padded as ``GeneralizedRCNNTransform.batch_images`` pads it."""
+    return int(math.ceil(float(size) / float(divisor)) * float(divisor))
 
 
 def crop_masks(masks: torch.Tensor) -> list[tuple[np.ndarray, tuple[int, int]]]:

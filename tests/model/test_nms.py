@@ -10,10 +10,11 @@ import torchvision
 from torchvision.models.detection import rpn as rpn_module
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, nms
+from torchvision.ops.poolers import _convert_to_roi_format
 
 from model import heads
 from model import nms as nms_module
-from model.heads import pool_rois
+from model.heads import pool_rois, roi_table
 from model.nms import greedy_nms, iou_threshold_for
 from model.options import PredictOptions
 from model.predictor import Predictor, scale_boxes
@@ -222,13 +223,16 @@ def test_vectorized_predictor_gives_the_loop_detections(network, info, device):
 def test_sync_free_replacements_give_torchvisions_numbers(network, info):
     """Predictor's transform, box rescaling and ROI pooling are torchvision's
     GeneralizedRCNNTransform, resize_boxes and MultiScaleRoIAlign, bit for bit."""
-    images = [random_image(100, 130, 1).float() / 255, random_image(90, 70, 2).float() / 255]
-    predictor = Predictor(network, info)
+    images = [random_image(100, 130, 1), random_image(90, 70, 2)]
+    same_size = [random_image(90, 70, seed) for seed in (3, 4, 5)]  # transformed together
     with torch.no_grad():
-        ours = predictor._transform(images)
-        expected, _ = network.transform(images)
-        assert torch.equal(ours.tensors, expected.tensors)
-        assert ours.image_sizes == expected.image_sizes
+        for batch in (images, same_size):
+            for predictor in (Predictor(network, info), Predictor(network, info, fused=True)):
+                ours = predictor._transform(batch)
+                expected, _ = network.transform([image.float() / 255 for image in batch])
+                assert torch.equal(ours.tensors, expected.tensors)
+                assert ours.image_sizes == expected.image_sizes
+        expected, _ = network.transform([image.float() / 255 for image in images])
         features = network.backbone(expected.tensors)
         proposals = network.rpn(expected, features)[0]
         heads_ = network.roi_heads
@@ -241,6 +245,7 @@ def test_sync_free_replacements_give_torchvisions_numbers(network, info):
                 pool_rois(pooler, features, boxes, expected.image_sizes),
                 pooler(features, boxes, expected.image_sizes),
             )
+            assert torch.equal(roi_table(boxes), _convert_to_roi_format(boxes))
     box = proposals[0][:20]
     for resized, original in [((800, 1067), (480, 640)), ((123, 457), (1000, 333))]:
         assert torch.equal(
