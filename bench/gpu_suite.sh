@@ -49,7 +49,8 @@ BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a shor
 R50=(--model r50 --device "$DEVICE" "${SIZE[@]}")
 SERVED=(--seconds "$((SECONDS_PER + 1))" --warmup 2 --processes "$PROCS")
 
-step machine 30 bash -c 'nvidia-smi || true; python3 -c "import torch, torchvision; \
+step machine 30 bash -c 'nvidia-smi || true; command -v nvidia-cuda-mps-control || \
+echo "no nvidia-cuda-mps-control"; python3 -c "import torch, torchvision; \
 print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
 python3 -c "import app.main, pycocotools, orjson, uvicorn; print(\"app imports ok\")"'
 step bare-fp16 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
@@ -100,6 +101,23 @@ esac
 for processes in 2 3; do
   case ",$STEPS," in *",served-fp16-processes$processes-b16,"*) ;; *) continue ;; esac
   served_processes "served-fp16-processes$processes-b16" 80 "$processes" $((BATCH * 2)) "$HIGH"
+done
+# NVIDIA MPS: the children's kernels share the GPU at once rather than in turns
+# (time-slicing). Run with STEPS=...,served-fp16-processes4-mps (3 and 2 likewise).
+for processes in 4 3 2; do
+  name=served-fp16-processes$processes-mps
+  case ",$STEPS," in *",$name,"*) ;; *) continue ;; esac
+  if ! command -v nvidia-cuda-mps-control >/dev/null; then
+    echo "=== $name: exit 127 (no nvidia-cuda-mps-control here)" | tee -a "$LOG"
+    continue
+  fi
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d >>"$LOG" 2>&1
+  served_processes "$name" 80 "$processes" "$BATCH" "$SAT"
+  echo quit | nvidia-cuda-mps-control >>"$LOG" 2>&1
+  cat "$CUDA_MPS_LOG_DIRECTORY"/control.log >>"$LOG" 2>/dev/null
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 done
 # one file for the servers' logs: $OUT brings back 8 files at most
 for log in "$OUT"/server-*.log; do

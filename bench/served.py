@@ -168,7 +168,11 @@ def section(args: argparse.Namespace) -> str:
 
 
 def model_processes(args: argparse.Namespace) -> str:
-    return f", MODEL_PROCESSES={args.model_processes}" if args.model_processes else ""
+    """The heading's and text's model-process part; says so when the processes run
+    under NVIDIA MPS (``CUDA_MPS_PIPE_DIRECTORY`` set, as ``bench/gpu_suite.sh``
+    sets it), so such a run gets a section of its own."""
+    text = f", MODEL_PROCESSES={args.model_processes}" if args.model_processes else ""
+    return text + (" under NVIDIA MPS" if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") else "")
 
 
 def render(points: list[dict], bare: Point, args: argparse.Namespace, command: str) -> str:
