@@ -221,11 +221,10 @@ class Predictor:
             vectorized=self.vectorized,
         )
         mask_probs = predict_masks(net.roi_heads, features, kept, image_list.image_sizes)
-        for det, probs, resized, original in zip(
-            kept, mask_probs, image_list.image_sizes, original_sizes, strict=True
-        ):
-            det["boxes"] = scale_boxes(det["boxes"].float(), resized, original)
-            det["mask_probs"] = probs.float()
+        boxes = [det["boxes"].float() for det in kept]
+        scaled = scale_boxes(boxes, image_list.image_sizes, original_sizes)
+        for det, probs, image_boxes in zip(kept, mask_probs, scaled, strict=True):
+            det["boxes"], det["mask_probs"] = image_boxes, probs.float()
         return kept
 
     def _transform(self, batch: list[torch.Tensor]) -> ImageList:
@@ -273,16 +272,13 @@ class Predictor:
         crops: list[list] = [[] for _ in detections]
         limit = _GROUP_BYTES_CPU if self.device.type == "cpu" else _GROUP_BYTES_DEVICE
         for group in group_by_size(counts, sizes, options, limit):
+            thresholds = [options[i].mask_threshold for i in group]
+            per_mask = np.repeat(thresholds, [counts[i] for i in group])
             masks = paste_masks(
                 torch.cat([detections[i]["mask_probs"] for i in group]),
                 torch.cat([detections[i]["boxes"] for i in group]),
                 sizes[group[0]],
-                torch.cat(
-                    [
-                        torch.full((counts[i],), options[i].mask_threshold, device=self.device)
-                        for i in group
-                    ]
-                ),
+                device_tensor(per_mask, self.device, torch.float32),
             )
             if all(options[i].mask_format == "rle" for i in group):
                 found = iter(find_runs(masks))
@@ -295,12 +291,11 @@ class Predictor:
                     runs[i] = find_runs(part)
                 else:
                     crops[i] = crop_masks(part)
-        table = torch.cat(
-            [
-                torch.cat([det["boxes"], det["scores"][:, None], det["labels"][:, None]], 1)
-                for det in detections
-            ]
-        ).to("cpu", torch.float64)
+        columns = [
+            torch.cat([det[name] for det in detections]) for name in ("boxes", "scores", "labels")
+        ]
+        table = torch.cat([columns[0], columns[1][:, None], columns[2][:, None]], 1)
+        table = table.to("cpu", torch.float64)
         pending = PendingBatch(sizes, options, [], [], [], runs, crops)
         for rows in table.split(counts):
             pending.boxes.append(rows[:, :4].tolist())
@@ -323,15 +318,24 @@ def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
 
 
 def scale_boxes(
-    boxes: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]
-) -> torch.Tensor:
-    """Boxes ``[N, 4]`` from the network's resized frame to the input image's:
-    torchvision's ``resize_boxes`` (float32 ratios, the same products) without its
-    four host-to-device copies, each of which waits for the device's queue."""
-    ratio_y, ratio_x = (
-        np.float32(o) / np.float32(r) for o, r in zip(original, resized, strict=True)
-    )
-    return boxes * device_tensor([ratio_x, ratio_y, ratio_x, ratio_y], boxes.device, boxes.dtype)
+    boxes: list[torch.Tensor],
+    resized: list[tuple[int, int]],
+    original: list[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """Each image's boxes ``[N, 4]`` from the network's resized frame to the input
+    image's: torchvision's ``resize_boxes`` (float32 ratios, the same products),
+    every image's in one product, without its four host-to-device copies per image
+    (each waits for the device's queue)."""
+    ratios = []
+    for size, input_size in zip(resized, original, strict=True):
+        ratio_y, ratio_x = (
+            np.float32(o) / np.float32(r) for o, r in zip(input_size, size, strict=True)
+        )
+        ratios.append([ratio_x, ratio_y, ratio_x, ratio_y])
+    counts = [len(b) for b in boxes]
+    per_box = np.repeat(np.array(ratios, dtype=np.float32).reshape(-1, 4), counts, axis=0)
+    every = torch.cat(boxes)
+    return list((every * device_tensor(per_box, every.device, every.dtype)).split(counts))
 
 
 def group_by_size(

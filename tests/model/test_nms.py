@@ -246,8 +246,9 @@ def test_sync_free_replacements_give_torchvisions_numbers(network, info):
                 pooler(features, boxes, expected.image_sizes),
             )
             assert torch.equal(roi_table(boxes), _convert_to_roi_format(boxes))
-    box = proposals[0][:20]
-    for resized, original in [((800, 1067), (480, 640)), ((123, 457), (1000, 333))]:
-        assert torch.equal(
-            scale_boxes(box, resized, original), resize_boxes(box, resized, original)
-        )
+    boxes = [proposals[0][:20], proposals[1][:0], proposals[1][:7]]
+    resized, original = [(800, 1067), (800, 800), (123, 457)], [(480, 640), (5, 5), (1000, 333)]
+    for ours, box, size, input_size in zip(
+        scale_boxes(boxes, resized, original), boxes, resized, original, strict=True
+    ):
+        assert torch.equal(ours, resize_boxes(box, size, input_size))
