@@ -227,11 +227,17 @@ def test_sync_free_replacements_give_torchvisions_numbers(network, info):
     same_size = [random_image(90, 70, seed) for seed in (3, 4, 5)]  # transformed together
     with torch.no_grad():
         for batch in (images, same_size):
-            for predictor in (Predictor(network, info), Predictor(network, info, fused=True)):
+            for predictor in (
+                Predictor(network, info),
+                Predictor(network, info, vectorized=True),
+                Predictor(network, info, vectorized=True, fused=True),
+            ):
                 ours = predictor._transform(batch)
                 expected, _ = network.transform([image.float() / 255 for image in batch])
                 assert torch.equal(ours.tensors, expected.tensors)
                 assert ours.image_sizes == expected.image_sizes
+        # that one-size batch went through together, into the fused backbone's layout
+        assert ours.tensors.is_contiguous(memory_format=torch.channels_last)
         expected, _ = network.transform([image.float() / 255 for image in images])
         features = network.backbone(expected.tensors)
         proposals = network.rpn(expected, features)[0]
