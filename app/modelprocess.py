@@ -16,11 +16,11 @@ process's work no longer stands in the forward's way.
   is done; the child keeps the pending batch until ``finish`` asks for its
   results. Images are decoded in the HTTP process on the CPU (``input_device``),
   except, for a model on a GPU (``decodes_jpeg``), the JPEGs nvJPEG decodes: they
-  travel encoded (``app.images.EncodedJpeg``, a twentieth of the pixels' bytes)
-  and the child's reading thread decodes them on the device as they arrive, as
-  the HTTP process would in one process. An image the child cannot decode after
-  all (corrupt past its header) gets its 400 error from ``finish`` in its result's
-  place; the rest of the batch is answered.
+  travel encoded (``app.images.EncodedJpeg``; the 640x480 bench JPEGs are 61-119
+  KB against 921 KB of pixels) and the child's reading thread decodes them on the
+  device as they arrive, as the HTTP process would in one process. An image the
+  child cannot decode after all (corrupt past its header) gets its 400 error from
+  ``finish`` in its result's place; the rest of the batch is answered.
 * An error raised in the child is raised again here, as itself when it pickles
   (``RuntimeError`` with its text otherwise); an out-of-memory error empties the
   child's cache before it is reported, so the queue's split-and-retry is unchanged.
