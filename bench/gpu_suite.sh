@@ -79,8 +79,8 @@ step plain-blocks 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$FEW" --seconds "$SECONDS_PER" --plain-blocks
 step unfused 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$FEW" --seconds "$SECONDS_PER" --unfused
-step profile 60 bash -c "python3 bench/profile_batch.py ${R50[*]} --precision fp16 \
-  --batch-size $BATCH > '$OUT/profile.txt' 2>&1; status=\$?; tail -5 '$OUT/profile.txt'; exit \$status"
+step profile 90 bash -c "python3 bench/profile_batch.py ${R50[*]} --precision fp16 \
+  --batch-size $BATCH --stacks --rows 25 > '$OUT/profile.txt' 2>&1; status=\$?; tail -5 '$OUT/profile.txt'; exit \$status"
 step bare-bf16 40 python3 bench/bare.py "${R50[@]}" --precision bf16 \
   --batch-sizes "$BATCH,$((BATCH * 4))" --seconds "$SECONDS_PER"
 step overhead 40 python3 bench/overhead.py --no-decode

@@ -35,7 +35,9 @@ from bench.results import machine
 from model.options import PredictOptions
 
 
-def profile_batch(predictor, images, batch_size: int, rows: int) -> str:
+def profile_batch(predictor, images, batch_size: int, rows: int, stacks: bool = False) -> str:
+    """The tables; with ``stacks``, also the top ops by the Python lines that called
+    them (a second, slower profile: recording stacks costs host time)."""
     batch, options = images[:batch_size], [PredictOptions()] * batch_size
     for _ in range(3):
         predictor.predict(batch, options)
@@ -46,21 +48,62 @@ def profile_batch(predictor, images, batch_size: int, rows: int) -> str:
         for _ in range(3):
             predictor.predict(batch, options)
     calls = len(python_calls(prof.events())) / 3
-    averages = prof.key_averages()
     keys = ["self_cpu_time_total"]
     if predictor.device.type == "cuda":  # the key's name depends on the torch version
         keys.insert(0, "self_device_time_total")
-    tables = []
-    for key in keys:
-        for name in (key, key.replace("device", "cuda")):
-            try:
-                table = averages.table(sort_by=name, row_limit=rows, max_name_column_width=60)
-            except (AttributeError, KeyError, ValueError):
-                continue
-            tables.append(f"top {rows} ops by {name}, 3 batches of {batch_size}:\n{table}")
-            break
+    what = f"3 batches of {batch_size}"
+    tables = [top_ops(prof.key_averages(), key, rows, what) for key in keys]
     tables.append(f"operators called from Python per batch (views excluded): {calls:.0f}")
-    return "\n".join(tables)
+    if stacks:
+        with profile(activities=activities, with_stack=True) as prof:
+            for _ in range(3):
+                predictor.predict(batch, options)
+        tables.append(top_lines(prof.events(), keys[0], rows, what))
+    return "\n".join(table for table in tables if table)
+
+
+# frames that only pass a call on: the line worth naming is the one that called them
+PASSING = ("torch/nn/modules/", "torch/utils/", "torch/_ops.py", "torch/nn/functional.py")
+
+
+def top_lines(events, key: str, rows: int, what: str) -> str:
+    """Self time (``key``) of each operator by the Python line that called it: the
+    nearest frame outside torch's pass-through modules."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for event in events:
+        if ".py(" in event.name:
+            continue
+        seconds = getattr(event, key, None)
+        if seconds is None:
+            seconds = getattr(event, key.replace("device", "cuda"), 0)
+        if not seconds:
+            continue
+        caller = event.cpu_parent
+        while caller is not None and (
+            ".py(" not in caller.name or any(p in caller.name for p in PASSING)
+        ):
+            caller = caller.cpu_parent
+        line = caller.name.split("site-packages/")[-1] if caller is not None else "?"
+        total = totals.setdefault((event.name, line), [0, 0.0])
+        total[0] += 1
+        total[1] += seconds
+    top = sorted(totals.items(), key=lambda item: -item[1][1])[:rows]
+    lines = [f"top {rows} ops by {key}, {what}, by the Python line that called them:"]
+    lines += [
+        f"{ms / 1000:10.3f} ms {calls:6d} calls  {name:32s} {line}"
+        for (name, line), (calls, ms) in top
+    ]
+    return "\n".join(lines)
+
+
+def top_ops(averages, key: str, rows: int, what: str) -> str:
+    for name in (key, key.replace("device", "cuda")):
+        try:
+            table = averages.table(sort_by=name, row_limit=rows, max_name_column_width=60)
+        except (AttributeError, KeyError, ValueError):
+            continue
+        return f"top {rows} ops by {name}, {what}:\n{table}"
+    return ""
 
 
 # operators that only make a view or read metadata: no kernel
@@ -125,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cuda-path", action="store_true", help="fused network, batched selection on any device"
     )
+    parser.add_argument("--stacks", action="store_true", help="also top ops by calling line")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         predictor = load_predictor(spec, args.device, args.precision, **path)
     images = (images * args.batch_size)[: max(args.batch_size, len(images))]
     print(f"{args.model}, {args.precision}, batch {args.batch_size}; {machine(args.device)}\n")
-    print(profile_batch(predictor, images, args.batch_size, args.rows))
+    print(profile_batch(predictor, images, args.batch_size, args.rows, args.stacks))
     print(time_decoders(jpegs, predictor.device))
 
 
