@@ -83,7 +83,8 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         # JPEGs left encoded are decoded by the child, as here; one that does not
         # decode gets its error in its result's place, and the rest are answered
         jpegs = [encode(Image.fromarray(image), "JPEG", quality=95) for image in IMAGES[:2]]
-        mixed = [jpeg_for_the_child(jpegs[0]), TENSORS[2], jpeg_for_the_child(corrupt_jpeg())]
+        bad = jpeg_for_the_child(corrupt_jpeg(), "bad.jpg")
+        mixed = [jpeg_for_the_child(jpegs[0]), TENSORS[2], bad]
         mixed.append(jpeg_for_the_child(jpegs[1]))
         decoded = [decode_image(data, max_pixels=10**6) for data in jpegs]
         expected = local.predict([decoded[0], TENSORS[2], decoded[1]])
@@ -91,7 +92,7 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         assert isinstance(got[2], BadRequestError) and got[2].code == "invalid_image"
         assert "bad.jpg: corrupt" in str(got[2])
         assert [r.detections for r in got[:2] + got[3:]] == [r.detections for r in expected]
-        [failed] = remote.predict([jpeg_for_the_child(corrupt_jpeg())])
+        [failed] = remote.predict([bad])
         assert isinstance(failed, BadRequestError)
     finally:
         remote.close()
@@ -100,8 +101,8 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         remote.predict(TENSORS[:1])
 
 
-def jpeg_for_the_child(data: bytes) -> EncodedJpeg:
-    kept = decode_image(data, max_pixels=10**6, name="bad.jpg", keep_jpeg=True)
+def jpeg_for_the_child(data: bytes, name: str = "image.jpg") -> EncodedJpeg:
+    kept = decode_image(data, max_pixels=10**6, name=name, keep_jpeg=True)
     assert isinstance(kept, EncodedJpeg)
     return kept
 
@@ -111,7 +112,9 @@ def test_a_jpeg_the_model_process_cannot_decode_fails_alone_in_its_batch(tmp_pat
     queued and sent with the others, and only its own request gets the 400."""
     from fastapi.testclient import TestClient
 
-    settings = settings_for("demo", tmp_path, model_processes=1, max_batch_delay_s=1.0)
+    settings = settings_for(
+        "demo", tmp_path, model_processes=1, max_batch_size=2, max_batch_delay_s=10.0
+    )
 
     def load(s):
         remote = ModelProcess(s, load=load_fake)
