@@ -12,7 +12,10 @@ computes (up to float rounding):
   ReLU applied inside the convolution on CUDA (``FusedBlock``: cuDNN's fused
   convolution + bias (+ add) + ReLU), where each would otherwise be a pass over
   the activations of its own (a folded bias alone is one: cuDNN convolutions add
-  no bias).
+  no bias);
+* likewise each ``Conv2d`` + ``ReLU`` pair of the heads (the RPN's convolution,
+  the mask head's four: torchvision's ``Conv2dNormActivation`` without a norm):
+  ``ConvReLU``, one cuDNN call instead of a convolution, a bias pass and a ReLU.
 
 Only the pairs this module knows to be "convolution, then norm" are folded: the
 consecutive children of an ``nn.Sequential`` or of torchvision's
@@ -30,7 +33,15 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["FusedBlock", "fold_batch_norms", "fuse_blocks", "prepare_network", "to_backbone_input"]
+__all__ = [
+    "ConvReLU",
+    "FusedBlock",
+    "fold_batch_norms",
+    "fuse_blocks",
+    "fuse_conv_relus",
+    "prepare_network",
+    "to_backbone_input",
+]
 
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 _IN_ORDER = (nn.Sequential, IntermediateLayerGetter)  # forward runs the children in order
@@ -43,10 +54,12 @@ def prepare_network(
     """``network`` rewritten in place for inference (see the module docstring):
     norms folded, weights of convolutions and linear layers in ``dtype`` (``None``:
     left as they are; use the dtype autocast will run them in), the backbone
-    channels-last, its residual blocks ``FusedBlock``s. Feed the backbone
+    channels-last, its residual blocks ``FusedBlock``s, the heads' convolution +
+    ReLU pairs ``ConvReLU``s. Feed the backbone
     ``to_backbone_input(tensors, channels_last)``."""
     fold_batch_norms(network)
     fuse_blocks(network.backbone)
+    fuse_conv_relus(network)
     if dtype is not None:
         for module in network.modules():
             if isinstance(module, _WEIGHTED):
@@ -145,6 +158,44 @@ def conv_relu(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None)
         return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, *geometry)
     z = add.to(x.dtype)
     return torch.cudnn_convolution_add_relu(x, conv.weight, z, 1.0, conv.bias, *geometry)
+
+
+class ConvReLU(nn.Module):
+    """``relu(conv(x))`` in one cuDNN call on CUDA (``conv_relu``); replaces an
+    ``nn.Sequential`` of a ``Conv2d``, folded norms (``nn.Identity``) and a ReLU."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_relu(self.conv, x)
+
+
+def fuse_conv_relus(module: nn.Module) -> int:
+    """Replace (in place) each ``nn.Sequential`` under ``module`` that is exactly a
+    zero-padded ``Conv2d`` with a bias, any ``nn.Identity``s and an ``nn.ReLU`` by
+    a ``ConvReLU``; returns how many."""
+    fused = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Sequential) and _conv_then_relu(child):
+                setattr(parent, name, ConvReLU(child[0]))
+                fused += 1
+    return fused
+
+
+def _conv_then_relu(sequence: nn.Sequential) -> bool:
+    layers = list(sequence)
+    if len(layers) < 2 or type(layers[0]) is not nn.Conv2d or type(layers[-1]) is not nn.ReLU:
+        return False
+    conv = layers[0]
+    return (
+        conv.bias is not None
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and all(type(layer) is nn.Identity for layer in layers[1:-1])
+    )
 
 
 def fuse_blocks(module: nn.Module) -> int:

@@ -11,7 +11,13 @@ from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.fusion import FusedBlock, fold_batch_norms, prepare_network, to_backbone_input
+from model.fusion import (
+    ConvReLU,
+    FusedBlock,
+    fold_batch_norms,
+    prepare_network,
+    to_backbone_input,
+)
 from model.loading import load_model
 from model.predictor import Predictor
 from tests.model.conftest import make_network, shapes_images
@@ -164,6 +170,47 @@ def test_blocks_are_fused_and_compute_the_block():
     with torch.inference_mode():
         block, reference = fused.backbone.body.layer1[1], network.backbone.body.layer1[1]
         torch.testing.assert_close(block(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+HEAD_PAIRS = {  # convolution + ReLU pairs of the heads, by where they are
+    "r50": ["rpn.head.conv.0"] + [f"roi_heads.mask_head.{i}" for i in range(4)],
+    "r50-v2": [f"rpn.head.conv.{i}" for i in range(2)]
+    + [f"roi_heads.{head}.{i}" for head in ("box_head", "mask_head") for i in range(4)],
+}
+
+
+def heads_outputs(network: nn.Module, seed: int = 5) -> list[torch.Tensor]:
+    """The RPN head's and the mask head's outputs for random features."""
+    device = next(network.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    channels = network.backbone.out_channels
+    features = [torch.rand(2, channels, size, size, generator=g).to(device) for size in (24, 12)]
+    rois = torch.rand(6, channels, 14, 14, generator=g).to(device)
+    with torch.inference_mode():
+        objectness, deltas = network.rpn.head(features)
+        return [*objectness, *deltas, network.roi_heads.mask_head(rois)]
+
+
+@pytest.mark.parametrize("name", ["r50", "r50-v2"])
+def test_head_conv_relu_pairs_are_fused_and_compute_the_pairs(name):
+    network = NETWORKS[name]()
+    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=False)
+    found = [where for where, m in fused.named_modules() if isinstance(m, ConvReLU)]
+    assert found == HEAD_PAIRS[name]
+    for got, expected in zip(heads_outputs(fused), heads_outputs(network), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_heads_on_cuda(monkeypatch):
+    """cuDNN's fused convolution + bias + ReLU in the heads, in float32 (no TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    network = NETWORKS["r50-v2"]().cuda()
+    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=True)
+    for got, expected in zip(heads_outputs(fused), heads_outputs(network), strict=True):
+        error = ((got - expected).norm() / expected.norm()).item()
+        assert error < 1e-5, f"relative error {error:.2e}"
 
 
 @pytest.mark.gpu
