@@ -25,6 +25,7 @@ it is.
 """
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -176,25 +177,21 @@ def fuse_conv_relus(module: nn.Module) -> int:
     """Replace (in place) each ``nn.Sequential`` under ``module`` that is exactly a
     zero-padded ``Conv2d`` with a bias, any ``nn.Identity``s and an ``nn.ReLU`` by
     a ``ConvReLU``; returns how many."""
-    fused = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Sequential) and _conv_then_relu(child):
-                setattr(parent, name, ConvReLU(child[0]))
-                fused += 1
-    return fused
+    return _replace_children(
+        module, lambda child: ConvReLU(child[0]) if _conv_then_relu(child) else None
+    )
 
 
-def _conv_then_relu(sequence: nn.Sequential) -> bool:
-    layers = list(sequence)
-    if len(layers) < 2 or type(layers[0]) is not nn.Conv2d or type(layers[-1]) is not nn.ReLU:
+def _conv_then_relu(child: nn.Module) -> bool:
+    if not isinstance(child, nn.Sequential):
         return False
-    conv = layers[0]
+    layers = list(child)
     return (
-        conv.bias is not None
-        and conv.padding_mode == "zeros"
-        and isinstance(conv.padding, tuple)
+        len(layers) >= 2
+        and _zero_padded_conv(layers[0])
+        and layers[0].bias is not None
         and all(type(layer) is nn.Identity for layer in layers[1:-1])
+        and type(layers[-1]) is nn.ReLU
     )
 
 
@@ -202,22 +199,37 @@ def fuse_blocks(module: nn.Module) -> int:
     """Replace (in place) each folded torchvision ResNet block under ``module`` by a
     ``FusedBlock``; returns how many. A block with a norm left, or whose
     convolutions pad other than with explicit zeros, stays as it is."""
-    fused = 0
+    return _replace_children(module, lambda child: FusedBlock(child) if _fusable(child) else None)
+
+
+def _fusable(child: nn.Module) -> bool:
+    if type(child) not in (BasicBlock, Bottleneck):
+        return False
+    layers = _block_layers(child)
+    return (
+        all(isinstance(getattr(child, norm), nn.Identity) for _, norm in layers)
+        and all(_zero_padded_conv(getattr(child, conv)) for conv, _ in layers)
+        and isinstance(child.relu, nn.ReLU)
+    )
+
+
+def _zero_padded_conv(module: nn.Module) -> bool:
+    """A plain ``Conv2d`` padding with explicit zeros (not "same" / "valid"), the
+    kind cuDNN's fused calls are given the same geometry for."""
+    return (
+        type(module) is nn.Conv2d
+        and module.padding_mode == "zeros"
+        and isinstance(module.padding, tuple)
+    )
+
+
+def _replace_children(module: nn.Module, rewrite: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace (in place) each module under ``module`` for which ``rewrite`` gives a
+    replacement rather than ``None``; returns how many."""
+    replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in (BasicBlock, Bottleneck) and _fusable(child):
-                setattr(parent, name, FusedBlock(child))
-                fused += 1
-    return fused
-
-
-def _fusable(block: BasicBlock | Bottleneck) -> bool:
-    layers = _block_layers(block)
-    norms = [getattr(block, norm) for _, norm in layers]
-    convs = [getattr(block, conv) for conv, _ in layers]
-    return (
-        all(isinstance(norm, nn.Identity) for norm in norms)
-        and all(type(c) is nn.Conv2d and c.padding_mode == "zeros" for c in convs)
-        and all(isinstance(c.padding, tuple) for c in convs)  # not "same" / "valid"
-        and isinstance(block.relu, nn.ReLU)
-    )
+            if (new := rewrite(child)) is not None:
+                setattr(parent, name, new)
+                replaced += 1
+    return replaced
