@@ -34,6 +34,7 @@ from model.images import pil_to_tensor
 
 ALLOWED = "JPEG, PNG, WebP or BMP"
 EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations whose upright image swaps width and height
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -91,7 +92,7 @@ def decode_image(
                     code="invalid_image",
                 )
             if keep_jpeg and (orientation := nvjpeg_orientation(data, image)) is not None:
-                height, width = image.size[::-1] if orientation < 5 else image.size
+                height, width = image.size if orientation in TRANSPOSED else image.size[::-1]
                 return EncodedJpeg(data, name, (3, height, width))
             on_cuda = device is not None and device.type == "cuda"
             if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
@@ -187,7 +188,7 @@ def decode_stream(device: torch.device) -> torch.cuda.Stream:
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """``[C, H, W]`` turned upright for an EXIF orientation (1-8), on any device,
     as ``PIL.ImageOps.exif_transpose`` turns a Pillow image."""
-    if orientation in (5, 6, 7, 8):
+    if orientation in TRANSPOSED:
         image = image.transpose(-2, -1)  # rows become columns
     flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation)
     return image.flip(flips).contiguous() if flips else image.contiguous()
