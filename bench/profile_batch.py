@@ -73,10 +73,10 @@ def top_lines(events, key: str, rows: int, what: str) -> str:
     for event in events:
         if ".py(" in event.name:
             continue
-        seconds = getattr(event, key, None)
-        if seconds is None:
-            seconds = getattr(event, key.replace("device", "cuda"), 0)
-        if not seconds:
+        micros = getattr(event, key, None)  # the profiler's times are microseconds
+        if micros is None:
+            micros = getattr(event, key.replace("device", "cuda"), 0)
+        if not micros:
             continue
         caller = event.cpu_parent
         while caller is not None and (
@@ -86,12 +86,12 @@ def top_lines(events, key: str, rows: int, what: str) -> str:
         line = caller.name.split("site-packages/")[-1] if caller is not None else "?"
         total = totals.setdefault((event.name, line), [0, 0.0])
         total[0] += 1
-        total[1] += seconds
+        total[1] += micros
     top = sorted(totals.items(), key=lambda item: -item[1][1])[:rows]
     lines = [f"top {rows} ops by {key}, {what}, by the Python line that called them:"]
     lines += [
-        f"{ms / 1000:10.3f} ms {calls:6d} calls  {name:32s} {line}"
-        for (name, line), (calls, ms) in top
+        f"{micros / 1000:10.3f} ms {calls:6d} calls  {name:32s} {line}"
+        for (name, line), (calls, micros) in top
     ]
     return "\n".join(lines)
 
