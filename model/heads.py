@@ -17,6 +17,7 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, roi_align
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
+from model.boxes import decode_boxes
 from model.nms import device_tensor, greedy_nms, top_kept
 from model.options import PredictOptions
 from model.proposals import clip_boxes, image_limits, offset_groups
@@ -50,7 +51,12 @@ def select_boxes(
     # precision would be rounded to 0.5 px (fp16) or 4 px (bf16) at 800 px, and
     # batched NMS's class offsets overflow fp16
     class_logits, box_regression = (t.float() for t in heads.box_predictor(box_features))
-    boxes = heads.box_coder.decode(box_regression, proposals)
+    # [R, classes, 4]: each proposal's box for every class
+    boxes = decode_boxes(
+        heads.box_coder,
+        box_regression.view(len(box_regression), -1, 4),
+        torch.cat(proposals)[:, None],
+    )
     scores = F.softmax(class_logits, -1)
     per_image = [len(p) for p in proposals]
     if vectorized:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.roi_heads import expand_boxes
+
+from model.boxes import expand_boxes
 
 # Bound on the working memory of one chunk (two float row buffers, blended in
 # place, and the bool crop: 9 bytes a cell), so 100 large boxes at 1920x1080
@@ -67,20 +68,22 @@ def paste_masks(
     table, chunks = _plan_chunks(host[:, :4], height, width, max_waste)
     if not chunks:
         return out
-    table = torch.from_numpy(table).to(device)
+    table = torch.from_numpy(table).to(device, non_blocking=True)  # see nms.device_tensor
     cells = max((stop - start) * h * w for start, stop, h, w in chunks)
     # Buffers reused by every chunk: on the CPU, fresh ones cost a page fault per 4 KiB.
     work = torch.empty(2 * cells, dtype=torch.float32, device=device)
     hits = torch.empty(cells, dtype=torch.bool, device=device)
     for start, stop, crop_h, crop_w in chunks:
-        idx, top, left = table[start:stop].unbind(1)
+        idx, corner = table[start:stop, 0], table[start:stop, 1:]  # corner: (left, top)
         box = int_boxes[idx]
-        rows = _resize_weights(top, box[:, 1], box[:, 3], crop_h, m + 2)
-        cols = _resize_weights(left, box[:, 0], box[:, 2], crop_w, m + 2)
+        # both axes in one set of kernels, as long as the longer: x, then y
+        weights = _resize_weights(corner, box[:, :2], box[:, 2:], max(crop_h, crop_w), m + 2)
+        cols = tuple(w[:, 0, :crop_w] for w in weights)
+        rows = tuple(w[:, 1, :crop_h] for w in weights)
         crop = _resize(padded[idx], rows, cols, work)
         crop_hits = hits[: crop.numel()].view_as(crop)
         torch.ge(crop, thresholds[idx, None, None], out=crop_hits)
-        _write_windows(out, idx, top, left, crop_hits)
+        _write_windows(out, idx, corner[:, 1], corner[:, 0], crop_hits)
     return out
 
 
@@ -103,7 +106,7 @@ def _plan_chunks(
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """Group the visible integer boxes into chunks of similar size.
 
-    Returns a ``[K, 3]`` int64 table ``(detection, window top, window left)``,
+    Returns a ``[K, 3]`` int64 table ``(detection, window left, window top)``,
     largest boxes first, and ``(start, stop, crop_h, crop_w)`` rows of it per
     chunk. Each window is ``crop_h x crop_w``, lies inside the image and covers
     the visible part of its box.
@@ -134,13 +137,14 @@ def _plan_chunks(
         sel = order[start:stop]
         tops[start:stop] = np.minimum(vis_y0[sel], height - crop_h)
         lefts[start:stop] = np.minimum(vis_x0[sel], width - crop_w)
-    return np.stack([order, tops, lefts], 1).astype(np.int64), chunks
+    return np.stack([order, lefts, tops], 1).astype(np.int64), chunks
 
 
 def _resize_weights(
     origin: Tensor, lo: Tensor, hi: Tensor, size: int, src_size: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear source indices and weights along one axis, ``[n, size]`` each.
+    """Bilinear source indices and weights along the axes of ``origin``, ``lo``
+    and ``hi`` (``[n]``, or ``[n, axes]``): ``[..., size]`` each.
 
     Output pixel ``origin + k`` of a box spanning integer pixels ``lo..hi`` reads
     the padded mask at ``(k' + 0.5) * src_size / extent - 0.5`` with
@@ -148,11 +152,11 @@ def _resize_weights(
     pixels outside the box get zero weights.
     """
     extent = (hi - lo + 1).clamp_min(1)
-    pos = origin[:, None] + torch.arange(size, device=origin.device) - lo[:, None]
-    inside = (pos >= 0) & (pos < extent[:, None])
+    pos = origin[..., None] + torch.arange(size, device=origin.device) - lo[..., None]
+    inside = (pos >= 0) & (pos < extent[..., None])
     extent = extent.to(torch.float32)
     scale = torch.div(torch.full_like(extent, src_size), extent)  # ATen's float32 in / out
-    src = ((pos.to(torch.float32) + 0.5) * scale[:, None] - 0.5).clamp_min(0)
+    src = ((pos.to(torch.float32) + 0.5) * scale[..., None] - 0.5).clamp_min(0)
     i0 = src.to(torch.int64).clamp_max(src_size - 1)
     i1 = i0 + (i0 < src_size - 1).to(torch.int64)
     w1 = (src - i0.to(torch.float32)).clamp(0, 1)

@@ -18,6 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
+from model.boxes import decode_boxes
 from model.nms import device_tensor, greedy_nms, top_kept
 
 
@@ -52,7 +53,10 @@ def propose(
         anchors = anchors.get(rpn.anchor_generator, images, levels)
     per_level = [o[0].numel() for o in objectness]
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-    proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+    # every image's anchors are the same tensor when they come from the cache
+    same = all(a is anchors[0] for a in anchors)
+    reference = anchors[0] if same else torch.stack(anchors)
+    proposals = decode_boxes(rpn.box_coder, deltas.view(len(anchors), -1, 4), reference)
     boxes, _ = filter_proposals(rpn, proposals, objectness, images.image_sizes, per_level)
     return boxes
 

@@ -38,13 +38,15 @@ def test_anchors_are_torchvisions_for_each_batch_geometry(network):
     assert cache.get(generator, *small)[0] is not first[0]
 
 
-def test_proposals_with_the_cache_are_torchvisions(network):
+def test_proposals_with_and_without_the_cache_are_torchvisions(network):
     cache = AnchorCache()
     for sizes in [[(90, 70), (64, 80)], [(130, 200)], [(90, 70), (64, 80)]]:
         image_list, levels = batch_of(network, sizes)
         features = dict(zip(map(str, range(len(levels))), levels, strict=True))
         with torch.no_grad():
             expected, _ = network.rpn(image_list, features)
-            got = propose(network.rpn, image_list, features, cache)
-        for g, e in zip(got, expected, strict=True):
-            assert torch.equal(g, e)
+            cached = propose(network.rpn, image_list, features, cache)
+            computed = propose(network.rpn, image_list, features)  # a tensor per image
+        assert len(cached) == len(computed) == len(expected)
+        for c, g, e in zip(cached, computed, expected, strict=True):
+            assert torch.equal(c, e) and torch.equal(g, e)
