@@ -18,7 +18,7 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.poolers import _filter_input, _setup_scales
 
 from model.boxes import decode_boxes
-from model.nms import device_tensor, greedy_nms, top_kept
+from model.nms import device_tensor, greedy_nms_top
 from model.options import PredictOptions
 from model.proposals import clip_boxes, image_limits, offset_groups
 
@@ -28,6 +28,9 @@ from model.proposals import clip_boxes, image_limits, offset_groups
 # either bound the selection goes image by image.
 _MAX_DENSE_ELEMENTS = 2**28  # 512 MiB
 _MAX_DENSE_CANDIDATES = 4096  # 64 MiB per temporary
+# NMS rounds run before their check is read (see ``model.nms.greedy_nms_top``):
+# the bench images needed 2 with R50-FPN's random weights, 1 with the demo model
+NMS_ROUNDS = 8
 
 
 def select_boxes(
@@ -78,9 +81,9 @@ def _select_batch(
     image_sizes: list[tuple[int, int]],
     options: Sequence[PredictOptions],
 ) -> list[dict[str, torch.Tensor]] | None:
-    """``_select_image`` for every image at once: two host syncs per batch and
-    one per four NMS rounds, rather than two or more per image. ``None`` where the batch has more
-    candidates than the dense NMS takes (``_MAX_DENSE_*``)."""
+    """``_select_image`` for every image at once: two host syncs per batch (a third
+    when ``NMS_ROUNDS`` do not settle), rather than two or more per image. ``None``
+    where the batch has more candidates than the dense NMS takes (``_MAX_DENSE_*``)."""
     device = boxes.device
     num_images, num_classes = len(per_image), scores.shape[-1]
     rows = torch.arange(num_images, device=device).repeat_interleave(
@@ -132,15 +135,18 @@ def _select_batch(
     boxes = padded_boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
     valid = scores > -torch.inf
 
-    keep = greedy_nms(
+    # the first max_detections kept, still by descending score
+    return greedy_nms_top(
         offset_groups(boxes, valid, labels),
         valid,
         [o.iou_threshold for o in options],
+        scores,
+        [o.max_detections for o in options],
+        rounds=NMS_ROUNDS,
         classes=labels,
+        boxes=boxes,
+        labels=labels,
     )
-    # the first max_detections kept, still by descending score
-    tops = [o.max_detections for o in options]
-    return top_kept(keep, scores, tops, boxes=boxes, labels=labels)
 
 
 def _select_image(

@@ -14,9 +14,12 @@ is a recursion on the order, and its fixed point is unique, so it is reached by
 iterating ``keep = ~any(overlaps & keep)`` from ``keep = valid`` (an invalid box
 suppresses nothing and is dropped at the end): after ``t`` rounds the first
 ``t`` boxes of every group are final, and real boxes settle in a handful of
-rounds (at most 9 for torchvision's R50-FPN RPN on the bench images, where a
-group holds 1,000 boxes). Only the check that a round changed nothing waits for
-the device.
+rounds. On the bench images, where an RPN group holds 1,000 boxes, the RPN's
+boxes changed for 14 rounds with R50-FPN's random weights and 3 with the demo
+model; the box head's for 2 and 1. Only the check that a round changed nothing
+waits for the device: ``greedy_nms`` checks every few rounds; ``greedy_nms_top``
+runs a given number of rounds and reads the check back with the kept boxes'
+counts, which are read anyway, so that in the usual case NMS costs no host sync.
 """
 
 from collections.abc import Sequence
@@ -55,45 +58,101 @@ def greedy_nms(
         the device; a GPU's fused multiply-add may still round an overlap within
         one unit of the threshold the other way.
     """
-    groups, n = valid.shape
-    if groups == 0 or n == 0:
-        return valid.clone()
-    per_chunk = max(1, _CHUNK_ELEMENTS // (n * n))
-    if classes is None:
-        classes = torch.zeros_like(valid, dtype=torch.int8)
-    if isinstance(iou_threshold, int | float | np.floating):
-        iou_threshold = [iou_threshold] * groups
-    thresholds = device_tensor(
-        [iou_threshold_for(t, boxes.device) for t in iou_threshold], boxes.device, torch.float32
-    )
-    chunks = zip(
-        boxes.split(per_chunk),
-        valid.split(per_chunk),
-        classes.split(per_chunk),
-        thresholds.split(per_chunk),
-        strict=True,
-    )
-    # A round counts each box's kept suppressors, a batched matrix-vector product,
-    # and keeps the boxes with none: keep = max(1 - suppressors @ keep, 0), two
-    # kernels (a round is host-bound on a GPU). Half precision is exact enough: a
-    # sum of ones never rounds below one. Invalid boxes' rows are left unmasked
-    # until the end; their columns are zero, so they never suppress. Autocast is
-    # off, or bf16 autocast would cast the whole matrix again in every round.
-    dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
-    with torch.autocast(boxes.device.type, enabled=False):
-        weights = [suppressors(*chunk).to(dtype) for chunk in chunks]
-        one = torch.ones((), dtype=dtype, device=boxes.device)
-        keep = [v.to(dtype)[:, :, None] for v in valid.split(per_chunk)]
-        while True:
-            for _ in range(_ROUNDS_PER_CHECK):
-                previous = keep
-                keep = [
-                    torch.baddbmm(one, w, k, alpha=-1).clamp_min_(0)
-                    for w, k in zip(weights, keep, strict=True)
+    suppression = Suppression(boxes, valid, iou_threshold, classes)
+    while True:
+        keep = suppression.run(_ROUNDS_PER_CHECK)
+        if not suppression.unsettled.item():
+            return keep
+
+
+def greedy_nms_top(
+    boxes: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float | Sequence[float],
+    scores: torch.Tensor,
+    tops: Sequence[int],
+    /,
+    *,
+    rounds: int,
+    classes: torch.Tensor | None = None,
+    **rows: torch.Tensor,
+) -> list[dict[str, torch.Tensor]]:
+    """``top_kept(greedy_nms(boxes, valid, iou_threshold, classes).view(B, -1),
+    scores, tops, **rows)`` (``B = len(scores)``: an image's groups in a row) with no
+    host sync of its own: ``rounds`` rounds of NMS run unchecked, and whether they
+    sufficed is read back with ``top_kept``'s lengths. When they did not, more rounds
+    run and ``top_kept`` again."""
+    suppression = Suppression(boxes, valid, iou_threshold, classes)
+    while True:
+        keep = suppression.run(rounds).view(len(scores), -1)
+        kept = top_kept(keep, scores, tops, unsettled=suppression.unsettled, **rows)
+        if kept is not None:
+            return kept
+
+
+class Suppression:
+    """``greedy_nms``'s iteration, run a number of rounds at a time without waiting
+    for the device; see the module docstring and ``greedy_nms`` for the arguments."""
+
+    def __init__(
+        self,
+        boxes: torch.Tensor,
+        valid: torch.Tensor,
+        iou_threshold: float | Sequence[float],
+        classes: torch.Tensor | None = None,
+    ):
+        groups, n = valid.shape
+        self.valid = valid
+        # device bool: the last round changed something (a fixed point not reached)
+        self.unsettled = torch.zeros((), dtype=torch.bool, device=valid.device)
+        self.weights: list[torch.Tensor] = []
+        if groups == 0 or n == 0:
+            return
+        per_chunk = max(1, _CHUNK_ELEMENTS // (n * n))
+        if classes is None:
+            classes = torch.zeros_like(valid, dtype=torch.int8)
+        if isinstance(iou_threshold, int | float | np.floating):
+            iou_threshold = [iou_threshold] * groups
+        thresholds = device_tensor(
+            [iou_threshold_for(t, boxes.device) for t in iou_threshold],
+            boxes.device,
+            torch.float32,
+        )
+        chunks = zip(
+            boxes.split(per_chunk),
+            valid.split(per_chunk),
+            classes.split(per_chunk),
+            thresholds.split(per_chunk),
+            strict=True,
+        )
+        # A round counts each box's kept suppressors, a batched matrix-vector
+        # product, and keeps the boxes with none: keep = max(1 - suppressors @ keep,
+        # 0), two kernels (a round is host-bound on a GPU). Half precision is exact
+        # enough: a sum of ones never rounds below one. Invalid boxes' rows are left
+        # unmasked until the end; their columns are zero, so they never suppress.
+        # Autocast is off, or bf16 autocast would cast the whole matrix again in
+        # every round.
+        self.dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
+        with torch.autocast(boxes.device.type, enabled=False):
+            self.weights = [suppressors(*chunk).to(self.dtype) for chunk in chunks]
+        self.one = torch.ones((), dtype=self.dtype, device=boxes.device)
+        self.keep = [v.to(self.dtype)[:, :, None] for v in valid.split(per_chunk)]
+
+    def run(self, rounds: int) -> torch.Tensor:
+        """``rounds`` more rounds (at least one); returns ``[G, n]`` bool, the boxes
+        kept so far, which are greedy NMS's choice unless ``unsettled``."""
+        if not self.weights:  # no groups, or empty ones: nothing to decide
+            return self.valid.clone()
+        with torch.autocast(self.valid.device.type, enabled=False):
+            for _ in range(max(rounds, 1)):
+                previous = self.keep
+                self.keep = [
+                    torch.baddbmm(self.one, w, k, alpha=-1).clamp_min_(0)
+                    for w, k in zip(self.weights, self.keep, strict=True)
                 ]
-            changed = [(k != p).any() for k, p in zip(keep, previous, strict=True)]
-            if not torch.stack(changed).any().item():
-                return (torch.cat(keep)[:, :, 0] > 0) & valid
+            changed = [(k != p).any() for k, p in zip(self.keep, previous, strict=True)]
+            self.unsettled = torch.stack(changed).any()
+            return (torch.cat(self.keep)[:, :, 0] > 0) & self.valid
 
 
 def suppressors(
@@ -150,14 +209,20 @@ def device_tensor(
 
 
 def top_kept(
-    keep: torch.Tensor, scores: torch.Tensor, tops: Sequence[int], **rows: torch.Tensor
-) -> list[dict[str, torch.Tensor]]:
+    keep: torch.Tensor,
+    scores: torch.Tensor,
+    tops: Sequence[int],
+    *,
+    unsettled: torch.Tensor | None = None,
+    **rows: torch.Tensor,
+) -> list[dict[str, torch.Tensor]] | None:
     """Per image, its first ``tops[i]`` kept entries by descending score (a stable
     sort: ties stay in their order), as ``batched_nms(...)[:top]`` returns them.
 
     ``keep`` and ``scores`` are ``[B, N]``; each of ``rows`` is ``[B, N]`` or
     ``[B, N, 4]``. Returns one dict per image with ``scores`` and every ``rows``
-    entry cut to its length; one host sync, for the lengths.
+    entry cut to its length; one host sync, for the lengths. ``unsettled``: a
+    device bool read back with them; ``None`` is returned when it is true.
     """
     limit = min(max(tops, default=0), keep.shape[1])
     ranked = torch.where(keep, scores, -torch.inf)
@@ -167,7 +232,12 @@ def top_kept(
         index = order if values.dim() == 2 else order[:, :, None].expand(-1, -1, values.shape[2])
         picked[name] = values.gather(1, index)
     lengths = torch.minimum(keep.sum(1), device_tensor(tops, keep.device, torch.int64))
+    if unsettled is not None:
+        lengths = torch.cat([lengths, unsettled.to(torch.int64)[None]])
+    host = lengths.tolist()
+    if unsettled is not None and host.pop():
+        return None
     return [
         {name: values[i, :length] for name, values in picked.items()}
-        for i, length in enumerate(lengths.tolist())
+        for i, length in enumerate(host)
     ]

@@ -4,7 +4,7 @@ torchvision's ``RegionProposalNetwork.filter_proposals`` loops over the images:
 per image it clips, drops small and low-scoring boxes, runs NMS per level and
 keeps the top ``post_nms_top_n``, with three host syncs and a few dozen small
 kernels each. ``propose`` runs the same steps for every image in whole-batch
-tensor operations (``model.nms.greedy_nms`` for the NMS) and gives the same
+tensor operations (``model.nms.greedy_nms_top`` for the NMS) and gives the same
 boxes in the same order; only the split into per-image tensors at the end waits
 for the device.
 """
@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
 from model.boxes import decode_boxes
-from model.nms import device_tensor, greedy_nms, top_kept
+from model.nms import device_tensor, greedy_nms_top
 
 
 def _torchvision_version() -> tuple[int, int]:
@@ -35,6 +35,11 @@ COORDINATE_TRICK_LIMIT = {
     "cpu": 4000,
     "cuda": 100_000 if _torchvision_version() >= (0, 22) else 20_000,
 }
+
+
+# NMS rounds run before their check is read (see ``model.nms.greedy_nms_top``):
+# the bench images needed 14 with R50-FPN's random weights, 3 with the demo model
+NMS_ROUNDS = 16
 
 
 def propose(
@@ -124,16 +129,15 @@ def filter_proposals(
     valid = present & (widths >= rpn.min_size) & (heights >= rpn.min_size)
     valid &= scores >= rpn.score_thresh
     group = torch.arange(len(taken), device=device)[None, :, None].expand_as(valid)
-    keep = greedy_nms(
-        offset_groups(boxes, valid, group).view(-1, n, 4), valid.view(-1, n), rpn.nms_thresh
-    ).view(num_images, -1)
-
     # each image's kept boxes by descending score, as torchvision's batched_nms
     # (stable sort over the level-ordered candidates) and keep[:post_nms_top_n]
-    kept = top_kept(
-        keep,
+    kept = greedy_nms_top(
+        offset_groups(boxes, valid, group).view(-1, n, 4),
+        valid.view(-1, n),
+        rpn.nms_thresh,
         scores.view(num_images, -1),
         [rpn.post_nms_top_n()] * num_images,
+        rounds=NMS_ROUNDS,
         boxes=boxes.view(num_images, -1, 4),
     )
     return [k["boxes"] for k in kept], [k["scores"] for k in kept]

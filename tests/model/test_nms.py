@@ -15,7 +15,7 @@ from torchvision.ops.poolers import _convert_to_roi_format
 from model import heads
 from model import nms as nms_module
 from model.heads import pool_rois, roi_table
-from model.nms import greedy_nms, iou_threshold_for
+from model.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
 from model.options import PredictOptions
 from model.predictor import Predictor, scale_boxes
 from model.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
@@ -99,6 +99,52 @@ def test_greedy_nms_edge_cases():
     assert greedy_nms(same, torch.tensor([[False, True, True]]), 0.5).tolist() == [
         [False, True, False]
     ]
+
+
+def with_a_chain(boxes: torch.Tensor, valid: torch.Tensor, length: int) -> None:
+    """Make group 0's first ``length`` boxes a chain that settles in about ``length``
+    rounds: each overlaps the next (IoU 0.67) but not the one after (0.43)."""
+    x = torch.arange(length, dtype=boxes.dtype) * 2
+    boxes[0, :length] = torch.stack([x, 0 * x, x + 10, 0 * x + 10], 1)
+    valid[0, :length] = True
+
+
+@pytest.mark.parametrize(("rounds", "reads"), [(64, 1), (16, 3), (1, 40)])
+def test_greedy_nms_top_reads_its_check_with_the_counts(rounds, reads, monkeypatch):
+    """NMS rounds run unchecked; whether they settled is read in the one host read
+    of the kept counts, and too few rounds cost another read and more rounds. The
+    result is greedy_nms then top_kept's, two groups to an image (the RPN's levels)."""
+    boxes, scores, valid = clustered_boxes(4, 100, seed=9, device="cpu")
+    with_a_chain(boxes, valid, 40)
+    images, tops = 2, [50, 7]
+    expected = top_kept(
+        greedy_nms(boxes, valid, 0.5).view(images, -1),
+        scores.view(images, -1),
+        tops,
+        boxes=boxes.view(images, -1, 4),
+    )
+    host_reads = []
+    for name in ("tolist", "item"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda t, _read=read: host_reads.append(1) or _read(t)
+        )
+    got = greedy_nms_top(
+        boxes,
+        valid,
+        0.5,
+        scores.view(images, -1),
+        tops,
+        rounds=rounds,
+        boxes=boxes.view(images, -1, 4),
+    )
+    monkeypatch.undo()
+    assert len(host_reads) == reads
+    assert len(got) == len(expected) == images
+    for g, e in zip(got, expected, strict=True):
+        assert g.keys() == e.keys() == {"scores", "boxes"}
+        assert all(torch.equal(g[k], e[k]) for k in g)
+    assert len(expected[0]["scores"]) == 50, "the top must cut group 0's kept boxes"
 
 
 @pytest.mark.parametrize("device", DEVICES)
