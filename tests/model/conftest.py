@@ -7,6 +7,17 @@ from model.predictor import Predictor
 from model.synthetic import SyntheticConfig, render_image
 
 TEST_CLASSES = ((0, 3, 5, 7, 9), ("background", "circle", "square", "triangle", "star"))
+# a test's device parameter: the CUDA case runs where there is a GPU
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ],
+    ),
+]
 
 
 def make_network(architecture: str = "maskrcnn_resnet50_fpn", seed: int = 0, **kwargs):

@@ -19,18 +19,7 @@ from model.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
 from model.options import PredictOptions
 from model.predictor import Predictor, scale_boxes
 from model.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
-from tests.model.conftest import random_image
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-        ],
-    ),
-]
+from tests.model.conftest import DEVICES, random_image
 
 
 def clustered_boxes(groups: int, n: int, seed: int, device: str) -> tuple[torch.Tensor, ...]:
@@ -109,12 +98,13 @@ def with_a_chain(boxes: torch.Tensor, valid: torch.Tensor, length: int) -> None:
     valid[0, :length] = True
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rounds", "reads"), [(64, 1), (16, 3), (1, 40)])
-def test_greedy_nms_top_reads_its_check_with_the_counts(rounds, reads, monkeypatch):
+def test_greedy_nms_top_reads_its_check_with_the_counts(device, rounds, reads, monkeypatch):
     """NMS rounds run unchecked; whether they settled is read in the one host read
     of the kept counts, and too few rounds cost another read and more rounds. The
     result is greedy_nms then top_kept's, two groups to an image (the RPN's levels)."""
-    boxes, scores, valid = clustered_boxes(4, 100, seed=9, device="cpu")
+    boxes, scores, valid = clustered_boxes(4, 100, seed=9, device=device)
     with_a_chain(boxes, valid, 40)
     images, tops = 2, [50, 7]
     expected = top_kept(
