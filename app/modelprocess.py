@@ -67,6 +67,15 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 30.0  # a closing child finishes its batch in flight, then exits
 
 
+class Stages:
+    """``predict`` as the queue runs it: ``forward``, then ``finish``."""
+
+    def predict(self, images, options=None) -> "list[ImageResult]":
+        if options is None:
+            options = [PredictOptions()] * len(images)
+        return self.finish(self.forward(images, options))
+
+
 @dataclass(frozen=True)
 class Remote:
     """A forwarded batch waiting in the child for ``finish``."""
@@ -74,7 +83,7 @@ class Remote:
     key: int
 
 
-class ModelProcess:
+class ModelProcess(Stages):
     """A predictor running in a child process; see the module docstring.
 
     ``load`` (picklable, run in the child) builds the predictor from ``settings``;
@@ -160,11 +169,6 @@ class ModelProcess:
         """The batch's results; an image the child could not decode has its error."""
         return self._call(pending.key, ("finish", pending.key))
 
-    def predict(self, images, options=None) -> "list[ImageResult]":
-        if options is None:
-            options = [PredictOptions()] * len(images)
-        return self.finish(self.forward(images, options))
-
     def _call(self, key: int, header: tuple, buffers: list | None = None) -> Any:
         """Send one request and wait for its reply (blocking)."""
         future: Future = Future()
@@ -227,7 +231,7 @@ class ModelProcess:
         self._replies.close()
 
 
-class ModelPool:
+class ModelPool(Stages):
     """``size`` model processes serving one model on one device; see the module
     docstring. The queue's ``BatchPredictor``, forwarding up to ``concurrency``
     batches at once: each ``forward`` takes an idle child (they take turns), and
@@ -282,11 +286,6 @@ class ModelPool:
     def finish(self, pending: "tuple[ModelProcess, Remote]") -> "list[ImageResult | BaseException]":
         child, remote = pending
         return child.finish(remote)
-
-    def predict(self, images, options=None) -> "list[ImageResult]":
-        if options is None:
-            options = [PredictOptions()] * len(images)
-        return self.finish(self.forward(images, options))
 
     @property
     def concurrency(self) -> int:
