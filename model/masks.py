@@ -68,7 +68,8 @@ def paste_masks(
     table, chunks = _plan_chunks(host[:, :4], height, width, max_waste)
     if not chunks:
         return out
-    table = torch.from_numpy(table).to(device, non_blocking=True)  # see nms.device_tensor
+    # without waiting for the device's queue, as nms.device_tensor copies
+    table = torch.from_numpy(table).to(device, non_blocking=True)
     cells = max((stop - start) * h * w for start, stop, h, w in chunks)
     # Buffers reused by every chunk: on the CPU, fresh ones cost a page fault per 4 KiB.
     work = torch.empty(2 * cells, dtype=torch.float32, device=device)

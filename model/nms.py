@@ -132,11 +132,11 @@ class Suppression:
         # unmasked until the end; their columns are zero, so they never suppress.
         # Autocast is off, or bf16 autocast would cast the whole matrix again in
         # every round.
-        self.dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
+        dtype = torch.float16 if boxes.device.type == "cuda" else torch.float32
         with torch.autocast(boxes.device.type, enabled=False):
-            self.weights = [suppressors(*chunk).to(self.dtype) for chunk in chunks]
-        self.one = torch.ones((), dtype=self.dtype, device=boxes.device)
-        self.keep = [v.to(self.dtype)[:, :, None] for v in valid.split(per_chunk)]
+            self.weights = [suppressors(*chunk).to(dtype) for chunk in chunks]
+        self.one = torch.ones((), dtype=dtype, device=boxes.device)
+        self.keep = [v.to(dtype)[:, :, None] for v in valid.split(per_chunk)]
 
     def run(self, rounds: int) -> torch.Tensor:
         """``rounds`` more rounds (at least one); returns ``[G, n]`` bool, the boxes
