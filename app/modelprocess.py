@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 30.0  # a closing child finishes its batch in flight, then exits
 
 
-class Stages:
+class TwoStages:
     """``predict`` as the queue runs it: ``forward``, then ``finish``."""
 
     def predict(self, images, options=None) -> "list[ImageResult]":
@@ -83,7 +83,7 @@ class Remote:
     key: int
 
 
-class ModelProcess(Stages):
+class ModelProcess(TwoStages):
     """A predictor running in a child process; see the module docstring.
 
     ``load`` (picklable, run in the child) builds the predictor from ``settings``;
@@ -231,7 +231,7 @@ class ModelProcess(Stages):
         self._replies.close()
 
 
-class ModelPool(Stages):
+class ModelPool(TwoStages):
     """``size`` model processes serving one model on one device; see the module
     docstring. The queue's ``BatchPredictor``, forwarding up to ``concurrency``
     batches at once: each ``forward`` takes an idle child (they take turns), and

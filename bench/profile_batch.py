@@ -136,7 +136,7 @@ def plan_memory_as_on_a_gpu() -> None:
     """Paste masks and find their runs in the chunks a GPU uses: the CPU splits
     them finer to stay in its caches (more operators), a GPU only by memory."""
     model.masks._CPU_MAX_WASTE = math.inf
-    model.rle._CPU_CHUNK_BYTES = model.predictor._GROUP_BYTES_DEVICE
+    model.rle._CPU_CHUNK_BYTES = 2**62  # every mask at once
     model.predictor._GROUP_BYTES_CPU = model.predictor._GROUP_BYTES_DEVICE
 
 

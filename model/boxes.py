@@ -44,7 +44,7 @@ def decode_boxes(coder: BoxCoder, deltas: Tensor, boxes: Tensor) -> Tensor:
 
 def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     """torchvision's ``roi_heads.expand_boxes``: boxes ``[N, 4]`` grown by ``scale``
-    about their centres, 7 kernels instead of 19."""
+    about their centres, 8 kernels instead of 19."""
     half = (boxes[:, 2:] - boxes[:, :2]) * 0.5
     half *= scale
     center = (boxes[:, 2:] + boxes[:, :2]) * 0.5

@@ -56,9 +56,7 @@ def select_boxes(
     class_logits, box_regression = (t.float() for t in heads.box_predictor(box_features))
     # [R, classes, 4]: each proposal's box for every class
     boxes = decode_boxes(
-        heads.box_coder,
-        box_regression.view(len(box_regression), -1, 4),
-        torch.cat(proposals)[:, None],
+        heads.box_coder, box_regression.unflatten(1, (-1, 4)), torch.cat(proposals)[:, None]
     )
     scores = F.softmax(class_logits, -1)
     per_image = [len(p) for p in proposals]
@@ -81,9 +79,10 @@ def _select_batch(
     image_sizes: list[tuple[int, int]],
     options: Sequence[PredictOptions],
 ) -> list[dict[str, torch.Tensor]] | None:
-    """``_select_image`` for every image at once: two host syncs per batch (a third
-    when ``NMS_ROUNDS`` do not settle), rather than two or more per image. ``None``
-    where the batch has more candidates than the dense NMS takes (``_MAX_DENSE_*``)."""
+    """``_select_image`` for every image at once: two host syncs per batch (one more
+    for each further ``NMS_ROUNDS`` the NMS needs), rather than two or more per image.
+    ``None`` where the batch has more candidates than the dense NMS takes
+    (``_MAX_DENSE_*``)."""
     device = boxes.device
     num_images, num_classes = len(per_image), scores.shape[-1]
     rows = torch.arange(num_images, device=device).repeat_interleave(

@@ -14,7 +14,7 @@ from torchvision.ops.poolers import _convert_to_roi_format
 
 from model import heads
 from model import nms as nms_module
-from model.heads import pool_rois, roi_table
+from model.heads import pool_rois, predict_masks, roi_table, select_boxes
 from model.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
 from model.options import PredictOptions
 from model.predictor import Predictor, scale_boxes
@@ -100,10 +100,14 @@ def with_a_chain(boxes: torch.Tensor, valid: torch.Tensor, length: int) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("rounds", "reads"), [(64, 1), (16, 3), (1, 40)])
-def test_greedy_nms_top_reads_its_check_with_the_counts(device, rounds, reads, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 2 * 100**2], ids=["one-chunk", "chunks-of-2"])
+def test_greedy_nms_top_reads_its_check_with_the_counts(device, rounds, reads, chunk, monkeypatch):
     """NMS rounds run unchecked; whether they settled is read in the one host read
     of the kept counts, and too few rounds cost another read and more rounds. The
-    result is greedy_nms then top_kept's, two groups to an image (the RPN's levels)."""
+    result is greedy_nms then top_kept's, two groups to an image (the RPN's levels).
+    The chain of 40 settles in its 39th round: ``reads`` is ``ceil(40 / rounds)``."""
+    if chunk:
+        monkeypatch.setattr(nms_module, "_CHUNK_ELEMENTS", chunk)
     boxes, scores, valid = clustered_boxes(4, 100, seed=9, device=device)
     with_a_chain(boxes, valid, 40)
     images, tops = 2, [50, 7]
@@ -235,6 +239,24 @@ def test_vectorized_selection_falls_back_on_many_candidates(network, info, monke
     vectorized = Predictor(network, info, vectorized=True).predict(images, options)
     assert calls == [1, 1]
     assert vectorized == loop
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_a_batch_without_proposals_has_no_detections(network, vectorized):
+    """When the RPN keeps nothing at all (no image has a proposal), both selections
+    answer as torchvision's heads do: nothing."""
+    images = [random_image(100, 130, 1), random_image(90, 70, 2)]
+    with torch.no_grad():
+        image_list, _ = network.transform([image.float() / 255 for image in images])
+        features = network.backbone(image_list.tensors)
+        none = [torch.zeros(0, 4), torch.zeros(0, 4)]
+        expected, _ = network.roi_heads(features, none, image_list.image_sizes)
+        heads_, sizes, options = network.roi_heads, image_list.image_sizes, [PredictOptions()] * 2
+        kept = select_boxes(heads_, features, none, sizes, options, vectorized=vectorized)
+        masks = predict_masks(heads_, features, kept, sizes)
+    for k, m, e in zip(kept, masks, expected, strict=True):
+        assert k["boxes"].shape == e["boxes"].shape == (0, 4)
+        assert len(k["scores"]) == len(k["labels"]) == len(m) == len(e["masks"]) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
