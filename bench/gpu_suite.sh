@@ -5,7 +5,11 @@
 #   QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh # rehearsal on a CPU, tiny sizes
 #   STEPS=bare-fp16,served-fp16 ONLY_BATCHES=8,16 ONLY_CONCURRENCY=16,32 bash bench/gpu_suite.sh
 #
-# Wheels (cp312) for the packages the machine lacks travel in .benchwhl/ (carried).
+# Wheels (cp312) for the packages the machine lacks travel in .benchwhl/ (carried;
+# keep it out of git), downloaded beside the development venv with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .benchwhl \
+#     $(pip freeze | grep -iE '^(fastapi|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|uvicorn|httptools|orjson|pycocotools|sqlalchemy|python[-_]multipart|annotated[-_]types|typing[-_]inspection|opentelemetry[-_]api|typing[-_]extensions|anyio|annotated[-_]doc)==')
 # Each step has its own time limit and a failed step does not stop the others;
 # everything lands in $OUT: suite.log (all output), RESULTS.md (the updated
 # tables, copied after every step), profile.txt, pytest.txt and servers.log (the
