@@ -161,8 +161,9 @@ class ModelProcess(TwoStages):
         self, images: list[torch.Tensor | EncodedJpeg], options: list[PredictOptions]
     ) -> Remote:
         key = next(self._keys)
-        described, buffers = zip(*(on_the_wire(image) for image in images), strict=True)
-        self._call(key, ("forward", key, list(described), options), list(buffers))
+        wire = [on_the_wire(image) for image in images]
+        described, buffers = [d for d, _ in wire], [b for _, b in wire]
+        self._call(key, ("forward", key, described, options), buffers)
         return Remote(key)
 
     def finish(self, pending: Remote) -> "list[ImageResult | BaseException]":

@@ -80,6 +80,7 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
         with pytest.raises(InvalidImageError, match="uint8"):
             remote.predict([TENSORS[0].float()], [PredictOptions()])
         assert len(remote.predict(TENSORS[:1])) == 1  # and it goes on serving
+        assert remote.predict([]) == local.predict([]) == []
         # JPEGs left encoded are decoded by the child, as here; one that does not
         # decode gets its error in its result's place, and the rest are answered
         jpegs = [encode(Image.fromarray(image), "JPEG", quality=95) for image in IMAGES[:2]]
