@@ -22,6 +22,7 @@ counted too (the child's own processor time is not).
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
@@ -45,6 +47,7 @@ from model.info import ModelInfo
 from model.predictor import Detection, ImageResult
 
 REPO = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 120.0  # a model process imports torch before it answers
 
 
 def canned_result(detections: int = 14, seed: int = 0) -> ImageResult:
@@ -127,9 +130,15 @@ def measure(args: argparse.Namespace, port: int, folder: Path) -> dict:
     summary: dict = {}
 
     def load() -> None:
-        while not server.started:
-            time.sleep(0.1)
-        time.sleep(2)  # the service's start-up (warm-up, database) after the socket opens
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", READY_TIMEOUT_S)
+            run_load()
+        except BaseException as e:
+            summary["error"] = e
+        finally:
+            server.should_exit = True
+
+    def run_load() -> None:
         command = [sys.executable, str(REPO / "bench" / "loadgen.py")]
         command += ["--url", f"http://127.0.0.1:{port}", "--images", str(folder)]
         command += ["--concurrency", str(args.concurrency), "--seconds", str(args.seconds)]
@@ -145,13 +154,27 @@ def measure(args: argparse.Namespace, port: int, folder: Path) -> dict:
         out, _ = child.communicate(timeout=120)
         summary.update(json.loads(out))
         summary["cpu_s"] = (end.ru_utime + end.ru_stime) - (start.ru_utime + start.ru_stime)
-        server.should_exit = True
 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
     asyncio.run(server.serve())
     thread.join()
+    if "error" in summary:
+        raise summary["error"]
     return summary
+
+
+def wait_ready(url: str, timeout: float) -> None:
+    """Until the service's ``/readyz`` answers 200: its start-up (database, the
+    model, in a model process too, and its warm-up) goes on after the socket opens,
+    and requests meanwhile get 503."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"the service at {url} was not ready in {timeout:g} s")
 
 
 def render(summary: dict, args: argparse.Namespace, command: str) -> str:
