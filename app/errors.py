@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
-from app.responses import OrjsonResponse
+from app.api.responses import OrjsonResponse
 from model.errors import (
     CheckpointError,
     DatasetError,

@@ -1,6 +1,6 @@
 """Start-up and shutdown of one app: the model loads and warms up in the
 background (so ``/healthz`` answers and ``/readyz`` says 503 meanwhile); on
-shutdown the queue finishes its work. The training worker (``app.worker``) runs
+shutdown the queue finishes its work. The training worker (``app.training.worker``) runs
 in a thread meanwhile: claiming jobs when ``RUN_WORKER`` is on, only failing the
 jobs of dead workers otherwise; it stops before the database is closed."""
 
@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from app.service import Service
-from app.worker import Worker
+from app.serving.service import Service
+from app.training.worker import Worker
 
 
 @contextlib.asynccontextmanager

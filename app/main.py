@@ -5,14 +5,14 @@ handlers, middleware and routers. Run it with ``maskrcnn serve`` (or
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.auth import AuthGate
+from app.api.auth import AuthGate
+from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import install_openapi
+from app.api.responses import OrjsonResponse
+from app.api.routes import datasets, health, models, segment, training_jobs
 from app.errors import install_error_handlers
 from app.lifespan import lifespan
-from app.middleware import RequestContextMiddleware
-from app.openapi import install_openapi
-from app.responses import OrjsonResponse
-from app.routes import datasets, health, models, segment, training_jobs
-from app.service import PredictorLoader, Service
+from app.serving.service import PredictorLoader, Service
 from app.settings import Settings, load_settings
 
 VERSION = "0.1.0"

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.urlpolicy import Allowlist
+from app.inputs.urlpolicy import Allowlist
 
 ENV_PREFIX = "MASKRCNN_"
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -35,9 +35,9 @@ class Settings(BaseSettings):
     classes_file: Path | None = None
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    # N: N copies of the model, each in a process of its own (app.modelprocess),
+    # N: N copies of the model, each in a process of its own (app.serving.modelprocess),
     # share the device and forward N batches at once; 0: the model runs in the
-    # HTTP server's process; auto: 2 on a GPU, 0 on the CPU (app.service)
+    # HTTP server's process; auto: 2 on a GPU, 0 on the CPU (app.serving.service)
     model_processes: Annotated[int, Field(ge=0, le=16)] | Literal["auto"] = "auto"
     # how often a replica checks the database for a newly activated model (and
     # refreshes the training-jobs gauge)

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from PIL import Image
 
-import model.fusion
+import model.inference.fusion
 from bench.results import command_line, machine, write_section
-from model.images import pil_to_tensor
+from model.inference.images import pil_to_tensor
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor
 from model.loading import load_model
-from model.options import PredictOptions
-from model.predictor import Predictor
-from model.synthetic import SyntheticConfig, render_image
+from model.training.synthetic import SyntheticConfig, render_image
 
 IMAGE_SIZE = (480, 640)  # height, width
 NUM_IMAGES = 8
@@ -108,8 +108,8 @@ def load_predictor(
     fused: bool | None = None,
     vectorized: bool | None = None,
 ) -> Predictor:
-    """As ``maskrcnn serve`` builds it (``app.service.build_predictor``);
-    ``fused=False`` turns ``model.fusion``'s rewrites off (an experiment);
+    """As ``maskrcnn serve`` builds it (``app.serving.service.build_predictor``);
+    ``fused=False`` turns ``model.inference.fusion``'s rewrites off (an experiment);
     ``fused=True, vectorized=True`` runs the CUDA code path on the CPU."""
     loaded = load_model(spec, device=device)
     return Predictor(
@@ -259,12 +259,12 @@ def main(argv: list[str] | None = None) -> list[Point]:
     parser.add_argument(
         "--unfused",
         action="store_true",
-        help="experiment: without model.fusion (norms, autocast weight casts, NCHW layout)",
+        help="experiment: without model.inference.fusion (norms, weight casts, NCHW layout)",
     )
     parser.add_argument(
         "--plain-blocks",
         action="store_true",
-        help="experiment: model.fusion without its fused residual blocks",
+        help="experiment: model.inference.fusion without its fused residual blocks",
     )
     parser.add_argument(
         "--loop-selection",
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
         torch.set_num_threads(args.threads)
     images = decode_jpegs(bench_jpegs())
     if args.plain_blocks:  # prepare_network then folds, casts and lays out, fuses no block
-        model.fusion.fuse_blocks = lambda module: 0
+        model.inference.fusion.fuse_blocks = lambda module: 0
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
         predictor = load_predictor(

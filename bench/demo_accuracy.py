@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.dataset import CocoDataset
-from model.evaluation import STAT_NAMES, evaluate_predictor
+from model.inference.predictor import Predictor
 from model.loading import load_file, load_model
-from model.predictor import Predictor
-from model.synthetic import generate_dataset
+from model.training.dataset import CocoDataset
+from model.training.evaluation import STAT_NAMES, evaluate_predictor
+from model.training.synthetic import generate_dataset
 
 STANDARD_KEYS = {"format", "architecture", "arch_kwargs", "classes", "dataset_id", "metrics",
                  "created_at", "sha256"}

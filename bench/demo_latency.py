@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from bench.results import cpu_name
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor
 from model.loading import load_model
-from model.options import PredictOptions
-from model.predictor import Predictor
-from model.synthetic import SyntheticConfig, render_image
+from model.training.synthetic import SyntheticConfig, render_image
 
 
 def main() -> None:

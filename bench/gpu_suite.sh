@@ -88,7 +88,7 @@ step profile 90 bash -c "python3 bench/profile_batch.py ${R50[*]} --precision fp
 step bare-bf16 40 python3 bench/bare.py "${R50[@]}" --precision bf16 \
   --batch-sizes "$BATCH,$((BATCH * 4))" --seconds "$SECONDS_PER"
 step overhead 40 python3 bench/overhead.py --no-decode
-# not affected by model.fusion; run with STEPS=...,loop-selection,bare-fp32,postprocess
+# not affected by model.inference.fusion; run with STEPS=...,loop-selection,bare-fp32,postprocess
 for experiment in loop-selection graph-backbone; do
   case ",$STEPS," in *",$experiment,"*) ;; *) continue ;; esac
   step "$experiment" 60 python3 bench/bare.py "${R50[@]}" --precision fp16 \

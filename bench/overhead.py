@@ -13,7 +13,7 @@ limit; the CPU column is this process's processor time per answered request.
 ``--no-decode`` hands the queue a ready tensor instead of decoding the upload;
 ``--keep-jpeg`` reads only the JPEG's header and queues it encoded, as the server
 does for model processes on a GPU; ``--model-process`` runs the stand-in in a
-model process (``app.modelprocess``, on the other cores), so the pipe's cost is
+model process (``app.serving.modelprocess``, on the other cores), so the pipe's cost is
 counted too (the child's own processor time is not).
 
     python bench/overhead.py --model-process
@@ -43,8 +43,8 @@ from pycocotools import mask as mask_utils
 
 from bench.bare import IMAGE_SIZE, bench_jpegs
 from bench.results import command_line, machine, write_section
+from model.inference.predictor import Detection, ImageResult
 from model.info import ModelInfo
-from model.predictor import Detection, ImageResult
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 120.0  # a model process imports torch before it answers
@@ -94,7 +94,7 @@ def load_predictor(args: argparse.Namespace):
 
     def load(settings):
         if args.model_process:
-            from app.modelprocess import ModelProcess
+            from app.serving.modelprocess import ModelProcess
 
             predictor = ModelProcess(settings, load=load_instant)
             if args.others:
@@ -108,7 +108,7 @@ def load_predictor(args: argparse.Namespace):
 
 
 def skip_decoding() -> None:
-    import app.routes.segment as segment
+    import app.api.routes.segment as segment
 
     image = torch.zeros((3, *IMAGE_SIZE), dtype=torch.uint8)
 

@@ -2,7 +2,7 @@
 
 For 100 detections with 28x28 mask probabilities at 640x480 and 1920x1080, times
 
-* ours: ``model.masks.paste_masks`` + ``model.rle.encode_rle``;
+* ours: ``model.inference.masks.paste_masks`` + ``model.inference.rle.encode_rle``;
 * reference: ``paste_masks_in_image`` + ``>= threshold`` + ``pycocotools.mask.encode``
   of the Fortran-ordered uint8 masks,
 
@@ -29,8 +29,8 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from bench.results import command_line, machine, write_section
-from model.masks import paste_masks
-from model.rle import encode_rle
+from model.inference.masks import paste_masks
+from model.inference.rle import encode_rle
 
 SIZES = ((480, 640), (1080, 1920))
 DETECTIONS = 100

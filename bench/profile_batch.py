@@ -10,7 +10,7 @@ uploads should be decoded.
 ``--cuda-path`` runs the CUDA code path (fused network, batched selection, masks
 pasted and run-length coded in a GPU's chunks) on the CPU, to count its operators
 where there is no GPU. The count is then a GPU's but for the steps cuDNN fuses
-(on the CPU each ``model.fusion`` convolution + ReLU is up to three operators).
+(on the CPU each ``model.inference.fusion`` convolution + ReLU is up to three operators).
 """
 
 import argparse
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import model.masks
-import model.predictor
-import model.rle
+import model.inference.masks
+import model.inference.predictor
+import model.inference.rle
 from bench.bare import (
     add_model_arguments,
     bench_jpegs,
@@ -38,7 +38,7 @@ from bench.bare import (
     prepare_model,
 )
 from bench.results import machine
-from model.options import PredictOptions
+from model.inference.options import PredictOptions
 
 
 def profile_batch(predictor, images, batch_size: int, rows: int, stacks: bool = False) -> str:
@@ -135,9 +135,9 @@ def python_calls(events) -> list:
 def plan_memory_as_on_a_gpu() -> None:
     """Paste masks and find their runs in the chunks a GPU uses: the CPU splits
     them finer to stay in its caches (more operators), a GPU only by memory."""
-    model.masks._CPU_MAX_WASTE = math.inf
-    model.rle._CPU_CHUNK_BYTES = 2**62  # every mask at once
-    model.predictor._GROUP_BYTES_CPU = model.predictor._GROUP_BYTES_DEVICE
+    model.inference.masks._CPU_MAX_WASTE = math.inf
+    model.inference.rle._CPU_CHUNK_BYTES = 2**62  # every mask at once
+    model.inference.predictor._GROUP_BYTES_CPU = model.inference.predictor._GROUP_BYTES_DEVICE
 
 
 def time_decoders(jpegs: list[bytes], device: torch.device, repeats: int = 50) -> str:

@@ -38,10 +38,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from model.dataset import CocoDataset
-    from model.evaluation import evaluate_predictor, format_metrics
+    from model.inference.predictor import Predictor
     from model.loading import load_model
-    from model.predictor import Predictor
+    from model.training.dataset import CocoDataset
+    from model.training.evaluation import evaluate_predictor, format_metrics
 
     if args.threads:
         torch.set_num_threads(args.threads)

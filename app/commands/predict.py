@@ -8,12 +8,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model.coco import to_coco_results
 from model.errors import InvalidImageError
-from model.images import list_images, read_image
+from model.inference.images import list_images, read_image
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor
 from model.loading import load_model
-from model.options import PredictOptions
-from model.predictor import Predictor
+from model.training.coco import to_coco_results
 
 
 def add_parser(subparsers) -> None:

@@ -27,7 +27,7 @@ from app.logs import configure_logging
 from app.settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from app.service import Service
+    from app.serving.service import Service
 
 log = logging.getLogger(__name__)
 

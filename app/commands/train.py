@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from model.training import ProgressFn, TrainConfig, TrainResult
+    from model.training.loop import ProgressFn, TrainConfig, TrainResult
 
 
 def add_parser(subparsers) -> None:
@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.distributed import gpus_for_ddp
+    from model.training.distributed import gpus_for_ddp
 
     gpus = 0 if args.no_ddp or "LOCAL_RANK" in os.environ else gpus_for_ddp()
     if gpus:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from model.training import TrainConfig
+    from model.training.loop import TrainConfig
 
     plan = TrainingPlan(
         dataset=args.dataset,
@@ -129,7 +129,7 @@ def train_command(args: argparse.Namespace) -> int:
     if outcome is None:
         return 0
     if outcome.metrics:
-        from model.evaluation import format_metrics
+        from model.training.evaluation import format_metrics
 
         print(format_metrics(outcome.metrics))
     result = outcome.result
@@ -184,12 +184,12 @@ def run_training(
 
     Returns ``None`` on the non-main ranks of a DDP run (they write nothing).
     """
-    from model.augment import AugmentConfig, TrainAugment
     from model.checkpoint import save_checkpoint
-    from model.dataset import CocoDataset, split_dataset
     from model.loading import resolve_device
-    from model.training import train
-    from model.transfer import prepare_network
+    from model.training.augment import AugmentConfig, TrainAugment
+    from model.training.dataset import CocoDataset, split_dataset
+    from model.training.loop import train
+    from model.training.transfer import prepare_network
 
     augment = TrainAugment(AugmentConfig(hflip=plan.hflip, vflip=plan.vflip))
     full = CocoDataset(plan.dataset, transforms=augment, annotation_file=plan.annotations)
@@ -242,9 +242,9 @@ def run_training(
 
 
 def make_evaluator(full, val_set, device, show_progress: bool = True):
-    from model.evaluation import evaluate_predictor
+    from model.inference.predictor import Predictor
     from model.info import ModelInfo
-    from model.predictor import Predictor
+    from model.training.evaluation import evaluate_predictor
 
     names = ("background", *(c["name"] for c in full.categories))
     info = ModelInfo("validation", "training", tuple(full.label_to_category), names)

@@ -30,8 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.db import Database
-    from app.worker import Worker
+    from app.store.db import Database
+    from app.training.worker import Worker
 
     try:
         settings = load_settings()

@@ -293,8 +293,8 @@ class Traffic:
 def detections_by(model: str, image: np.ndarray) -> list[tuple[int, float]]:
     """``image``'s detections ``(class id, score)`` by ``model`` (a spec or a file),
     run in process on the device a server picks: what a server must answer."""
+    from model.inference.predictor import Predictor
     from model.loading import load_model
-    from model.predictor import Predictor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -374,7 +374,7 @@ def job_store(data_dir: Path, url: str | None = None):
     """The database a server with this ``DATA_DIR`` (and ``DATABASE_URL``, by default
     its SQLite file) uses, its tables created: tests arrange and inspect state
     there. The caller disposes of it."""
-    from app.db import Database
+    from app.store.db import Database
 
     db = Database(url or f"sqlite:///{data_dir / 'maskrcnn.db'}", data_dir=data_dir)
     db.create_schema()
@@ -383,7 +383,7 @@ def job_store(data_dir: Path, url: str | None = None):
 
 def set_job(db, job_id: str, **values) -> None:
     """Overwrite columns of a job row, as a worker would have."""
-    from app.db import TrainingJobRecord
+    from app.store.db import TrainingJobRecord
 
     with db.session() as session:
         job = session.get(TrainingJobRecord, job_id)
@@ -419,8 +419,8 @@ def read_events(response) -> list[tuple[str, dict]]:
 def add_dataset(db, *, num_images: int = 8, image_size: int = 64, seed: int = 0) -> str:
     """A generated shapes dataset under ``DATA_DIR/datasets/`` and its row, as an
     upload leaves them (job tests need no upload route); returns its id."""
-    from app.db import DatasetRecord, new_id
-    from model.synthetic import generate_dataset
+    from app.store.db import DatasetRecord, new_id
+    from model.training.synthetic import generate_dataset
 
     dataset_id = new_id("ds")
     path = f"datasets/{dataset_id}"
@@ -447,7 +447,7 @@ def register_model(db, checkpoint: Path, **fields) -> str:
     registry row, as a succeeded training job leaves them; returns the id."""
     import shutil
 
-    from app.db import ModelRecord, new_id
+    from app.store.db import ModelRecord, new_id
 
     db.create_schema()
     model_id = fields.pop("id", None) or new_id("model")
@@ -474,12 +474,12 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def training_processes(job_id: str) -> list[int]:
-    """Pids of live ``app.jobrunner`` processes for ``job_id``."""
+    """Pids of live ``app.training.runner`` processes for ``job_id``."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             args = cmdline.read_bytes().split(b"\0")
-            if b"app.jobrunner" in args and job_id.encode() in args:
+            if b"app.training.runner" in args and job_id.encode() in args:
                 found.append(int(cmdline.parent.name))
     return found
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from model.inference.predictor import Detection, ImageResult
 from model.info import ModelInfo
-from model.predictor import Detection, ImageResult
 
 INFO = ModelInfo("fake", "fake_arch", (0, 1, 2), ("background", "a", "b"))
 
@@ -92,7 +92,7 @@ def fake_mask(height: int, width: int, mask_format: str):
 
 
 def load_fake(settings=None, *, oom_over: int | None = None, **kwargs) -> FakePredictor:
-    """A ``FakePredictor`` built in another process (``app.modelprocess``'s ``load``,
+    """A ``FakePredictor`` built in another process (``app.serving.modelprocess``'s ``load``,
     with ``functools.partial`` for the keywords): more than ``oom_over`` images in
     one forward raise an out-of-memory error."""
     if oom_over is not None:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.archive import ArchiveLimits, count_members, extract_zip
+from app.inputs.archive import ArchiveLimits, count_members, extract_zip
 from model.errors import DatasetError
 
 SMALL = ArchiveLimits(max_members=20, max_total_bytes=4 * 2**20, ratio_grace_bytes=2**16)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from app.batching import Batcher
 from app.errors import DeadlineExceededError, QueueFullError, UnavailableError
-from model.options import PredictOptions
+from app.serving.batching import Batcher
+from model.inference.options import PredictOptions
 from tests.app.fakes import FakePredictor, solid_image
 
 OPTS = PredictOptions(score_threshold=0.0)

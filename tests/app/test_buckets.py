@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from app.buckets import bucket_key_for
+from app.serving.buckets import bucket_key_for
 
 
 class Net(torch.nn.Module):

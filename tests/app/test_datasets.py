@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.db import Database, TrainingJobRecord, new_id, utcnow
-from model.dataset import CocoDataset
-from model.synthetic import SHAPE_CLASSES, generate_dataset
+from app.store.db import Database, TrainingJobRecord, new_id, utcnow
+from model.training.dataset import CocoDataset
+from model.training.synthetic import SHAPE_CLASSES, generate_dataset
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,

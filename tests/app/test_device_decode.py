@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageOps
 
 from app.errors import BadRequestError
-from app.images import apply_orientation, decode_image, decode_jpeg_on_device
-from model.images import pil_to_tensor
+from app.inputs.decoding import apply_orientation, decode_image, decode_jpeg_on_device
+from model.inference.images import pil_to_tensor
 
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -120,8 +120,8 @@ def test_decoding_beside_the_model_leaves_its_batches_intact():
     another decoding thread's (it corrupted decoded images)."""
     import threading
 
+    from model.inference.predictor import Predictor
     from model.info import ModelInfo
-    from model.predictor import Predictor
     from tests.model.conftest import TEST_CLASSES, make_network, random_image
 
     network = make_network(min_size=480, max_size=640)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.images import EncodedJpeg, decode_image, decode_images
+from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
 from tests.app.conftest import encode
 
 

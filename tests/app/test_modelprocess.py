@@ -19,15 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from app.buckets import input_geometry
 from app.errors import BadRequestError, UnavailableError
-from app.images import EncodedJpeg, decode_image
+from app.inputs.decoding import EncodedJpeg, decode_image
 from app.main import create_app
-from app.modelprocess import ModelPool, ModelProcess
-from app.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
+from app.serving.buckets import input_geometry
+from app.serving.modelprocess import ModelPool, ModelProcess
+from app.serving.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
 from app.settings import load_settings
 from model.errors import InvalidImageError, InvalidOptionError
-from model.options import PredictOptions
+from model.inference.options import PredictOptions
 from tests.app.conftest import (
     encode,
     model_children,

@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from app import registry
-from app.db import Database, DatasetRecord, TrainingJobRecord
 from app.main import create_app
 from app.settings import load_settings
+from app.store import registry
+from app.store.db import Database, DatasetRecord, TrainingJobRecord
 from model.errors import CheckpointError
 from tests.app.conftest import (
     ADMIN_TOKEN,

@@ -48,9 +48,9 @@ def reference(checkpoint):
     """Each image alone through an in-process predictor on the same checkpoint."""
     import torch
 
+    from model.inference.options import PredictOptions
+    from model.inference.predictor import Predictor
     from model.loading import load_model
-    from model.options import PredictOptions
-    from model.predictor import Predictor
 
     loaded = load_model(str(checkpoint), device="cpu")
     predictor = Predictor(loaded.network, loaded.info)

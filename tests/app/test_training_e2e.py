@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.synthetic import SyntheticConfig, generate_dataset, render_image
+from model.training.synthetic import SyntheticConfig, generate_dataset, render_image
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app import jobs
-from app.db import DatasetRecord, ModelRecord, utcnow
-from app.routes.training_jobs import RETRY_MS
+from app.api.routes.training_jobs import RETRY_MS
+from app.store.db import DatasetRecord, ModelRecord, utcnow
+from app.training import jobs
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
@@ -402,11 +402,11 @@ def test_a_client_that_reconnects_misses_nothing_and_gets_nothing_twice(follower
 def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
     """End to end over HTTP: upload a generated dataset zip, train one epoch from
     ``demo``, follow the events to ``succeeded``, find the version in the registry."""
-    from model.dataset import CocoDataset, split_dataset
-    from model.evaluation import evaluate_predictor
+    from model.inference.predictor import Predictor
     from model.loading import load_model
-    from model.predictor import Predictor
-    from model.synthetic import generate_dataset
+    from model.training.dataset import CocoDataset, split_dataset
+    from model.training.evaluation import evaluate_predictor
+    from model.training.synthetic import generate_dataset
 
     generate_dataset(
         tmp_path / "shapes.zip",

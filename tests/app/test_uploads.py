@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from model.predictor import Detection, ImageResult
+from model.inference.predictor import Detection, ImageResult
 from tests.app.conftest import encode, fake_client, png_bytes, running_server
 from tests.app.fakes import FakePredictor
 

@@ -25,9 +25,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app import urlfetch
 from app.errors import PayloadTooLargeError
-from app.urlfetch import (
+from app.inputs import urlfetch
+from app.inputs.urlfetch import (
     MAX_REDIRECTS,
     ByteBudget,
     InvalidUrlError,
@@ -36,7 +36,7 @@ from app.urlfetch import (
     get_url_fetcher,
     resolve_host,
 )
-from app.urlpolicy import Allowlist, FetchPolicy, ip_literal, is_public
+from app.inputs.urlpolicy import Allowlist, FetchPolicy, ip_literal, is_public
 from tests.app.conftest import fake_client, png_bytes
 
 PUBLIC_IP = "93.184.216.34"  # looks public; the test transport maps it to 127.0.0.1

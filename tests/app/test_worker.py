@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from app import jobs
-from app.db import Database, DatasetRecord, ModelRecord, TrainingJobRecord, utcnow
 from app.settings import SettingsError, load_settings
-from app.worker import Worker
+from app.store.db import Database, DatasetRecord, ModelRecord, TrainingJobRecord, utcnow
+from app.training import jobs
+from app.training.worker import Worker
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,

@@ -102,7 +102,7 @@ def test_a_training_job_is_created_and_followed_to_the_end_through_nginx(
     needed = {"/v1/datasets", "/v1/training-jobs", "/v1/training-jobs/{job_id}/events"}
     if not {r.replace("{id}", "{job_id}") for r in routes} >= needed or not has_worker_command():
         pytest.skip(f"training jobs are not built yet (routes: {sorted(routes)})")
-    from model.synthetic import generate_dataset
+    from model.training.synthetic import generate_dataset
 
     archive = tmp_path / "shapes.zip"
     generate_dataset(archive, num_images=6, image_size=64, seed=3)

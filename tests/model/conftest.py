@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from model.inference.predictor import Predictor
 from model.info import ModelInfo
 from model.networks import build_network
-from model.predictor import Predictor
-from model.synthetic import SyntheticConfig, render_image
+from model.training.synthetic import SyntheticConfig, render_image
 
 TEST_CLASSES = ((0, 3, 5, 7, 9), ("background", "circle", "square", "triangle", "star"))
 # a test's device parameter: the CUDA case runs where there is a GPU

@@ -1,4 +1,4 @@
-"""``model.boxes`` against torchvision's ``BoxCoder`` and ``expand_boxes``: the same
+"""``model.inference.boxes`` against torchvision's ``BoxCoder`` and ``expand_boxes``: the same
 numbers bit for bit, without tensors made from host values (on a GPU each is a
 copy that waits for the device)."""
 
@@ -10,7 +10,7 @@ from torch.profiler import profile
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.roi_heads import expand_boxes as torchvision_expand_boxes
 
-from model.boxes import decode_boxes, expand_boxes
+from model.inference.boxes import decode_boxes, expand_boxes
 from tests.model.conftest import DEVICES
 
 # the RPN's and the box head's weights in torchvision's detectors, and unequal ones

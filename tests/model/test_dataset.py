@@ -11,9 +11,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from model.augment import AugmentConfig, TrainAugment
-from model.dataset import CocoDataset, split_dataset
 from model.errors import DatasetError
+from model.training.augment import AugmentConfig, TrainAugment
+from model.training.dataset import CocoDataset, split_dataset
 
 H, W = 40, 60
 

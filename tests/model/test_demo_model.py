@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from model.checkpoint import read_checkpoint
-from model.dataset import CocoDataset
-from model.evaluation import evaluate_predictor
+from model.inference.predictor import Predictor
 from model.loading import DEMO_CHECKPOINT, load_model
-from model.predictor import Predictor
-from model.synthetic import SHAPE_CLASSES, generate_dataset
+from model.training.dataset import CocoDataset
+from model.training.evaluation import evaluate_predictor
+from model.training.synthetic import SHAPE_CLASSES, generate_dataset
 
 pytestmark = pytest.mark.skipif(not DEMO_CHECKPOINT.is_file(), reason="no bundled demo model")
 

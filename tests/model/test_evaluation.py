@@ -12,10 +12,10 @@ from pycocotools.cocoeval import COCOeval
 
 from app.cli import main
 from model.checkpoint import save_checkpoint
-from model.evaluation import STAT_NAMES, coco_evaluate, format_metrics
 from model.loading import DEMO_CHECKPOINT
 from model.networks import build_network
-from model.synthetic import SHAPE_CLASSES, generate_dataset
+from model.training.evaluation import STAT_NAMES, coco_evaluate, format_metrics
+from model.training.synthetic import SHAPE_CLASSES, generate_dataset
 
 
 @pytest.fixture(scope="module")

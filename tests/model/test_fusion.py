@@ -1,4 +1,4 @@
-"""``model.fusion``: folded norms, half weights and channels-last compute what the
+"""``model.inference.fusion``: folded norms, half weights and channels-last compute what the
 network computed (float32 on the CPU here; the half-precision path on CUDA is in
 ``test_precision.py``)."""
 
@@ -11,15 +11,15 @@ from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.fusion import (
+from model.inference.fusion import (
     ConvReLU,
     FusedBlock,
     fold_batch_norms,
     prepare_network,
     to_backbone_input,
 )
+from model.inference.predictor import Predictor
 from model.loading import load_model
-from model.predictor import Predictor
 from tests.model.conftest import make_network, shapes_images
 
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)

@@ -12,13 +12,13 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, nms
 from torchvision.ops.poolers import _convert_to_roi_format
 
-from model import heads
-from model import nms as nms_module
-from model.heads import pool_rois, predict_masks, roi_table, select_boxes
-from model.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
-from model.options import PredictOptions
-from model.predictor import Predictor, scale_boxes
-from model.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
+from model.inference import heads
+from model.inference import nms as nms_module
+from model.inference.heads import pool_rois, predict_masks, roi_table, select_boxes
+from model.inference.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor, scale_boxes
+from model.inference.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
 from tests.model.conftest import DEVICES, random_image
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import predictor as predictor_module
-from model.options import PredictOptions
-from model.predictor import group_by_size
+from model.inference import predictor as predictor_module
+from model.inference.options import PredictOptions
+from model.inference.predictor import group_by_size
 
 
 def fake_detections(count: int, size: tuple[int, int], g: torch.Generator) -> dict:

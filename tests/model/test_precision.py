@@ -20,12 +20,12 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
-from model.fusion import to_backbone_input
+from model.inference.fusion import to_backbone_input
+from model.inference.options import PredictOptions
+from model.inference.predictor import ImageResult, Predictor
 from model.info import ModelInfo
 from model.loading import load_model
 from model.networks import build_network
-from model.options import PredictOptions
-from model.predictor import ImageResult, Predictor
 from tests.model.conftest import shapes_images
 
 pytestmark = [

@@ -6,8 +6,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from model.errors import InvalidImageError, InvalidOptionError
-from model.options import PredictOptions
-from model.predictor import Predictor
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor
 from tests.model.conftest import random_image
 
 # Largest fraction of a mask's pixels that differs from torchvision's pasted mask,

@@ -3,7 +3,7 @@ each computed once while it stays among the recent ones."""
 
 import torch
 
-from model.proposals import AnchorCache, propose
+from model.inference.proposals import AnchorCache, propose
 from tests.model.conftest import random_image
 
 

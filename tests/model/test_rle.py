@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pycocotools import mask as mask_utils
 
-from model import rle
-from model.rle import encode_polygons, encode_rle, find_runs, pack_runs
+from model.inference import rle
+from model.inference.rle import encode_polygons, encode_rle, find_runs, pack_runs
 
 # pycocotools' decode trips a numpy 2 deprecation warning that is not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

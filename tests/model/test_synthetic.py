@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model.dataset import CocoDataset
-from model.synthetic import SHAPE_CLASSES, SyntheticConfig, generate_dataset, render_image
+from model.training.dataset import CocoDataset
+from model.training.synthetic import SHAPE_CLASSES, SyntheticConfig, generate_dataset, render_image
 
 SMALL = {"image_size": 96, "max_objects": 5}
 

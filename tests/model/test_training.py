@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
-from model.dataset import CocoDataset
 from model.loading import load_model
 from model.networks import build_network
-from model.synthetic import generate_dataset
-from model.training import TrainConfig, TrainingError, learning_rate_at, train
+from model.training.dataset import CocoDataset
+from model.training.loop import TrainConfig, TrainingError, learning_rate_at, train
+from model.training.synthetic import generate_dataset
 
 TINY = {
     "num_classes": 6, "widths": (8, 16, 32, 64), "blocks": (1, 1, 1, 1), "fpn_channels": 16,
@@ -151,7 +151,7 @@ def test_train_command_writes_a_checkpoint(shapes, tmp_path):
 
 
 def test_fine_tuning_keeps_what_fits(shapes, tmp_path):
-    from model.transfer import prepare_network
+    from model.training.transfer import prepare_network
 
     base = tmp_path / "base.safetensors"
     network = tiny_network()

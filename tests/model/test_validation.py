@@ -12,9 +12,9 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.dataset import CocoDataset, _Files
 from model.errors import DatasetError
-from model.validation import (
+from model.training.dataset import CocoDataset, _Files
+from model.training.validation import (
     _compressed_total,
     check_annotation,
     load_coco,

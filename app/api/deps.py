@@ -1,0 +1,62 @@
+"""What routes get from the app, as ``Annotated`` dependencies (tests override
+them). Nothing here builds a model: the lifespan does, once."""
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+
+from app.errors import NotReadyError
+from app.serving.batching import Batcher
+from app.serving.service import Service
+from app.settings import Settings
+from app.store.db import Database
+
+if TYPE_CHECKING:
+    from model.inference.predictor import Predictor
+
+
+async def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def get_settings(service: ServiceDep) -> Settings:
+    return service.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_database(service: ServiceDep) -> Database:
+    return service.db
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+
+
+def _not_ready(service: Service) -> NotReadyError:
+    if service.state == "failed":
+        return NotReadyError(f"the model failed to load ({service.error})", retry_after=30)
+    return NotReadyError(f"the model is not ready yet ({service.state})", retry_after=5)
+
+
+async def get_predictor(service: ServiceDep) -> "Predictor":
+    if service.predictor is None:
+        raise _not_ready(service)
+    return service.predictor
+
+
+PredictorDep = Annotated[Any, Depends(get_predictor)]  # a model.inference.predictor.Predictor
+
+
+async def get_batcher(service: ServiceDep) -> Batcher:
+    """The queue, while it takes work: ready, and also while draining (a load
+    balancer may still send a few requests after SIGTERM; they are served)."""
+    if service.batcher is None or service.state not in ("ready", "draining"):
+        raise _not_ready(service)
+    return service.batcher
+
+
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]

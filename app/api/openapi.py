@@ -1,0 +1,106 @@
+"""The OpenAPI document, with two additions for client generators: binary file
+fields, and the bearer tokens each operation needs.
+
+Two HTTP bearer schemes, ``apiToken`` (``MASKRCNN_API_TOKENS``) and ``adminToken``
+(``MASKRCNN_ADMIN_TOKEN``), and each operation's ``security`` says which it takes,
+read from its auth dependencies (``app.api.auth.required_token``): admin routes list
+``adminToken`` alone, other protected routes either one (the admin token grants
+them too), open routes (``/healthz``, ``/readyz``, ``/metrics`` unless
+``MASKRCNN_PROTECT_METRICS``) have no ``security``. The document describes a server
+with tokens configured; where ``MASKRCNN_API_TOKENS`` is unset, ``apiToken`` is
+not asked for.
+"""
+
+import json
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.api.auth import required_token, served_routes
+
+SECURITY_SCHEMES = {
+    "apiToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an inference token (MASKRCNN_API_TOKENS); the admin token works too",
+    },
+    "adminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the admin token (MASKRCNN_ADMIN_TOKEN): datasets, training, activation",
+    },
+}
+_ERROR = {"$ref": "#/components/schemas/ErrorPublic"}  # app.api.schemas.ErrorPublic
+_SECURITY = {
+    "admin": [{"adminToken": []}],
+    "api": [{"apiToken": []}, {"adminToken": []}],
+}
+
+
+def mark_binary_fields(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add ``format: binary`` next to OpenAPI 3.1's ``contentMediaType`` on file
+    fields: generators such as openapi-python-client only type the former as files."""
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("contentMediaType") == "application/octet-stream":
+                node.setdefault("format", "binary")
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema.get("components", {}))
+    return schema
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def add_security(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
+    """``security`` (and the 401/403 answers that go with it) on each operation
+    whose route has a token dependency."""
+    settings = app.state.service.settings
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for route in served_routes(app):
+        if getattr(route, "dependant", None) is None or not route.include_in_schema:
+            continue
+        needed = required_token(route, app, settings)
+        operations = schema["paths"].get(route.path_format, {})
+        for method in route.methods:
+            operation = operations.get(method.lower())
+            if needed is None or operation is None:
+                continue
+            operation["security"] = _SECURITY[needed]
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", _error("no token, or not a valid one"))
+            if needed == "admin":
+                responses.setdefault("403", _error("admin routes disabled, or not the admin token"))
+    return schema
+
+
+def use_error_shape(schema: dict[str, Any]) -> dict[str, Any]:
+    """422s are answered in the one error shape (``app.errors``), not FastAPI's
+    default ``HTTPValidationError`` body: document what is sent."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            answer = operation.get("responses", {}).get("422")
+            if answer is not None and "HTTPValidationError" in json.dumps(answer):
+                answer["content"] = {"application/json": {"schema": _ERROR}}
+    models = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):  # the second is the first's part
+        if f"#/components/schemas/{unused}" not in json.dumps(schema):
+            models.pop(unused, None)
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = mark_binary_fields(FastAPI.openapi(app))
+            app.openapi_schema = use_error_shape(add_security(schema, app))
+        return app.openapi_schema
+
+    app.openapi = openapi

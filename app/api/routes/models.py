@@ -1,0 +1,111 @@
+"""``/v1/models``: the models this deployment knows (registry versions, the
+start-up model, the served one) and activation (SPEC §6)."""
+
+import asyncio
+
+from fastapi import APIRouter
+
+from app.api.auth import AdminToken, ApiToken
+from app.api.deps import PredictorDep, ServiceDep
+from app.api.schemas import ClassPublic, ModelPublic, ModelsPublic, error_responses
+from app.errors import NotFoundError
+from app.serving.service import Service
+from app.store import registry
+from app.store.db import ModelRecord
+from model.info import ModelInfo
+
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[ApiToken],
+    responses=error_responses(401, 503),
+)
+
+
+def describe_info(info: ModelInfo, *, active: bool = False, **fields) -> ModelPublic:
+    classes = [
+        ClassPublic(id=cid, name=name)
+        for label, (cid, name) in enumerate(zip(info.class_ids, info.class_names, strict=True))
+        if label
+    ]
+    return ModelPublic(
+        id=info.id, architecture=info.architecture, classes=classes, active=active, **fields
+    )
+
+
+def record_fields(record: ModelRecord | None) -> dict:
+    if record is None:
+        return {}
+    return {
+        "metrics": record.metrics,
+        "base_model": record.base_model,
+        "job_id": record.job_id,
+        "dataset_id": record.dataset_id,
+        "created_at": record.created_at,
+    }
+
+
+def describe_record(record: ModelRecord) -> ModelPublic:
+    return ModelPublic(
+        id=record.id,
+        architecture=record.architecture,
+        classes=[ClassPublic(id=c["id"], name=c["name"]) for c in record.classes],
+        active=False,
+        **record_fields(record),
+    )
+
+
+def known_models(service: Service, predictor) -> list[ModelPublic]:
+    """Served model first, then the start-up model, then registry versions, newest
+    first (blocking: reads the database)."""
+    records = {r.id: r for r in registry.list_records(service.db)}
+    served = predictor.info
+    models = [
+        describe_info(
+            served,
+            active=True,
+            device=str(predictor.device),
+            precision=getattr(predictor, "precision", service.settings.precision),
+            **record_fields(records.pop(served.id, None)),
+        )
+    ]
+    startup = service.startup_info
+    if startup is not None and startup.id != served.id and startup.id not in records:
+        models.append(describe_info(startup))
+    return models + [describe_record(record) for record in records.values()]
+
+
+@router.get("", name="list_models", response_model=ModelsPublic)
+async def list_models(service: ServiceDep, predictor: PredictorDep) -> ModelsPublic:
+    """Models this deployment knows; `active` marks the one this replica serves. The
+    built-in ids `demo`, `coco` and `coco-v2` can be activated even when not listed."""
+    models = await asyncio.to_thread(known_models, service, predictor)
+    return ModelsPublic(data=models, count=len(models))
+
+
+@router.get(
+    "/{model_id}", name="get_model", response_model=ModelPublic, responses=error_responses(404)
+)
+async def get_model(model_id: str, service: ServiceDep, predictor: PredictorDep) -> ModelPublic:
+    """One model by id, with its class table."""
+    for model in await asyncio.to_thread(known_models, service, predictor):
+        if model.id == model_id:
+            return model
+    raise NotFoundError(f"no model with id {model_id!r}; GET /v1/models lists them")
+
+
+@router.post(
+    "/{model_id}/activate",
+    name="activate_model",
+    response_model=ModelPublic,
+    dependencies=[AdminToken],
+    responses=error_responses(403, 404, 500),
+)
+async def activate_model(model_id: str, service: ServiceDep) -> ModelPublic:
+    """Serve this model on every replica: it is loaded and warmed up here beside the
+    current one, swapped in between batches (requests in flight finish on the old
+    one, none fails), then recorded so the other replicas follow within
+    `MODEL_POLL_S`. A model that fails to load changes nothing (500
+    `activation_failed`). Needs the admin token."""
+    await service.activate(model_id)
+    return await get_model(model_id, service, service.predictor)

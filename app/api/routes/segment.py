@@ -1,0 +1,202 @@
+"""``/v1/segment``: images in, detections with masks out (SPEC §4)."""
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+import torch
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
+
+from app.api.auth import ApiToken
+from app.api.deps import BatcherDep, SettingsDep
+from app.api.inference import check_image_count, encode_segmentation, run_images
+from app.api.responses import OrjsonResponse
+from app.api.schemas import (
+    ImageSource,
+    MaskFormat,
+    SegmentationPublic,
+    SegmentOptions,
+    SegmentRequest,
+    error_responses,
+)
+from app.errors import BadRequestError
+from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
+from app.inputs.urlfetch import ByteBudget, UrlFetcherDep
+from app.serving.batching import BatchPredictor
+from app.serving.visualize import render_png
+
+T = TypeVar("T")
+
+router = APIRouter(
+    prefix="/v1/segment",
+    tags=["segmentation"],
+    dependencies=[ApiToken],
+    responses=error_responses(400, 413, 415, 422, 503, 504),
+)
+
+
+async def form_options(
+    score_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
+    iou_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
+    mask_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
+    max_detections: Annotated[int, Form(ge=0, le=1000)] = 100,
+    classes: Annotated[
+        list[str] | None,
+        Form(description="class names or ids: repeat the field or separate with commas"),
+    ] = None,
+    mask_format: Annotated[MaskFormat, Form()] = "rle",
+) -> SegmentOptions:
+    wanted = [c.strip() for field in classes or [] for c in field.split(",") if c.strip()]
+    return SegmentOptions(
+        score_threshold=score_threshold,
+        iou_threshold=iou_threshold,
+        mask_threshold=mask_threshold,
+        max_detections=max_detections,
+        classes=wanted or None,
+        mask_format=mask_format,
+    )
+
+
+FormOptions = Annotated[SegmentOptions, Depends(form_options)]
+
+
+def decode_target(predictor: object) -> dict[str, Any]:
+    """``decode_image``'s arguments for uploads that ``predictor`` will run: decoded
+    to the model's device; for a model in processes of its own, on the CPU
+    (``ModelPool.input_device``) or, the JPEGs nvJPEG takes, by the processes on
+    their GPU (``ModelPool.decodes_jpeg``)."""
+    return {
+        "device": getattr(predictor, "input_device", getattr(predictor, "device", None)),
+        "keep_jpeg": getattr(predictor, "decodes_jpeg", False),
+    }
+
+
+@router.post("", name="segment", response_model=SegmentationPublic)
+async def segment(
+    request: Request,
+    images: Annotated[list[UploadFile], File(description="JPEG, PNG, WebP or BMP files")],
+    options: FormOptions,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+) -> Response:
+    """Segment one or more uploaded images (multipart field `images`)."""
+    check_image_count(len(images), settings)
+    opts = [options] * len(images)
+
+    async def decode(predictor: BatchPredictor):
+        blobs = [await upload.read() for upload in images]
+        names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
+        return await decode_images(
+            blobs, max_pixels=settings.max_image_pixels, names=names, **decode_target(predictor)
+        )
+
+    results = await run_images(request, batcher, settings, decode, opts)
+    started_at = request.scope["state"]["started_at"]
+    return OrjsonResponse(encode_segmentation(results, started_at))
+
+
+@router.post("/json", name="segment_json", response_model=SegmentationPublic)
+async def segment_json(
+    request: Request,
+    body: SegmentRequest,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+    fetcher: UrlFetcherDep,
+) -> Response:
+    """Segment images given as base64 `data` or as an http(s) `url` (public addresses
+    only, unless the server's URL_ALLOW_PRIVATE / URL_ALLOWLIST say otherwise)."""
+    check_image_count(len(body.images), settings)
+    for i, source in enumerate(body.images):  # refuse what will not be fetched, early
+        if source.url is None:
+            continue
+        if not settings.url_fetch:
+            raise BadRequestError(
+                f"images[{i}]: URL input is disabled on this server (MASKRCNN_URL_FETCH="
+                "false); send the file's bytes as base64 in `data`",
+                code="url_fetch_disabled",
+            )
+        fetcher.check_syntax(source.url, f"images[{i}].url")
+    opts = [body] * len(body.images)
+    budget = ByteBudget(settings.max_upload_bytes)  # all URL images together
+
+    async def one(i: int, source: ImageSource, target: dict) -> torch.Tensor | EncodedJpeg:
+        name = f"images[{i}]"
+        if source.url is not None:
+            data = await fetcher.fetch(source.url, name=name, budget=budget)
+        else:
+            data = await asyncio.to_thread(decode_base64, source.data, f"{name}.data")
+        max_pixels = settings.max_image_pixels
+        return await asyncio.to_thread(
+            decode_image, data, max_pixels=max_pixels, name=name, **target
+        )
+
+    async def decode(predictor: BatchPredictor):
+        target = decode_target(predictor)
+        return await gather_or_cancel([one(i, s, target) for i, s in enumerate(body.images)])
+
+    results = await run_images(request, batcher, settings, decode, opts)
+    started_at = request.scope["state"]["started_at"]
+    return OrjsonResponse(encode_segmentation(results, started_at))
+
+
+@router.post(
+    "/visualize",
+    name="segment_visualize",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the annotated image",
+        }
+    },
+)
+async def segment_visualize(
+    request: Request,
+    image: Annotated[UploadFile, File(description="one JPEG, PNG, WebP or BMP file")],
+    options: FormOptions,
+    batcher: BatcherDep,
+    settings: SettingsDep,
+) -> Response:
+    """The image with masks, boxes, class names and scores drawn on it, as PNG."""
+    opts = options.model_copy(update={"mask_format": "rle"})
+    decoded = []
+
+    async def decode(predictor: BatchPredictor):  # decoded here, for the drawing too
+        blob = await image.read()
+        name = image.filename or "image"
+        decoded.append(
+            await asyncio.to_thread(
+                decode_image, blob, max_pixels=settings.max_image_pixels, name=name
+            )
+        )
+        return decoded
+
+    [result] = await run_images(request, batcher, settings, decode, [opts])
+    png = await asyncio.to_thread(render_png, decoded[0], result.result.detections)
+    return Response(png, media_type="image/png")
+
+
+async def gather_or_cancel(coroutines: list[Awaitable[T]]) -> list[T]:
+    """Every result, in order; the first error cancels the rest (a failed request
+    must not leave its other URL fetches running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    """Standard or URL-safe base64, with or without a ``data:...;base64,`` prefix."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    text = "".join(text.split())
+    try:
+        altchars = b"-_" if "-" in text or "_" in text else None
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{name}: not valid base64", code="invalid_base64") from None

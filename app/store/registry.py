@@ -1,0 +1,164 @@
+"""The model registry's read side and the active model (SPEC §3, §6).
+
+Ids a replica can serve, and so activate:
+
+* registry ids (``model-…``): trained versions, ``app.store.db.ModelRecord`` rows whose
+  checkpoint lies under ``DATA_DIR``;
+* the built-in specs ``demo``, ``coco`` and ``coco-v2``;
+* the id of the replica's start-up model, ``MASKRCNN_MODEL``: the spec itself, or
+  a checkpoint file's name without its suffix (``tiny`` for ``/m/tiny.safetensors``).
+  Activating that id loads ``MASKRCNN_MODEL`` again, so it names the same file on
+  every replica only where they share that setting (they normally do).
+
+The active model is the ``Meta`` row ``active_model``; ``active_model_changed_at``
+changes with every activation, even of the same id, so a replica that failed to
+load a version tries again when an operator activates it again.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.errors import AppError
+from app.settings import Settings
+from app.store.db import JOB_STATES, Database, Meta, ModelRecord, TrainingJobRecord, utcnow
+from model.checkpoint import METADATA_KEY
+from model.errors import CheckpointError
+from model.info import ModelInfo, class_table_from_metadata, read_classes_file
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("demo", "coco", "coco-v2")
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation recorded in the database: which id, and when."""
+
+    model_id: str
+    changed_at: str
+
+
+def startup_model_id(spec: str) -> str | None:
+    """The id a start-up spec is served under (``None`` for ``auto``: ``coco`` or
+    ``demo``, known once loaded)."""
+    if spec == "auto":
+        return None
+    path = Path(spec)
+    if path.suffix.lower() in _FILE_SUFFIXES or path.is_file():
+        return path.stem
+    return spec
+
+
+def read_activation(db: Database) -> Activation | None:
+    with db.session() as session:
+        rows = dict(
+            session.execute(
+                select(Meta.key, Meta.value).where(
+                    Meta.key.in_(("active_model", "active_model_changed_at"))
+                )
+            ).all()
+        )
+    if "active_model" not in rows:
+        return None
+    return Activation(rows["active_model"], rows.get("active_model_changed_at", ""))
+
+
+def write_activation(db: Database, model_id: str) -> Activation:
+    """Make ``model_id`` the model every replica serves (one transaction)."""
+    activation = Activation(model_id, utcnow().isoformat())
+    with db.session() as session:
+        session.merge(Meta(key="active_model", value=model_id, updated_at=utcnow()))
+        session.merge(
+            Meta(key="active_model_changed_at", value=activation.changed_at, updated_at=utcnow())
+        )
+    return activation
+
+
+def list_records(db: Database) -> list[ModelRecord]:
+    """Registered versions, newest first."""
+    with db.session() as session:
+        query = select(ModelRecord).order_by(ModelRecord.created_at.desc(), ModelRecord.id)
+        return list(session.scalars(query))
+
+
+def get_record(db: Database, model_id: str) -> ModelRecord | None:
+    with db.session() as session:
+        return session.get(ModelRecord, model_id)
+
+
+def count_jobs(db: Database) -> dict[str, int]:
+    """Training jobs by state, every state present (zeros included)."""
+    with db.session() as session:
+        query = select(TrainingJobRecord.state, func.count()).group_by(TrainingJobRecord.state)
+        counts = dict(session.execute(query).all())
+    return {state: int(counts.get(state, 0)) for state in JOB_STATES}
+
+
+def resolve_model_spec(settings: Settings) -> tuple[str, str | None]:
+    """``(spec for model.loading.load_model, model_id)``: a registry id becomes its
+    checkpoint's path and keeps its id; anything else passes through."""
+    spec = settings.model
+    if spec == "auto" or spec in BUILTIN_MODELS or Path(spec).exists():
+        return spec, None
+    db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    try:
+        record = get_record(db, spec)
+    except SQLAlchemyError as e:  # no database or no schema yet: not a registry id
+        log.debug("registry lookup of %r failed: %s", spec, e)
+        record = None
+    finally:
+        db.dispose()
+    if record is None:
+        raise CheckpointError(
+            f"model {spec!r}: not auto, coco, coco-v2, demo, an existing file, "
+            "nor a model id in the registry"
+        )
+    path = db.resolve(record.path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"model {spec!r}: its checkpoint {path} is missing; every replica needs the "
+            f"shared DATA_DIR volume (MASKRCNN_DATA_DIR={settings.data_dir})"
+        )
+    return str(path), record.id
+
+
+def describe_spec(spec: str, classes_file: Path | None = None) -> ModelInfo | None:
+    """A start-up spec's id and class table without building its network (to list
+    it while another model is served); ``None`` where only loading tells (a
+    ``.pth`` file, an unreadable one)."""
+    from model.loading import DEMO_CHECKPOINT
+    from model.weights import PRETRAINED, cached_weights_path
+
+    if spec == "auto":
+        spec = "coco" if cached_weights_path(PRETRAINED["coco"]).is_file() else "demo"
+    if spec in PRETRAINED:
+        pretrained = PRETRAINED[spec]
+        ids = tuple(range(len(pretrained.categories)))
+        return ModelInfo(spec, pretrained.architecture, ids, pretrained.categories)
+    path = DEMO_CHECKPOINT if spec == "demo" else Path(spec)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {})[METADATA_KEY])
+        ids, names = class_table_from_metadata(metadata["classes"])
+        if classes_file and spec != "demo":
+            names = read_classes_file(str(classes_file), len(ids))
+        model_id = "demo" if spec == "demo" else path.stem
+        return ModelInfo(model_id, metadata["architecture"], ids, names)
+    except Exception as e:  # listing must not fail on a file only loading would judge
+        log.debug("cannot describe %s without loading it: %s", path, e)
+        return None
+
+
+class ActivationError(AppError):
+    """The model could not be loaded or warmed up; the served one is unchanged."""
+
+    status_code, code = 500, "activation_failed"

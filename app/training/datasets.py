@@ -1,0 +1,206 @@
+"""Uploaded COCO datasets (SPEC §6): validated in full before they are stored.
+
+A zip is extracted into a fresh folder under ``DATA_DIR/tmp/`` (``app.inputs.archive``),
+its ``annotations.json`` checked against the files (``model.training.validation``), and
+only then renamed, in one atomic step on the same volume, to
+``DATA_DIR/datasets/<id>/`` — which ``model.training.dataset.CocoDataset`` reads as is.
+On any rejection or error the temporary folder is removed: a refused upload
+leaves nothing on disk. These functions block (disk, database); routes call
+them from worker threads.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import func, select
+
+from app.errors import ConflictError, NotFoundError
+from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
+from app.settings import Settings
+from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
+from model.errors import DatasetError
+from model.training.dataset import ANNOTATIONS_FILE
+from model.training.validation import load_coco, validate_coco
+
+log = logging.getLogger(__name__)
+
+MAX_PROBLEMS = 50
+MAX_ANNOTATIONS_BYTES = 512 * 2**20  # json.loads needs several times this in memory
+ACTIVE_JOB_STATES = ("queued", "running")
+STALE_STAGING_S = 24 * 3600  # far longer than any upload takes to extract and check
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_members=settings.max_dataset_files,
+        max_total_bytes=settings.max_dataset_unpacked_bytes,
+        max_problems=MAX_PROBLEMS,
+    )
+
+
+def store_dataset(
+    upload: BinaryIO, *, name: str, db: Database, settings: Settings
+) -> DatasetRecord:
+    """Validate the zip ``upload`` and store it as a new dataset; ``DatasetError``
+    (400) lists what is wrong with a refused one."""
+    dataset_id = new_id("ds")
+    staging_root = db.data_dir / "tmp"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{dataset_id}-", dir=staging_root))
+    relative = f"datasets/{dataset_id}"
+    final = db.resolve(relative)
+    try:
+        extracted, coco = check_upload(upload, staging, settings)
+        staging.chmod(0o755)  # mkdtemp's 0o700 would hide it from a worker run as another user
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    record = DatasetRecord(
+        id=dataset_id,
+        name=name,
+        path=relative,
+        num_images=len(coco["images"]),
+        num_annotations=len(coco["annotations"]),
+        categories=sorted(
+            ({"id": c["id"], "name": c["name"]} for c in coco["categories"]),
+            key=lambda c: c["id"],
+        ),
+        size_bytes=extracted.total_bytes,
+    )
+    try:
+        with db.session() as session:
+            session.add(record)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    log.info("dataset %s stored: %d images", dataset_id, record.num_images)
+    return record
+
+
+def check_upload(upload: BinaryIO, staging: Path, settings: Settings) -> tuple[Extracted, dict]:
+    """Extract into ``staging`` and check every file and annotation."""
+    extracted = extract_zip(upload, staging, archive_limits(settings))
+    coco = read_annotations(extracted)
+    problems = validate_coco(
+        coco,
+        extracted,
+        check_images=True,
+        max_pixels=settings.max_image_pixels,
+        max_problems=MAX_PROBLEMS,
+    )
+    if problems:
+        raise DatasetError("the dataset was rejected", problems)
+    return extracted, coco
+
+
+def read_annotations(extracted: Extracted) -> dict:
+    if not extracted.exists(ANNOTATIONS_FILE):
+        nested = sorted(f for f in extracted.files if f.endswith("/" + ANNOTATIONS_FILE))
+        hint = (
+            f" (found {nested[0]!r}: zip the folder's contents, not the folder)" if nested else ""
+        )
+        raise DatasetError(f"the zip has no {ANNOTATIONS_FILE} at its root{hint}")
+    path = extracted.root / ANNOTATIONS_FILE
+    if path.stat().st_size > MAX_ANNOTATIONS_BYTES:
+        raise DatasetError(
+            f"{ANNOTATIONS_FILE} is {path.stat().st_size} bytes; at most {MAX_ANNOTATIONS_BYTES}"
+        )
+    try:
+        return load_coco(path.read_bytes())
+    except ValueError as e:
+        raise DatasetError(f"{ANNOTATIONS_FILE}: {e}") from None
+
+
+def list_datasets(db: Database, *, offset: int, limit: int) -> tuple[list[DatasetRecord], int]:
+    """Newest first, and how many there are in all."""
+    with db.session() as session:
+        total = session.scalar(select(func.count()).select_from(DatasetRecord)) or 0
+        rows = session.scalars(
+            select(DatasetRecord)
+            .order_by(DatasetRecord.created_at.desc(), DatasetRecord.id)
+            .offset(offset)
+            .limit(limit)
+        ).all()
+    return list(rows), total
+
+
+def get_dataset(db: Database, dataset_id: str) -> DatasetRecord:
+    with db.session() as session:
+        record = session.get(DatasetRecord, dataset_id)
+    if record is None:
+        raise _not_found(dataset_id)
+    return record
+
+
+def delete_dataset(db: Database, dataset_id: str) -> None:
+    """Remove the row, then the folder. 409 while a queued or running job uses it;
+    finished jobs keep the id as history."""
+    with db.session() as session:
+        record = session.get(DatasetRecord, dataset_id, with_for_update=True)
+        if record is None:
+            raise _not_found(dataset_id)
+        jobs = session.execute(
+            select(TrainingJobRecord.id, TrainingJobRecord.state).where(
+                TrainingJobRecord.dataset_id == dataset_id,
+                TrainingJobRecord.state.in_(ACTIVE_JOB_STATES),
+            )
+        ).all()
+        active = [f"{job_id} ({state})" for job_id, state in jobs]
+        if active:
+            raise ConflictError(
+                f"dataset {dataset_id!r} is used by training job {', '.join(active)}; "
+                "cancel the job or wait for it to finish, then delete the dataset"
+            )
+        session.delete(record)
+    _remove_folder(db, record.path)
+
+
+def _remove_folder(db: Database, relative: str) -> None:
+    """Rename out of ``datasets/`` first (atomic), so a half-deleted folder is never
+    visible under the dataset's path."""
+    folder = db.resolve(relative)
+    trash = db.data_dir / "tmp" / f"deleted-{folder.name}-{new_id('rm')}"
+    try:
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        log.warning("could not move %s away for deletion: %s", folder, e)
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_staging(data_dir: Path, *, older_than_s: float = STALE_STAGING_S) -> int:
+    """Remove what a crashed process left under ``DATA_DIR/tmp/`` (half-extracted
+    uploads, half-deleted datasets); returns how many entries went. Only old ones:
+    another replica sharing the volume may be extracting an upload right now."""
+    root = data_dir / "tmp"
+    if not root.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    for entry in root.iterdir():
+        try:
+            if entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed += 1
+        except OSError as e:
+            log.warning("could not remove the stale %s: %s", entry, e)
+    if removed:
+        log.info("removed %d stale entries from %s", removed, root)
+    return removed
+
+
+def _not_found(dataset_id: str) -> NotFoundError:
+    return NotFoundError(f"no dataset with id {dataset_id!r}; GET /v1/datasets lists them")

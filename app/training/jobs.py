@@ -1,0 +1,307 @@
+"""The training-job store (SPEC §6): every state change a job goes through, as one
+short transaction each, so API servers, workers and training processes on any
+replica can share one database.
+
+Life cycle: ``queued`` → ``running`` (claimed by exactly one worker) → one final
+state: ``succeeded`` (with the model it registered), ``failed`` (with a reason) or
+``cancelled``. Every transition out of ``running`` is a conditional update on
+``state = 'running' AND worker_id = <owner>``, so a worker that was declared dead
+(no heartbeat) can never overwrite what happened meanwhile, and a job ends in
+exactly one final state.
+"""
+
+import math
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from app.errors import BadRequestError, ConflictError, NotFoundError
+from app.store.db import (
+    FINAL_STATES,
+    Database,
+    DatasetRecord,
+    ModelRecord,
+    TrainingJobRecord,
+    new_id,
+    utcnow,
+)
+
+BUILTIN_BASE_MODELS = ("demo", "coco", "coco-v2", "scratch")
+MODELS_DIR = "models"  # checkpoints of trained versions, under DATA_DIR
+
+
+def heartbeat_clock(db: Database) -> Any:
+    """What ``heartbeat_at`` is written with and judged against: the database's
+    clock on PostgreSQL, shared by every replica (their own clocks may disagree by
+    more than the heartbeat timeout); SQLite serves one machine, so its clock."""
+    return func.now() if db.is_postgresql else utcnow()
+
+
+def model_id_for(job_id: str) -> str:
+    """The id the model a job produces gets: derived from the job's, so whoever
+    finds the job dead also knows which checkpoint file to clean up."""
+    return "model-" + job_id.removeprefix("job-")
+
+
+def checkpoint_path(job_id: str) -> str:
+    """Where a job's checkpoint goes, relative to ``DATA_DIR``."""
+    return f"{MODELS_DIR}/{model_id_for(job_id)}.safetensors"
+
+
+def remove_checkpoint(db: Database, job_id: str) -> None:
+    """Delete what a job that did not succeed may have left: its checkpoint (written,
+    never registered) and the temporary files of an interrupted write."""
+    final = db.resolve(checkpoint_path(job_id))
+    final.unlink(missing_ok=True)
+    for partial in final.parent.glob(f".{final.name}.tmp-*"):
+        partial.unlink(missing_ok=True)
+
+
+# -- the API's side ------------------------------------------------------------
+
+
+def create_job(db: Database, dataset_id: str, config: dict[str, Any]) -> TrainingJobRecord:
+    """Queue a job after checking that its dataset and base model exist (400 if not)."""
+    with db.session() as session:
+        if session.get(DatasetRecord, dataset_id) is None:
+            raise BadRequestError(
+                f"no dataset with id {dataset_id!r}; upload one with POST /v1/datasets",
+                code="unknown_dataset",
+            )
+        base = config["base_model"]
+        if base not in BUILTIN_BASE_MODELS and session.get(ModelRecord, base) is None:
+            raise BadRequestError(
+                f"unknown base_model {base!r}: expected {', '.join(BUILTIN_BASE_MODELS)} "
+                "or a model id from GET /v1/models",
+                code="unknown_model",
+            )
+        job = TrainingJobRecord(
+            id=new_id("job"), state="queued", dataset_id=dataset_id, config=config, progress={}
+        )
+        session.add(job)
+    return job
+
+
+def get_job(db: Database, job_id: str) -> TrainingJobRecord:
+    with db.session() as session:
+        job = session.get(TrainingJobRecord, job_id)
+    if job is None:
+        raise NotFoundError(f"no training job with id {job_id!r}")
+    return job
+
+
+def list_jobs(
+    db: Database, *, state: str | None = None, limit: int = 50
+) -> list[TrainingJobRecord]:
+    """Newest first."""
+    query = select(TrainingJobRecord).order_by(
+        TrainingJobRecord.created_at.desc(), TrainingJobRecord.id.desc()
+    )
+    if state is not None:
+        query = query.where(TrainingJobRecord.state == state)
+    with db.session() as session:
+        return list(session.scalars(query.limit(limit)))
+
+
+def request_cancel(db: Database, job_id: str) -> TrainingJobRecord:
+    """A queued job is cancelled at once; a running one is flagged, and its worker
+    stops the training process; a finished one is a 409."""
+    now = utcnow()
+    with db.session() as session:
+        cancelled = session.execute(
+            update(TrainingJobRecord)
+            .where(TrainingJobRecord.id == job_id, TrainingJobRecord.state == "queued")
+            .values(state="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+        ).rowcount
+        if not cancelled:
+            session.execute(
+                update(TrainingJobRecord)
+                .where(TrainingJobRecord.id == job_id, TrainingJobRecord.state == "running")
+                .values(cancel_requested=True, updated_at=now)
+            )
+    job = get_job(db, job_id)
+    if not cancelled and job.state in FINAL_STATES:
+        raise ConflictError(f"training job {job_id} already {job.state}; it cannot be cancelled")
+    return job
+
+
+# -- the worker's side ---------------------------------------------------------
+
+
+def claim_next_job(db: Database, worker_id: str) -> TrainingJobRecord | None:
+    """Take the oldest queued job for ``worker_id``, or ``None``; a job is claimed by
+    exactly one worker however many race for it.
+
+    PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED`` (racing workers take different
+    rows without waiting). SQLite: one ``UPDATE … WHERE id = (SELECT …) AND state =
+    'queued'``; SQLite runs one writer at a time, so the loser changes no row.
+    """
+    now = utcnow()
+    claimed = {"state": "running", "worker_id": worker_id, "started_at": now}
+    claimed |= {"heartbeat_at": heartbeat_clock(db), "updated_at": now}
+    oldest = (
+        select(TrainingJobRecord.id)
+        .where(TrainingJobRecord.state == "queued")
+        .order_by(TrainingJobRecord.created_at, TrainingJobRecord.id)
+        .limit(1)
+    )
+    with db.session() as session:
+        if db.is_postgresql:
+            job_id = session.scalar(oldest.with_for_update(skip_locked=True))
+            if job_id is None:
+                return None
+            session.execute(
+                update(TrainingJobRecord).where(TrainingJobRecord.id == job_id).values(**claimed)
+            )
+        else:
+            job_id = session.scalar(
+                update(TrainingJobRecord)
+                .where(
+                    TrainingJobRecord.id == oldest.scalar_subquery(),
+                    TrainingJobRecord.state == "queued",
+                )
+                .values(**claimed)
+                .returning(TrainingJobRecord.id)
+            )
+            if job_id is None:
+                return None
+        return session.get(TrainingJobRecord, job_id, populate_existing=True)
+
+
+def _owned(job_id: str, worker_id: str):
+    """Rows of ``job_id`` while it runs under ``worker_id``."""
+    return update(TrainingJobRecord).where(
+        TrainingJobRecord.id == job_id,
+        TrainingJobRecord.state == "running",
+        TrainingJobRecord.worker_id == worker_id,
+    )
+
+
+def heartbeat(db: Database, job_id: str, worker_id: str) -> str:
+    """Record that the worker is alive; answers what it should do with the job:
+    ``"run"``, ``"cancel"`` (requested) or ``"drop"`` (no longer its job)."""
+    with db.session() as session:
+        beat = session.execute(
+            _owned(job_id, worker_id)
+            .values(heartbeat_at=heartbeat_clock(db))
+            .returning(TrainingJobRecord.cancel_requested)
+        ).first()
+    if beat is None:
+        return "drop"
+    return "cancel" if beat[0] else "run"
+
+
+def record_progress(
+    db: Database,
+    job_id: str,
+    worker_id: str,
+    progress: dict[str, Any],
+    metrics: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Store the job's progress (and, after an epoch, all its epochs' metrics: the
+    training process is their only writer). ``False`` when the job should stop:
+    cancel requested, or no longer running under ``worker_id``."""
+    values: dict[str, Any] = {"progress": finite(progress), "updated_at": utcnow()}
+    if metrics is not None:
+        values["metrics"] = finite(metrics)
+    with db.session() as session:
+        row = session.execute(
+            _owned(job_id, worker_id).values(**values).returning(TrainingJobRecord.cancel_requested)
+        ).first()
+    return row is not None and not row[0]
+
+
+def finish_job(
+    db: Database, job_id: str, worker_id: str, state: str, error: str | None = None
+) -> bool:
+    """``failed`` or ``cancelled``, if the job still runs under ``worker_id``."""
+    assert state in ("failed", "cancelled"), state
+    now = utcnow()
+    with db.session() as session:
+        result = session.execute(
+            _owned(job_id, worker_id).values(
+                state=state, error=error, finished_at=now, updated_at=now
+            )
+        )
+    return bool(result.rowcount)
+
+
+def complete_job(db: Database, job_id: str, worker_id: str, model: ModelRecord) -> bool:
+    """Register ``model`` and mark the job ``succeeded`` with it, in one transaction,
+    if the job still runs under ``worker_id`` and nobody asked to cancel it."""
+    now = utcnow()
+    with db.session() as session:
+        result = session.execute(
+            _owned(job_id, worker_id)
+            .where(TrainingJobRecord.cancel_requested.is_(False))
+            .values(state="succeeded", model_id=model.id, finished_at=now, updated_at=now)
+        )
+        if not result.rowcount:
+            return False
+        session.add(model)
+    return True
+
+
+def fail_stale_jobs(db: Database, timeout_s: float) -> list[str]:
+    """Mark ``failed`` every running job whose worker has not heartbeated for
+    ``timeout_s`` (its process died or hangs), and remove any checkpoint it left.
+    Returns their ids."""
+    cutoff = heartbeat_clock(db) - timedelta(seconds=timeout_s)
+    query = select(TrainingJobRecord.id, TrainingJobRecord.worker_id).where(
+        TrainingJobRecord.state == "running", TrainingJobRecord.heartbeat_at < cutoff
+    )
+    with db.session() as session:
+        stale = session.execute(query).all()
+    failed = []
+    for job_id, worker_id in stale:
+        now = utcnow()
+        with db.session() as session:
+            result = session.execute(
+                update(TrainingJobRecord)
+                .where(
+                    TrainingJobRecord.id == job_id,
+                    TrainingJobRecord.state == "running",
+                    TrainingJobRecord.heartbeat_at < cutoff,
+                )
+                .values(
+                    state="failed",
+                    error=f"worker {worker_id} stopped heartbeating "
+                    f"(nothing for {timeout_s:g} s): it died or hangs",
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+        if result.rowcount:
+            remove_checkpoint(db, job_id)
+            failed.append(job_id)
+    return failed
+
+
+def resolve_base_model(db: Database, base_model: str) -> str:
+    """What ``model.training.transfer.prepare_network`` takes: a built-in name as is, a
+    registry id as its checkpoint file."""
+    if base_model in BUILTIN_BASE_MODELS:
+        return base_model
+    with db.session() as session:
+        record = session.get(ModelRecord, base_model)
+    if record is None:
+        raise NotFoundError(f"base model {base_model!r} is no longer in the registry")
+    return str(db.resolve(record.path))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON columns refuse them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def log_path(db: Database, job_id: str) -> Path:
+    """The training process's output (kept for operators; its tail explains a crash)."""
+    return db.resolve(f"jobs/{job_id}.log")

@@ -1,0 +1,193 @@
+"""``python -m app.training.runner JOB_ID WORKER_ID``: one training job, in its own process.
+
+A worker (``app.training.worker``) starts it for a job it claimed, heartbeats the job while
+it runs, stops it on cancel and records a crash. This process does the training
+(``app.commands.train.run_training``, as ``maskrcnn train`` does), writes progress
+to the job row at most every ``PROGRESS_INTERVAL_S`` plus every epoch's losses and
+validation mAP, and on success writes the checkpoint to
+``DATA_DIR/models/<model id>.safetensors`` and registers it in the transaction
+that marks the job ``succeeded``.
+
+It stops by itself when the job is cancelled or stops being its worker's (seen at
+the next progress write), and exits at once when its worker dies: its stdin is a
+pipe from the worker, which the kernel closes whatever way the worker ends.
+"""
+
+import argparse
+import logging
+import math
+import os
+import stat
+import sys
+import threading
+import time
+from typing import Any
+
+from app.errors import AppError
+from app.logs import configure_logging
+from app.settings import Settings, load_settings
+from app.store.db import Database, DatasetRecord, ModelRecord
+from app.training import jobs
+from model.errors import ModelError
+
+log = logging.getLogger("app.training.runner")
+
+PROGRESS_INTERVAL_S = 0.5
+EXIT_STOPPED = 3  # cancel requested, or the job is no longer this worker's
+EXIT_ORPHANED = 4  # the worker went away
+
+
+class JobStopped(Exception):
+    """The job was cancelled or taken from this worker while it ran."""
+
+
+class JobError(Exception):
+    """The job cannot run; the message is the reason its record shows."""
+
+
+def job_threads(settings: Settings) -> int:
+    """Torch CPU threads for one job: ``JOB_THREADS``, or half the cores available,
+    since the API server (embedded mode) shares the machine."""
+    return settings.job_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def warmup_steps(num_images: int, config: dict[str, Any]) -> int:
+    """A tenth of all steps, at most 200 (``maskrcnn train``'s default)."""
+    train_images = num_images - round(num_images * config["val_fraction"])
+    steps = config["epochs"] * math.ceil(max(train_images, 1) / config["batch_size"])
+    return max(1, min(200, steps // 10))
+
+
+class ProgressReporter:
+    """The training loop's progress callback for one job."""
+
+    def __init__(self, db: Database, job_id: str, worker_id: str):
+        self.db, self.job_id, self.worker_id = db, job_id, worker_id
+        self.epochs: list[dict[str, Any]] = []
+        self.last_write = 0.0
+
+    def __call__(self, p) -> None:  # a model.training.loop.TrainProgress
+        progress = {
+            "epoch": p.epoch,
+            "epochs": p.epochs,
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "loss": p.loss,
+            "eta_s": p.eta_s,
+        }
+        now = time.monotonic()
+        if p.event == "epoch":
+            self.epochs.append({"epoch": p.epoch, "losses": p.losses, **(p.metrics or {})})
+            going = jobs.record_progress(
+                self.db, self.job_id, self.worker_id, progress, self.epochs
+            )
+        elif now - self.last_write >= PROGRESS_INTERVAL_S or p.step == p.total_steps:
+            going = jobs.record_progress(self.db, self.job_id, self.worker_id, progress)
+        else:
+            return
+        self.last_write = now
+        if not going:
+            raise JobStopped(f"job {self.job_id} was cancelled or is no longer this worker's")
+
+
+def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> None:
+    """Train the job's model and register it; raises on failure (nothing registered)."""
+    from app.commands.train import TrainingPlan, run_training
+    from model.training.loop import TrainConfig
+
+    job = jobs.get_job(db, job_id)
+    config = job.config
+    with db.session() as session:
+        dataset = session.get(DatasetRecord, job.dataset_id)
+    if dataset is None:
+        raise JobError(f"dataset {job.dataset_id} no longer exists")
+    out = db.resolve(jobs.checkpoint_path(job_id))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model_id = jobs.model_id_for(job_id)
+    plan = TrainingPlan(
+        dataset=db.resolve(dataset.path),
+        out=out,
+        config=TrainConfig(
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            learning_rate=config["learning_rate"],
+            warmup_steps=warmup_steps(dataset.num_images, config),
+            seed=config["seed"],
+        ),
+        base_model=jobs.resolve_base_model(db, config["base_model"]),
+        image_size=config.get("image_size"),
+        val_fraction=config["val_fraction"],
+        device=settings.device,
+        save_resume_state=False,
+        dataset_id=dataset.id,
+        extra={"job_id": job_id, "model_id": model_id, "base_model": config["base_model"]},
+    )
+    reporter = ProgressReporter(db, job_id, worker_id)
+    outcome = run_training(plan, progress=reporter, announce=log.info, show_validation=False)
+    model = ModelRecord(
+        id=model_id,
+        architecture=outcome.metadata["architecture"],
+        path=jobs.checkpoint_path(job_id),
+        classes=outcome.metadata["classes"],
+        metrics=jobs.finite(outcome.metrics),
+        base_model=config["base_model"],
+        job_id=job_id,
+        dataset_id=dataset.id,
+    )
+    if not jobs.complete_job(db, job_id, worker_id, model):
+        raise JobStopped(f"job {job_id} was cancelled or taken over before it was registered")
+    log.info("job %s succeeded: model %s", job_id, model_id)
+
+
+def exit_with_parent() -> None:
+    """Exit as soon as stdin, a pipe from the worker, reaches end of file."""
+    if not stat.S_ISFIFO(os.fstat(0).st_mode):
+        return  # started by hand
+
+    def watch() -> None:
+        while os.read(0, 4096):
+            pass
+        log.error("the worker went away; stopping")
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def describe(error: BaseException) -> str:
+    """The reason a failed job shows: the message of the errors raised on purpose
+    (bad dataset, unavailable weights, diverged loss), the type too for the others."""
+    if isinstance(error, JobError | ModelError | AppError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.training.runner", description=__doc__)
+    parser.add_argument("job_id")
+    parser.add_argument("worker_id")
+    args = parser.parse_args(argv)
+    exit_with_parent()
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    import torch
+
+    torch.set_num_threads(job_threads(settings))
+    db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    try:
+        run_job(db, settings, args.job_id, args.worker_id)
+        return 0
+    except JobStopped as e:
+        log.info("%s; stopping", e)
+        jobs.remove_checkpoint(db, args.job_id)
+        return EXIT_STOPPED
+    except Exception as e:
+        log.exception("job %s failed", args.job_id)
+        jobs.remove_checkpoint(db, args.job_id)
+        jobs.finish_job(db, args.job_id, args.worker_id, "failed", error=describe(e))
+        return 1
+    finally:
+        db.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

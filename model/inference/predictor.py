@@ -1,0 +1,410 @@
+"""Batched prediction: a list of images and per-image options in, detections out.
+
+``Predictor`` wraps a torchvision ``MaskRCNN`` and adds, over calling the network:
+
+* per-image options (score / NMS IoU / mask thresholds, class filter, top-k,
+  mask format) applied after one batched forward of the whole list;
+* batched mask pasting and thresholding on the model's device instead of
+  torchvision's per-mask loop, and COCO RLE encoding from run lengths found on
+  the device (see ``model.inference.masks`` and ``model.inference.rle``);
+* boxes and masks in the pixel frame of each input image, class ids and names
+  from the model's metadata.
+
+The work is split in two stages so a caller can overlap them: ``forward`` (the
+network and everything on the device) and ``finish`` (string encoding on the CPU).
+``predict`` runs both.
+"""
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.image_list import ImageList
+
+from model.errors import InvalidImageError, InvalidOptionError
+from model.inference.fusion import prepare_network, to_backbone_input
+from model.inference.heads import predict_masks, select_boxes
+from model.inference.masks import paste_masks
+from model.inference.nms import device_tensor
+from model.inference.options import MaskFormat, PredictOptions, check_options
+from model.inference.proposals import AnchorCache, propose
+from model.inference.rle import encode_polygons, find_runs, pack_runs
+from model.info import ModelInfo
+
+__all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
+
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Most mask pixels (bool bytes) pasted at once: on a GPU a whole batch of
+# 640x480 images with 100 detections each; on the CPU about one such image,
+# as larger buffers cost more in page faults than fewer calls save.
+_GROUP_BYTES_DEVICE = 2**30
+_GROUP_BYTES_CPU = 2**25
+
+
+@dataclass
+class Detection:
+    """One instance. ``box`` is ``(x1, y1, x2, y2)`` in input-image pixels.
+
+    ``mask`` is a COCO compressed RLE ``{"size": [h, w], "counts": str}`` for
+    ``rle``, a list of polygons ``[[x0, y0, x1, y1, ...], ...]`` for ``polygon``,
+    ``None`` for ``none``.
+    """
+
+    class_id: int
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]
+    mask: dict | list | None = None
+
+
+@dataclass
+class ImageResult:
+    width: int
+    height: int
+    detections: list[Detection] = field(default_factory=list)
+
+
+@dataclass
+class PendingBatch:
+    """What ``Predictor.forward`` hands to ``Predictor.finish``: everything already
+    on the CPU, only string and polygon encoding left."""
+
+    sizes: list[tuple[int, int]]
+    options: list[PredictOptions]
+    labels: list[list[int]]
+    scores: list[list[float]]
+    boxes: list[list[list[float]]]
+    runs: list[list[np.ndarray]]  # per image, per detection (rle)
+    crops: list[list[tuple[np.ndarray, tuple[int, int]]]]  # per detection: (crop, (x, y))
+
+
+class Predictor:
+    """Runs a torchvision ``MaskRCNN`` on a list of images with per-image options.
+
+    Args:
+        network: a ``MaskRCNN`` (any backbone); it is moved to ``device``, eval mode.
+        info: its ``ModelInfo`` (class ids and names).
+        device: where the network runs.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA (ignored on
+            the CPU): convolutions and linear layers in half precision, while box
+            decoding, NMS and mask probabilities stay float32 (for the RPN through
+            a forward hook on ``network.rpn.head``, see ``keep_float_outputs``).
+        vectorized: filter proposals and select detections for the whole batch
+            in tensor operations (``model.inference.proposals``,
+            ``model.inference.heads``) instead of torchvision's loop over images;
+            the same detections. Default: on CUDA, where the loop's host syncs
+            and small kernels set the pace; on the CPU the loop is cheaper.
+        fused: run a rewritten copy of ``network`` (``model.inference.fusion``): batch norms
+            folded into the convolutions, convolution and linear weights stored
+            in the autocast precision, the backbone channels-last, its residual
+            blocks' bias, add and ReLUs inside cuDNN's fused convolutions. The
+            same detections up to float rounding. Default: with ``fp16`` / ``bf16`` on
+            CUDA, where autocast would otherwise cast every weight and convert
+            every activation's layout on every batch.
+
+    ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
+    any device) and one ``PredictOptions`` per image, and returns one
+    ``ImageResult`` per image, in order, boxes ``(x1, y1, x2, y2)`` in that
+    image's pixels, highest scores first.
+    """
+
+    def __init__(
+        self,
+        network: MaskRCNN,
+        info: ModelInfo,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        vectorized: bool | None = None,
+        fused: bool | None = None,
+    ):
+        if precision not in _AUTOCAST_DTYPES:
+            raise InvalidOptionError(
+                f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}"
+            )
+        self.device = torch.device(device)
+        self.info = info
+        self.precision = precision
+        on_gpu = self.device.type == "cuda"
+        self.vectorized = on_gpu if vectorized is None else vectorized
+        half = _AUTOCAST_DTYPES[precision] if on_gpu else None
+        self.fused = half is not None if fused is None else fused
+        if self.fused:  # the caller's network stays as it was
+            network = prepare_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
+        self.network = network.to(self.device).eval()
+        self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._anchors = AnchorCache()
+        if _AUTOCAST_DTYPES[precision] is not None:
+            keep_float_outputs(self.network.rpn.head)
+
+    def predict(
+        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
+    ) -> list[ImageResult]:
+        return self.finish(self.forward(images, options))
+
+    @torch.inference_mode()
+    def forward(
+        self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
+    ) -> PendingBatch:
+        """The network and all device work for one batch; blocking."""
+        options = list(options) if options is not None else [PredictOptions()] * len(images)
+        if len(options) != len(images):
+            raise InvalidOptionError(
+                f"expected one PredictOptions per image, got {len(options)} for {len(images)}"
+            )
+        for opts in options:
+            check_options(opts)
+        for image in images:
+            check_image(image)
+        batch = [image.to(self.device, non_blocking=True) for image in images]  # as uint8
+        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
+        if not batch:
+            return PendingBatch([], [], [], [], [], [], [])
+        with self._autocast():
+            detections = self._detect(batch, options)
+        return self._postprocess(detections, sizes, options)
+
+    def finish(self, pending: PendingBatch) -> list[ImageResult]:
+        """Encode masks and build the results; CPU only."""
+        results = []
+        for i, (height, width) in enumerate(pending.sizes):
+            fmt = pending.options[i].mask_format
+            if fmt == "rle":
+                masks = pack_runs(pending.runs[i], (height, width))
+            elif fmt == "polygon":
+                masks = [polygons_at(crop, offset) for crop, offset in pending.crops[i]]
+            else:
+                masks = [None] * len(pending.labels[i])
+            detections = [
+                Detection(
+                    class_id=self.info.class_ids[label],
+                    class_name=self.info.class_names[label],
+                    score=score,
+                    box=tuple(box),
+                    mask=mask,
+                )
+                for label, score, box, mask in zip(
+                    pending.labels[i], pending.scores[i], pending.boxes[i], masks, strict=True
+                )
+            ]
+            results.append(ImageResult(width=width, height=height, detections=detections))
+        return results
+
+    def _autocast(self):
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        enabled = dtype is not None and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    def _detect(self, batch: list[torch.Tensor], options: list[PredictOptions]) -> list[dict]:
+        """Transform, backbone, RPN and box head as torchvision does, then per-image
+        selection with each image's options, then the mask head on the kept boxes."""
+        net = self.network
+        original_sizes = [tuple(image.shape[-2:]) for image in batch]
+        image_list = self._transform(batch)
+        features = net.backbone(to_backbone_input(image_list.tensors, self.fused))
+        if self.vectorized:
+            proposals = propose(net.rpn, image_list, features, self._anchors)
+        else:
+            proposals, _ = net.rpn(image_list, features)
+        if self.fused:  # the ROI heads' pooling reads the standard layout
+            features = {name: level.contiguous() for name, level in features.items()}
+        kept = select_boxes(
+            net.roi_heads,
+            features,
+            proposals,
+            image_list.image_sizes,
+            options,
+            vectorized=self.vectorized,
+        )
+        mask_probs = predict_masks(net.roi_heads, features, kept, image_list.image_sizes)
+        boxes = [det["boxes"].float() for det in kept]
+        scaled = scale_boxes(boxes, image_list.image_sizes, original_sizes)
+        for det, probs, image_boxes in zip(kept, mask_probs, scaled, strict=True):
+            det["boxes"], det["mask_probs"] = image_boxes, probs.float()
+        return kept
+
+    def _transform(self, batch: list[torch.Tensor]) -> ImageList:
+        """``network.transform`` of the uint8 images scaled to ``[0, 1]`` (normalise,
+        resize, pad into one tensor), the same numbers, with the mean and std kept
+        on the device: torchvision copies them there for every image, and each
+        copy waits for the device's queue. With ``vectorized`` (the CUDA default),
+        images of one size (the usual batch: the queue batches by size) go through
+        each step together, a kernel per step rather than one per image; on the
+        CPU, one image at a time stays in the cache (the whole batch at once made
+        the demo model's transform of 8 images 1.4x slower)."""
+        transform = self.network.transform
+        key = (torch.float32, batch[0].device)
+        if key not in self._normalization:
+            self._normalization[key] = tuple(
+                torch.as_tensor(values, dtype=key[0], device=key[1])[:, None, None]
+                for values in (transform.image_mean, transform.image_std)
+            )
+        mean, std = self._normalization[key]
+        if not self.vectorized or any(image.shape != batch[0].shape for image in batch):
+            images = [transform.resize(normalize(image, mean, std), None)[0] for image in batch]
+            sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+            return ImageList(transform.batch_images(images, transform.size_divisible), sizes)
+        count, channels, height, width = len(batch), *batch[0].shape
+        # every image's channels as the channels of one: the resize treats each alike
+        stacked = normalize(torch.stack(batch), mean, std).view(count * channels, height, width)
+        resized = transform.resize(stacked, None)[0]
+        size = (int(resized.shape[-2]), int(resized.shape[-1]))
+        padded = torch.empty(
+            (count, channels, *(padded_size(s, transform.size_divisible) for s in size)),
+            dtype=resized.dtype,
+            device=resized.device,
+            # the fused backbone's layout, or it would convert the batch again
+            memory_format=torch.channels_last if self.fused else torch.contiguous_format,
+        ).zero_()
+        padded[:, :, : size[0], : size[1]].copy_(resized.view(count, channels, *size))
+        return ImageList(padded, [size] * count)
+
+    def _postprocess(
+        self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
+    ) -> PendingBatch:
+        """Masks pasted and run-length coded for groups of same-size images at once,
+        and one transfer of every box, score and label: a few host syncs per batch
+        rather than a few per image (each one stalls the device's queue)."""
+        counts = [len(det["boxes"]) for det in detections]
+        runs: list[list[np.ndarray]] = [[] for _ in detections]
+        crops: list[list] = [[] for _ in detections]
+        limit = _GROUP_BYTES_CPU if self.device.type == "cpu" else _GROUP_BYTES_DEVICE
+        for group in group_by_size(counts, sizes, options, limit):
+            thresholds = [options[i].mask_threshold for i in group]
+            per_mask = np.repeat(thresholds, [counts[i] for i in group])
+            masks = paste_masks(
+                torch.cat([detections[i]["mask_probs"] for i in group]),
+                torch.cat([detections[i]["boxes"] for i in group]),
+                sizes[group[0]],
+                device_tensor(per_mask, self.device, torch.float32),
+            )
+            if all(options[i].mask_format == "rle" for i in group):
+                found = iter(find_runs(masks))
+                for i in group:
+                    runs[i] = [next(found) for _ in range(counts[i])]
+                continue
+            parts = masks.split([counts[i] for i in group])
+            for i, part in zip(group, parts, strict=True):
+                if options[i].mask_format == "rle":
+                    runs[i] = find_runs(part)
+                else:
+                    crops[i] = crop_masks(part)
+        columns = [
+            torch.cat([det[name] for det in detections]) for name in ("boxes", "scores", "labels")
+        ]
+        table = torch.cat([columns[0], columns[1][:, None], columns[2][:, None]], 1)
+        table = table.to("cpu", torch.float64)
+        pending = PendingBatch(sizes, options, [], [], [], runs, crops)
+        for rows in table.split(counts):
+            pending.boxes.append(rows[:, :4].tolist())
+            pending.scores.append(rows[:, 4].tolist())
+            pending.labels.append(rows[:, 5].to(torch.int64).tolist())
+        return pending
+
+
+def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
+    """Make the RPN head hand float32 objectness and box deltas to the proposal
+    stage, also under autocast: anchors decoded in half precision would put
+    proposal corners on a 0.5 px (fp16) or 4 px (bf16) grid at 800 px. A no-op
+    in float32; registered once per module."""
+    if getattr(rpn_head, "_float_outputs", False):
+        return
+    rpn_head.register_forward_hook(
+        lambda module, args, output: tuple([t.float() for t in part] for part in output)
+    )
+    rpn_head._float_outputs = True
+
+
+def scale_boxes(
+    boxes: list[torch.Tensor],
+    resized: list[tuple[int, int]],
+    original: list[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """Each image's boxes ``[N, 4]`` from the network's resized frame to the input
+    image's: torchvision's ``resize_boxes`` (float32 ratios, the same products),
+    every image's in one product, without its four host-to-device copies per image
+    (each waits for the device's queue)."""
+    ratios = []
+    for size, input_size in zip(resized, original, strict=True):
+        ratio_y, ratio_x = (
+            np.float32(o) / np.float32(r) for o, r in zip(input_size, size, strict=True)
+        )
+        ratios.append([ratio_x, ratio_y, ratio_x, ratio_y])
+    counts = [len(b) for b in boxes]
+    per_box = np.repeat(np.array(ratios, dtype=np.float32).reshape(-1, 4), counts, axis=0)
+    every = torch.cat(boxes)
+    return list((every * device_tensor(per_box, every.device, every.dtype)).split(counts))
+
+
+def group_by_size(
+    counts: list[int],
+    sizes: list[tuple[int, int]],
+    options: list[PredictOptions],
+    limit: int,
+) -> list[list[int]]:
+    """Indices of the images whose masks are wanted, in groups of one image size
+    holding at most ``limit`` mask pixels (an image alone may hold more)."""
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for i, (count, size, opts) in enumerate(zip(counts, sizes, options, strict=True)):
+        if count == 0 or opts.mask_format == "none":
+            continue
+        chunks = groups.setdefault(size, [[]])
+        cells = size[0] * size[1]
+        if chunks[-1] and (sum(counts[j] for j in chunks[-1]) + count) * cells > limit:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def check_image(image: torch.Tensor) -> None:
+    """``InvalidImageError`` unless ``image`` is a non-empty uint8 ``[3, H, W]``."""
+    if not isinstance(image, torch.Tensor):
+        raise InvalidImageError(f"expected an image tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise InvalidImageError(
+            "expected a uint8 RGB image tensor of shape [3, H, W], "
+            f"got dtype {image.dtype} and shape {list(image.shape)}"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise InvalidImageError(f"image is empty: shape {list(image.shape)}")
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
+    the order of operations of the ``network(image.float() / 255)`` reference."""
+    return (images.float().div_(255) - mean) / std
+
+
+def padded_size(size: int, divisor: int) -> int:
+    """A side padded as ``GeneralizedRCNNTransform.batch_images`` pads it."""
+    return int(math.ceil(float(size) / float(divisor)) * float(divisor))
+
+
+def crop_masks(masks: torch.Tensor) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Each mask's non-empty bounding region on the CPU, with its (x, y) offset."""
+    rows = masks.any(dim=2).cpu().numpy()
+    cols = masks.any(dim=1).cpu().numpy()
+    crops = []
+    for i in range(len(masks)):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if len(ys) == 0:
+            crops.append((np.zeros((0, 0), dtype=bool), (0, 0)))
+            continue
+        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+        crops.append((masks[i, y0:y1, x0:x1].cpu().numpy(), (int(x0), int(y0))))
+    return crops
+
+
+def polygons_at(crop: np.ndarray, offset: tuple[int, int]) -> list[list[float]]:
+    """``encode_polygons`` of a crop, moved to image coordinates."""
+    if crop.size == 0:
+        return []
+    x0, y0 = offset
+    return [
+        [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(polygon)]
+        for polygon in encode_polygons(crop)
+    ]
