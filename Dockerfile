@@ -26,8 +26,14 @@ COPY model ./model
 
 # Not editable: the package is copied into the venv, the source stays behind.
 RUN python -m venv --system-site-packages /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/python -c "import torch, torchvision, app.main, model.loading"
+    && /opt/venv/bin/pip install --no-cache-dir .
+
+# The import check runs outside /src, so it imports what was installed (a module
+# missing from the wheel fails the build), not the source tree beside it.
+WORKDIR /
+RUN /opt/venv/bin/python -c "import app, torch, torchvision, app.cli, app.main, model.loading; \
+assert not app.__file__.startswith('/src/'), app.__file__" \
+    && /opt/venv/bin/maskrcnn --help >/dev/null
 
 # COCO weights baked in (this is the only step that needs the network): the
 # container starts offline and never falls back to the demo model.

@@ -128,7 +128,12 @@ class ServerProcess:
     """``maskrcnn serve`` in a subprocess; ``url``, ``client`` and ``log()``."""
 
     def __init__(
-        self, model: Path, env: dict[str, str], log_path: Path, port: int | None = None
+        self,
+        model: Path | str,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        cwd: Path = REPO,
     ):
         self.port = port or free_port()  # a fixed port: a replica restarted in place
         self.url = f"http://127.0.0.1:{self.port}"
@@ -145,7 +150,7 @@ class ServerProcess:
         command += ["--port", str(self.port), "--model", str(model)]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
