@@ -357,13 +357,11 @@ def child_main(
         if load is None:
             from app.serving.service import build_predictor as load
         predictor = load(settings.model_copy(update={"model_processes": 0}))
-        from app.serving.buckets import input_geometry
-
         ready = {
             "info": predictor.info,
             "device": str(predictor.device),
-            "precision": getattr(predictor, "precision", settings.precision),
-            "input_geometry": input_geometry(getattr(predictor, "network", None)),
+            "precision": predictor.precision,
+            "input_geometry": predictor.input_geometry,
         }
     except BaseException as e:
         replies.send((False, portable(e)))

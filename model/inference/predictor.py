@@ -16,7 +16,6 @@ network and everything on the device) and ``finish`` (string encoding on the CPU
 """
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,13 +25,14 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from model.errors import InvalidImageError, InvalidOptionError
+from model.geometry import input_geometry, padded_side
 from model.inference.fusion import prepare_network, to_backbone_input
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.masks import paste_masks
 from model.inference.nms import device_tensor
 from model.inference.options import MaskFormat, PredictOptions, check_options
 from model.inference.proposals import AnchorCache, propose
-from model.inference.rle import encode_polygons, find_runs, pack_runs
+from model.inference.rle import crop_masks, find_runs, pack_runs, polygons_at
 from model.info import ModelInfo
 
 __all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
@@ -106,6 +106,9 @@ class Predictor:
             CUDA, where autocast would otherwise cast every weight and convert
             every activation's layout on every batch.
 
+    ``input_geometry`` is the network transform's resize-and-pad arithmetic
+    (``model.geometry``; ``None`` without a torchvision transform).
+
     ``predict`` takes ``images``: ``uint8`` tensors ``[3, H, W]`` (RGB, any sizes,
     any device) and one ``PredictOptions`` per image, and returns one
     ``ImageResult`` per image, in order, boxes ``(x1, y1, x2, y2)`` in that
@@ -137,6 +140,7 @@ class Predictor:
             network = prepare_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
         self.network = network.to(self.device).eval()
         self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.input_geometry = input_geometry(self.network)
         self._anchors = AnchorCache()
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
@@ -254,7 +258,7 @@ class Predictor:
         resized = transform.resize(stacked, None)[0]
         size = (int(resized.shape[-2]), int(resized.shape[-1]))
         padded = torch.empty(
-            (count, channels, *(padded_size(s, transform.size_divisible) for s in size)),
+            (count, channels, *(padded_side(s, transform.size_divisible) for s in size)),
             dtype=resized.dtype,
             device=resized.device,
             # the fused backbone's layout, or it would convert the batch again
@@ -377,34 +381,3 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
     the order of operations of the ``network(image.float() / 255)`` reference."""
     return (images.float().div_(255) - mean) / std
-
-
-def padded_size(size: int, divisor: int) -> int:
-    """A side padded as ``GeneralizedRCNNTransform.batch_images`` pads it."""
-    return int(math.ceil(float(size) / float(divisor)) * float(divisor))
-
-
-def crop_masks(masks: torch.Tensor) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """Each mask's non-empty bounding region on the CPU, with its (x, y) offset."""
-    rows = masks.any(dim=2).cpu().numpy()
-    cols = masks.any(dim=1).cpu().numpy()
-    crops = []
-    for i in range(len(masks)):
-        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-        if len(ys) == 0:
-            crops.append((np.zeros((0, 0), dtype=bool), (0, 0)))
-            continue
-        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-        crops.append((masks[i, y0:y1, x0:x1].cpu().numpy(), (int(x0), int(y0))))
-    return crops
-
-
-def polygons_at(crop: np.ndarray, offset: tuple[int, int]) -> list[list[float]]:
-    """``encode_polygons`` of a crop, moved to image coordinates."""
-    if crop.size == 0:
-        return []
-    x0, y0 = offset
-    return [
-        [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(polygon)]
-        for polygon in encode_polygons(crop)
-    ]

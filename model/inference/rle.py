@@ -104,3 +104,29 @@ def encode_polygons(mask: np.ndarray) -> list[list[float]]:
     return [
         (contour.reshape(-1, 2) + 0.5).ravel().tolist() for contour in contours if len(contour) >= 3
     ]
+
+
+def crop_masks(masks: torch.Tensor) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Each mask's non-empty bounding region on the CPU, with its (x, y) offset."""
+    rows = masks.any(dim=2).cpu().numpy()
+    cols = masks.any(dim=1).cpu().numpy()
+    crops = []
+    for i in range(len(masks)):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        if len(ys) == 0:
+            crops.append((np.zeros((0, 0), dtype=bool), (0, 0)))
+            continue
+        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+        crops.append((masks[i, y0:y1, x0:x1].cpu().numpy(), (int(x0), int(y0))))
+    return crops
+
+
+def polygons_at(crop: np.ndarray, offset: tuple[int, int]) -> list[list[float]]:
+    """``encode_polygons`` of a crop, moved to image coordinates."""
+    if crop.size == 0:
+        return []
+    x0, y0 = offset
+    return [
+        [v + (x0 if k % 2 == 0 else y0) for k, v in enumerate(polygon)]
+        for polygon in encode_polygons(crop)
+    ]

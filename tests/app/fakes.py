@@ -28,6 +28,7 @@ class FakePredictor:
         self.info = INFO
         self.device = torch.device("cpu")
         self.precision = "fp32"
+        self.input_geometry = None  # batched by exact image size
         self.forward_s, self.finish_s = forward_s, finish_s
         self.oom_if = oom_if
         self.fail_with = fail_with

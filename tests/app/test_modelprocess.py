@@ -22,11 +22,11 @@ from PIL import Image
 from app.errors import BadRequestError, UnavailableError
 from app.inputs.decoding import EncodedJpeg, decode_image
 from app.main import create_app
-from app.serving.buckets import input_geometry
 from app.serving.modelprocess import ModelPool, ModelProcess
 from app.serving.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
 from app.settings import load_settings
 from model.errors import InvalidImageError, InvalidOptionError
+from model.geometry import input_geometry
 from model.inference.options import PredictOptions
 from tests.app.conftest import (
     encode,
