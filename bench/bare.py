@@ -108,7 +108,7 @@ def load_predictor(
     fused: bool | None = None,
     vectorized: bool | None = None,
 ) -> Predictor:
-    """As ``maskrcnn serve`` builds it (``app.serving.service.build_predictor``);
+    """As ``maskrcnn serve`` builds it (``app.serving.loading.load_predictor``);
     ``fused=False`` turns ``model.inference.fusion``'s rewrites off (an experiment);
     ``fused=True, vectorized=True`` runs the CUDA code path on the CPU."""
     loaded = load_model(spec, device=device)

@@ -70,6 +70,7 @@ class InstantPredictor:
     info = ModelInfo("instant", "stand-in", (0, 1), ("background", "a"))
     device = torch.device("cpu")
     precision = "fp32"
+    input_geometry = None  # batched by exact image size
 
     def __init__(self):
         self.result = canned_result()
@@ -100,7 +101,9 @@ def load_predictor(args: argparse.Namespace):
             if args.others:
                 os.sched_setaffinity(predictor.process.pid, args.others)
         else:
-            predictor = InstantPredictor()
+            from app.serving.predictors import InProcessPredictor
+
+            predictor = InProcessPredictor(InstantPredictor())
         predictor.decodes_jpeg = args.keep_jpeg
         return predictor
 

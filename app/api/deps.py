@@ -1,18 +1,16 @@
 """What routes get from the app, as ``Annotated`` dependencies (tests override
 them). Nothing here builds a model: the lifespan does, once."""
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from app.errors import NotReadyError
 from app.serving.batching import Batcher
-from app.serving.service import Service
+from app.serving.predictors import ServedPredictor
+from app.serving.service import Service, State
 from app.settings import Settings
 from app.store.db import Database
-
-if TYPE_CHECKING:
-    from model.inference.predictor import Predictor
 
 
 async def get_service(request: Request) -> Service:
@@ -37,24 +35,24 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 def _not_ready(service: Service) -> NotReadyError:
-    if service.state == "failed":
+    if service.state == State.FAILED:
         return NotReadyError(f"the model failed to load ({service.error})", retry_after=30)
     return NotReadyError(f"the model is not ready yet ({service.state})", retry_after=5)
 
 
-async def get_predictor(service: ServiceDep) -> "Predictor":
+async def get_predictor(service: ServiceDep) -> ServedPredictor:
     if service.predictor is None:
         raise _not_ready(service)
     return service.predictor
 
 
-PredictorDep = Annotated[Any, Depends(get_predictor)]  # a model.inference.predictor.Predictor
+PredictorDep = Annotated[ServedPredictor, Depends(get_predictor)]
 
 
 async def get_batcher(service: ServiceDep) -> Batcher:
     """The queue, while it takes work: ready, and also while draining (a load
     balancer may still send a few requests after SIGTERM; they are served)."""
-    if service.batcher is None or service.state not in ("ready", "draining"):
+    if service.batcher is None or service.state not in (State.READY, State.DRAINING):
         raise _not_ready(service)
     return service.batcher
 

@@ -17,7 +17,8 @@ from app.errors import (
     PayloadTooLargeError,
 )
 from app.inputs.decoding import EncodedJpeg
-from app.serving.batching import Batcher, BatchPredictor, ItemResult
+from app.serving.batching import Batcher, ItemResult
+from app.serving.predictors import ServedPredictor
 from app.settings import Settings
 from model.inference.options import PredictOptions
 from model.info import ModelInfo
@@ -98,7 +99,7 @@ async def run_images(
     request: Request,
     batcher: Batcher,
     settings: Settings,
-    decode: Callable[[BatchPredictor], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]],
+    decode: Callable[[ServedPredictor], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]],
     options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
     """Admit ``len(options)`` images, decode them for the predictor that will run

@@ -4,7 +4,7 @@ Only JPEG, PNG, WebP and BMP are decoded, recognised by their content, not their
 name (415 otherwise); the pixel count is checked from the header before the full
 decode (413); truncated or corrupt files are 400; EXIF orientation is applied and
 every mode becomes 8-bit RGB (``model.inference.images.pil_to_tensor``). Decoding runs in
-worker threads, never on the event loop.
+threads, never on the event loop.
 
 For a model on a CUDA device (``device``), complete baseline RGB or grayscale
 JPEGs (the usual upload) are decoded there by nvJPEG, with the EXIF orientation
@@ -202,7 +202,7 @@ async def decode_images(
     device: torch.device | None = None,
     keep_jpeg: bool = False,
 ) -> list[torch.Tensor | EncodedJpeg]:
-    """``decode_image`` for each blob, in worker threads; the first error wins."""
+    """``decode_image`` for each blob, in threads; the first error wins."""
     names = names or [f"images[{i}]" for i in range(len(blobs))]
     tasks = [
         asyncio.to_thread(

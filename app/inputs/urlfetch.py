@@ -70,7 +70,7 @@ class ByteBudget:
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
-    """Every address of ``host`` (the system resolver, in a worker thread)."""
+    """Every address of ``host`` (the system resolver, in a thread)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
 

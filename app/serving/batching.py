@@ -6,7 +6,7 @@ model calls out.
   ``max_batch_delay_s``; images only share a batch with images of the same bucket
   (by default the same padded network input size), so a batch's padding never
   changes an image's detections.
-* ``predictor.forward`` runs in one worker thread, ``predictor.finish`` in another:
+* ``predictor.forward`` runs in one thread, ``predictor.finish`` in another:
   the next batch's forward overlaps the previous batch's postprocessing. A batch
   is taken from the queue only when a forward can start on it, so images that
   arrive meanwhile make the next batch fuller. ``concurrency`` forwards run at
@@ -42,10 +42,11 @@ from app.errors import (
     QueueFullError,
 )
 from app.serving.metrics import Metrics
-from app.serving.stages import BatchPredictor, BatchRunner, ItemResult, WorkItem, fail
+from app.serving.predictors import ServedPredictor
+from app.serving.stages import BatchRunner, ItemResult, WorkItem, fail
 from model.inference.options import PredictOptions
 
-__all__ = ["BatchPredictor", "Batcher", "ItemResult", "Ticket", "image_size_key"]
+__all__ = ["Batcher", "ItemResult", "Ticket", "image_size_key"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Batcher:
 
     def __init__(
         self,
-        predictor: BatchPredictor,
+        predictor: ServedPredictor,
         *,
         max_batch_size: int = 8,
         max_batch_delay_s: float = 0.005,
@@ -117,23 +118,23 @@ class Batcher:
 
     def swap(
         self,
-        predictor: BatchPredictor,
+        predictor: ServedPredictor,
         *,
         bucket_key: Callable[[torch.Tensor], Hashable] = image_size_key,
-    ) -> BatchPredictor:
+    ) -> ServedPredictor:
         """Serve ``predictor`` (already warm) from the next admitted request on;
         returns the previous one. Requests admitted before keep their model."""
         old, self.predictor, self.bucket_key = self.predictor, predictor, bucket_key
         return old
 
-    async def retire(self, predictor: BatchPredictor) -> None:
+    async def retire(self, predictor: ServedPredictor) -> None:
         """Wait until no admitted request and no batch in flight uses ``predictor``
         (after ``swap``, this is its last batch; the queue then holds no reference)."""
         while predictor in self._users:
             self._released.clear()
             await self._released.wait()
 
-    def _use(self, predictor: BatchPredictor, delta: int) -> None:
+    def _use(self, predictor: ServedPredictor, delta: int) -> None:
         self._users[predictor] += delta
         if self._users[predictor] <= 0:
             del self._users[predictor]  # keep no reference to a retired model
@@ -146,7 +147,7 @@ class Batcher:
         self._task.add_done_callback(_log_crash)
 
     async def stop(self, *, drain: bool = True) -> None:
-        """Finish (``drain``) or fail every queued image, then stop the workers."""
+        """Finish (``drain``) or fail every queued image, then stop the threads."""
         self._closing = True
         if not drain:
             for bucket in self._buckets.values():
@@ -290,7 +291,7 @@ class Batcher:
                 live.append(item)
         return live
 
-    async def _run(self, predictor: BatchPredictor, items: list[WorkItem]) -> None:
+    async def _run(self, predictor: ServedPredictor, items: list[WorkItem]) -> None:
         """Forward (the next batch may start once it is done), then finish."""
         try:
             try:
@@ -322,7 +323,7 @@ class Ticket:
         self,
         batcher: Batcher,
         reserved: int,
-        predictor: BatchPredictor,
+        predictor: ServedPredictor,
         bucket_key: Callable[[torch.Tensor], Hashable],
     ):
         self._batcher = batcher

@@ -7,10 +7,11 @@ decoding threads and the finish thread, and waits for it at every launch.
 ``ModelProcess`` moves the predictor into a spawned child process, so the HTTP
 process's work no longer stands in the forward's way.
 
-* The child loads the predictor from the settings (``build_predictor``) and runs
-  ``forward`` and ``finish`` in two threads, as the queue does in one process:
-  the next batch's forward still overlaps the previous batch's finish.
-* ``ModelProcess`` is the queue's ``BatchPredictor`` in the HTTP process.
+* The child (``app.serving.modelchild``) loads the predictor from the settings
+  and runs ``forward`` and ``finish`` in two threads, as the queue does in one
+  process: the next batch's forward still overlaps the previous batch's finish.
+* ``ModelProcess`` is a ``ServedPredictor`` (``app.serving.predictors``) in the
+  HTTP process.
   ``forward`` sends the batch (options pickled, each image's pixels as raw bytes
   written straight into the child's tensor) and returns when the child's forward
   is done; the child keeps the pending batch until ``finish`` asks for its
@@ -39,65 +40,62 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
-import pickle
 import queue
-import signal
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from app.errors import UnavailableError
-from app.inputs.decoding import EncodedJpeg, decode_image
-from app.serving.stages import is_out_of_memory, release_device_memory
+from app.inputs.decoding import EncodedJpeg
+from app.serving.modelchild import child_main, on_the_wire
+from app.settings import Settings
 from model.inference.options import PredictOptions
-
-if TYPE_CHECKING:
-    from app.settings import Settings
-    from model.inference.predictor import ImageResult
-    from model.info import ModelInfo
+from model.inference.predictor import ImageResult, Predictor
+from model.info import ModelInfo
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 30.0  # a closing child finishes its batch in flight, then exits
 
 
-class TwoStages:
+class PredictInTwoStages:
     """``predict`` as the queue runs it: ``forward``, then ``finish``."""
 
-    def predict(self, images, options=None) -> "list[ImageResult]":
+    def predict(self, images, options=None) -> list[ImageResult]:
         if options is None:
             options = [PredictOptions()] * len(images)
         return self.finish(self.forward(images, options))
 
 
 @dataclass(frozen=True)
-class Remote:
+class PendingInChild:
     """A forwarded batch waiting in the child for ``finish``."""
 
     key: int
 
 
-class ModelProcess(TwoStages):
+class ModelProcess(PredictInTwoStages):
     """A predictor running in a child process; see the module docstring.
 
     ``load`` (picklable, run in the child) builds the predictor from ``settings``;
-    default ``app.serving.service.build_predictor``. Blocks until the model is loaded,
-    raising the child's error when it cannot be.
+    default ``app.serving.loading.load_predictor``. Blocks until the model is
+    loaded, raising the child's error when it cannot be.
     """
 
     input_device = torch.device("cpu")
+    concurrency = 1
 
     def __init__(
         self,
-        settings: "Settings",
+        settings: Settings,
         *,
-        load: Callable[["Settings"], Any] | None = None,
+        load: Callable[[Settings], Predictor] | None = None,
         on_exit: Callable[[], None] | None = None,
     ):
         self.on_exit = on_exit
@@ -159,14 +157,14 @@ class ModelProcess(TwoStages):
 
     def forward(
         self, images: list[torch.Tensor | EncodedJpeg], options: list[PredictOptions]
-    ) -> Remote:
+    ) -> PendingInChild:
         key = next(self._keys)
         wire = [on_the_wire(image) for image in images]
         described, buffers = [d for d, _ in wire], [b for _, b in wire]
         self._call(key, ("forward", key, described, options), buffers)
-        return Remote(key)
+        return PendingInChild(key)
 
-    def finish(self, pending: Remote) -> "list[ImageResult | BaseException]":
+    def finish(self, pending: PendingInChild) -> list[ImageResult | BaseException]:
         """The batch's results; an image the child could not decode has its error."""
         return self._call(pending.key, ("finish", pending.key))
 
@@ -218,6 +216,9 @@ class ModelProcess(TwoStages):
         why = "was closed" if self._closing else f"exited ({self._exited})"
         return UnavailableError(f"the model process {why}", code="model_unavailable")
 
+    def watch(self, on_exit: Callable[[], None]) -> None:
+        self.on_exit = on_exit
+
     @property
     def alive(self) -> bool:
         # the sentinel, not is_alive(): that would wait for the child too (see _reap_lock)
@@ -232,9 +233,9 @@ class ModelProcess(TwoStages):
         self._replies.close()
 
 
-class ModelPool(TwoStages):
+class ModelPool(PredictInTwoStages):
     """``size`` model processes serving one model on one device; see the module
-    docstring. The queue's ``BatchPredictor``, forwarding up to ``concurrency``
+    docstring. A ``ServedPredictor``, forwarding up to ``concurrency``
     batches at once: each ``forward`` takes an idle child (they take turns), and
     ``finish`` asks the child that ran it. Loads the children in parallel; when one
     cannot load, the others are closed and its error is raised. Any child's exit
@@ -244,10 +245,10 @@ class ModelPool(TwoStages):
 
     def __init__(
         self,
-        settings: "Settings",
+        settings: Settings,
         size: int,
         *,
-        load: Callable[["Settings"], Any] | None = None,
+        load: Callable[[Settings], Predictor] | None = None,
         on_exit: Callable[[], None] | None = None,
     ):
         if size < 1:
@@ -277,14 +278,16 @@ class ModelPool(TwoStages):
 
     def forward(
         self, images: list[torch.Tensor | EncodedJpeg], options: list[PredictOptions]
-    ) -> "tuple[ModelProcess, Remote]":
+    ) -> tuple["ModelProcess", PendingInChild]:
         child = self._idle.get()  # the queue forwards at most `concurrency` at once
         try:
             return child, child.forward(images, options)
         finally:
             self._idle.put(child)
 
-    def finish(self, pending: "tuple[ModelProcess, Remote]") -> "list[ImageResult | BaseException]":
+    def finish(
+        self, pending: tuple["ModelProcess", PendingInChild]
+    ) -> list[ImageResult | BaseException]:
         child, remote = pending
         return child.finish(remote)
 
@@ -296,6 +299,9 @@ class ModelPool(TwoStages):
     @property
     def alive(self) -> bool:
         return all(child.alive for child in self.children)
+
+    def watch(self, on_exit: Callable[[], None]) -> None:
+        self.on_exit = on_exit
 
     def _child_exited(self) -> None:
         if self.on_exit is not None:
@@ -320,159 +326,3 @@ def stop_child(
             process.kill()
             process.join(5)
     requests.close()
-
-
-def on_the_wire(image: torch.Tensor | EncodedJpeg) -> tuple[tuple, bytes | memoryview]:
-    """How ``forward`` sends one image: its description, then its bytes."""
-    if isinstance(image, EncodedJpeg):
-        return ("jpeg", image.name), image.data
-    image = image.contiguous()
-    return ("pixels", tuple(image.shape), image.dtype), raw_bytes(image)
-
-
-def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """A contiguous tensor's memory as flat bytes (no copy)."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-# -- the child ------------------------------------------------------------------------
-
-
-def child_main(
-    settings: "Settings",
-    load: Callable[["Settings"], Any] | None,
-    requests: Connection,
-    replies: Connection,
-) -> None:
-    """The model process: load, describe the model, then serve requests until
-    ``close`` or until the HTTP process goes away (its pipe closes)."""
-    # the HTTP process owns shutdown (it drains, then closes us): a Ctrl-C or a
-    # SIGTERM sent to the whole process group must not kill the model mid-drain
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from app.logs import configure_logging
-
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        if load is None:
-            from app.serving.service import build_predictor as load
-        predictor = load(settings.model_copy(update={"model_processes": 0}))
-        ready = {
-            "info": predictor.info,
-            "device": str(predictor.device),
-            "precision": predictor.precision,
-            "input_geometry": predictor.input_geometry,
-        }
-    except BaseException as e:
-        replies.send((False, portable(e)))
-        return
-    replies.send((True, ready))
-    Child(predictor, requests, replies, max_pixels=settings.max_image_pixels).serve()
-
-
-class Child:
-    """The child's loop: the main thread reads requests (and decodes the JPEGs
-    among their images), a forward thread and a finish thread run them, replies go
-    back under one lock."""
-
-    def __init__(
-        self, predictor: Any, requests: Connection, replies: Connection, *, max_pixels: int
-    ):
-        self.predictor = predictor
-        self.requests = requests
-        self.replies = replies
-        self.max_pixels = max_pixels
-        self.pending: dict[int, Any] = {}
-        self._reply_lock = threading.Lock()
-        self._forwards: queue.Queue = queue.Queue()
-        self._finishes: queue.Queue = queue.Queue()
-
-    def serve(self) -> None:
-        workers = [
-            threading.Thread(target=self._work, args=jobs, name=name)
-            for jobs, name in [
-                ((self._forwards, self._forward), "maskrcnn-forward"),
-                ((self._finishes, self._finish), "maskrcnn-finish"),
-            ]
-        ]
-        for worker in workers:
-            worker.start()
-        try:
-            while True:
-                try:
-                    message = self.requests.recv()
-                except (EOFError, OSError):
-                    break  # the HTTP process is gone
-                if message[0] == "forward":
-                    _, key, described, options = message
-                    images = [self._receive_image(*description) for description in described]
-                    self._forwards.put((key, images, options))
-                elif message[0] == "finish":
-                    self._finishes.put((message[1],))
-                else:  # close
-                    break
-        finally:
-            self._forwards.put(None)
-            self._finishes.put(None)
-            for worker in workers:
-                worker.join()
-
-    def _receive_image(self, kind: str, *described: Any) -> torch.Tensor | BaseException:
-        """One image of a batch (see ``on_the_wire``); the error of a JPEG that
-        does not decode."""
-        if kind == "jpeg":
-            (name,) = described
-            data = self.requests.recv_bytes()
-            try:
-                device = getattr(self.predictor, "device", None)
-                return decode_image(data, max_pixels=self.max_pixels, name=name, device=device)
-            except Exception as e:
-                return portable(e)
-        shape, dtype = described
-        image = torch.empty(shape, dtype=dtype)
-        self.requests.recv_bytes_into(raw_bytes(image))
-        return image
-
-    def _work(self, jobs: queue.Queue, run: Callable) -> None:
-        while (job := jobs.get()) is not None:
-            key = job[0]
-            try:
-                reply = (key, True, run(*job))
-            except BaseException as e:
-                if is_out_of_memory(e):
-                    release_device_memory()
-                reply = (key, False, portable(e))
-            with self._reply_lock:
-                try:
-                    self.replies.send(reply)
-                except OSError:
-                    return  # the HTTP process is gone
-                except Exception as e:  # the result does not pickle: say so instead
-                    error = RuntimeError(f"cannot send the model's reply: {e!r}")
-                    self.replies.send((key, False, error))
-
-    def _forward(self, key: int, images: list, options: list) -> None:
-        """Forward the batch's decoded images; keep the others' errors for ``_finish``."""
-        failed = {i: image for i, image in enumerate(images) if isinstance(image, BaseException)}
-        kept = [i for i in range(len(images)) if i not in failed]
-        pending = None
-        if kept:
-            pending = self.predictor.forward([images[i] for i in kept], [options[i] for i in kept])
-        self.pending[key] = (pending, failed, len(images))
-
-    def _finish(self, key: int) -> "list[ImageResult | BaseException]":
-        pending, failed, count = self.pending.pop(key)
-        results = iter(self.predictor.finish(pending) if pending is not None else [])
-        return [failed[i] if i in failed else next(results) for i in range(count)]
-
-
-def portable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling as itself, else a ``RuntimeError`` with its
-    type and message (an out-of-memory text still reads as one)."""
-    try:
-        copy = pickle.loads(pickle.dumps(error))
-        if type(copy) is type(error) and str(copy) == str(error):
-            return error
-    except Exception:
-        pass
-    return RuntimeError(f"{type(error).__name__}: {error}")

@@ -1,5 +1,5 @@
 """Running one batch on the predictor, in the two stages the queue overlaps:
-``forward`` (network and device work) in one worker thread, ``finish`` (mask
+``forward`` (network and device work) in one thread, ``finish`` (mask
 string encoding) in another. A device out-of-memory error in ``forward`` splits
 the batch in halves and retries; only an image that fails alone gets an error.
 
@@ -13,12 +13,14 @@ import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from app.errors import UnavailableError
+from app.serving.device import is_out_of_memory, release_device_memory
 from app.serving.metrics import Metrics
+from app.serving.predictors import ServedPredictor
 from model.inference.options import PredictOptions
 
 if TYPE_CHECKING:
@@ -26,20 +28,6 @@ if TYPE_CHECKING:
     from model.info import ModelInfo
 
 log = logging.getLogger(__name__)
-
-
-class BatchPredictor(Protocol):
-    """The two stages of ``model.inference.predictor.Predictor`` (or of
-    ``app.serving.modelprocess.ModelPool``) the queue needs, and its ``info`` (which
-    model answers)."""
-
-    info: "ModelInfo"
-
-    def forward(self, images: list[torch.Tensor], options: list[PredictOptions]) -> Any: ...
-
-    def finish(self, pending: Any) -> "list[ImageResult | BaseException]":
-        """The batch's results in order; an exception in an image's place is its
-        error (``ModelPool``: an image its process could not decode)."""
 
 
 @dataclass
@@ -61,7 +49,7 @@ class WorkItem:
 
     image: torch.Tensor
     options: PredictOptions
-    predictor: BatchPredictor
+    predictor: ServedPredictor
     bucket: Hashable
     deadline: float
     future: asyncio.Future
@@ -74,7 +62,7 @@ class Forwarded:
     """Items after ``forward``: their pending batch, or the error they fail with."""
 
     items: list[WorkItem]
-    predictor: BatchPredictor
+    predictor: ServedPredictor
     pending: Any = None
     error: BaseException | None = None
     seconds: float = 0.0
@@ -83,17 +71,6 @@ class Forwarded:
 def fail(item: WorkItem, error: BaseException) -> None:
     if not item.future.done():
         item.future.set_exception(error)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-    )
-
-
-def release_device_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class BatchRunner:
@@ -113,7 +90,7 @@ class BatchRunner:
             return [Forwarded(items, items[0].predictor, error=e)]
 
     def _forward(self, items: list[WorkItem]) -> list[Forwarded]:
-        """Worker thread: one forward, or halves of it after an out-of-memory error."""
+        """In the forward thread: one forward, or halves of it after an out-of-memory error."""
         predictor = items[0].predictor
         start = time.perf_counter()
         try:

@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
 from tests.app.fakes import FakePredictor
 
@@ -50,7 +51,7 @@ def fake_client(predictor=None, **settings) -> Iterator[TestClient]:
     if "data_dir" not in settings:  # a SQLite job store per client, never in the repo
         settings["data_dir"] = Path(tempfile.mkdtemp(prefix="maskrcnn-test-"))
     settings = load_settings(**{"max_batch_delay_ms": 2, **settings})
-    app = create_app(settings, load_predictor=lambda _: predictor)
+    app = create_app(settings, load_predictor=lambda _: InProcessPredictor(predictor))
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
         client.predictor = predictor

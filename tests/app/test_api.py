@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from app.main import create_app
+from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
 from tests.app.conftest import fake_client, png_bytes
 from tests.app.fakes import FakePredictor
@@ -120,7 +121,7 @@ def test_readyz_is_503_until_warm_up_passes_and_segment_waits_for_it():
 
     def slow_loader(_settings):
         release.wait(10)
-        return FakePredictor()
+        return InProcessPredictor(FakePredictor())
 
     app = create_app(load_settings(), load_predictor=slow_loader)
     with TestClient(app, raise_server_exceptions=False) as client:

@@ -22,8 +22,9 @@ from PIL import Image
 from app.errors import BadRequestError, UnavailableError
 from app.inputs.decoding import EncodedJpeg, decode_image
 from app.main import create_app
+from app.serving.loading import load_predictor
 from app.serving.modelprocess import ModelPool, ModelProcess
-from app.serving.service import GPU_MODEL_PROCESSES, build_predictor, model_processes
+from app.serving.predictors import GPU_MODEL_PROCESSES, model_processes
 from app.settings import load_settings
 from model.errors import InvalidImageError, InvalidOptionError
 from model.geometry import input_geometry
@@ -52,7 +53,7 @@ def settings_for(model: str, tmp_path: Path, **values):
 @pytest.mark.slow
 def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
     settings = settings_for(str(checkpoint), tmp_path)
-    local = build_predictor(settings)
+    local = load_predictor(settings)
     remote = ModelProcess(settings)
     try:
         assert remote.info == local.info
@@ -349,7 +350,7 @@ def test_cuda_model_processes_answer_as_in_process_and_leave_this_process_off_cu
         got = [remote.predict(TENSORS) for _ in remote.children]  # they take turns
         got_jpegs = remote.predict([jpeg_for_the_child(data) for data in jpegs])
         assert torch.cuda.is_initialized() == initialized
-        local = build_predictor(settings)
+        local = load_predictor(settings)
         expected = local.predict(TENSORS)
         on_device = [decode_image(data, max_pixels=10**6, device=local.device) for data in jpegs]
         assert all(image.device.type == "cuda" for image in on_device)

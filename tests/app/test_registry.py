@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
 from app.main import create_app
+from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
 from app.store import registry
 from app.store.db import Database, DatasetRecord, TrainingJobRecord
@@ -56,7 +57,8 @@ def app_client(data_dir: Path, loader=fake_loader, **settings) -> Iterator[TestC
         "admin_token": ADMIN_TOKEN,
         **settings,
     }
-    app = create_app(load_settings(data_dir=data_dir, **settings), load_predictor=loader)
+    wrapped = loader and (lambda s: InProcessPredictor(loader(s)))  # None: the real one
+    app = create_app(load_settings(data_dir=data_dir, **settings), load_predictor=wrapped)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client, timeout=60)
         yield client
@@ -219,7 +221,7 @@ def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
     with app_client(data_dir, loader=loader) as client:
         service = client.app.state.service
         reports = []
-        original = service._switch
+        original = service.models._switch
 
         async def switch_keeping_the_error(settings, **kwargs):
             try:
@@ -228,7 +230,7 @@ def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
                 reports.append(e)  # as an error reporter would
                 raise
 
-        service._switch = switch_keeping_the_error
+        service.models._switch = switch_keeping_the_error
         response = client.post(f"/v1/models/{cold}/activate", headers=AS_ADMIN)
         assert "CUDA out of memory" in error_of(response, 500, "activation_failed")
         assert served_model_id(client, PNG) == "fake"

@@ -1,6 +1,6 @@
 """``/v1/datasets``: upload, list, read and delete COCO datasets (SPEC §6; admin).
 
-The endpoints are plain ``def``: FastAPI runs them in worker threads, so
+The endpoints are plain ``def``: FastAPI runs them in threads, so
 extraction, validation and database calls never block the event loop.
 """
 

@@ -7,6 +7,7 @@ from app.api.auth import MetricsToken
 from app.api.deps import ServiceDep
 from app.api.schemas import HealthPublic, ModelRefPublic, ReadinessPublic, error_responses
 from app.errors import NotReadyError
+from app.serving.service import State
 
 router = APIRouter(tags=["operations"])
 
@@ -24,8 +25,8 @@ async def readyz(service: ServiceDep) -> ReadinessPublic:
     """200 only when the model is loaded, warmed up, and the server is not draining."""
     if not service.ready or service.predictor is None:
         reason = {
-            "failed": f"the model failed to load ({service.error})",
-            "draining": "the server is shutting down",
+            State.FAILED: f"the model failed to load ({service.error})",
+            State.DRAINING: "the server is shutting down",
         }.get(service.state, f"the model is not ready yet ({service.state})")
         raise NotReadyError(reason, retry_after=5)
     info = service.predictor.info

@@ -9,6 +9,7 @@ from app.api.auth import AdminToken, ApiToken
 from app.api.deps import PredictorDep, ServiceDep
 from app.api.schemas import ClassPublic, ModelPublic, ModelsPublic, error_responses
 from app.errors import NotFoundError
+from app.serving.predictors import ServedPredictor
 from app.serving.service import Service
 from app.store import registry
 from app.store.db import ModelRecord
@@ -55,7 +56,7 @@ def describe_record(record: ModelRecord) -> ModelPublic:
     )
 
 
-def known_models(service: Service, predictor) -> list[ModelPublic]:
+def known_models(service: Service, predictor: ServedPredictor) -> list[ModelPublic]:
     """Served model first, then the start-up model, then registry versions, newest
     first (blocking: reads the database)."""
     records = {r.id: r for r in registry.list_records(service.db)}
@@ -65,7 +66,7 @@ def known_models(service: Service, predictor) -> list[ModelPublic]:
             served,
             active=True,
             device=str(predictor.device),
-            precision=getattr(predictor, "precision", service.settings.precision),
+            precision=predictor.precision,
             **record_fields(records.pop(served.id, None)),
         )
     ]

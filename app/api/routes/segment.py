@@ -25,7 +25,7 @@ from app.api.schemas import (
 from app.errors import BadRequestError
 from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
 from app.inputs.urlfetch import ByteBudget, UrlFetcherDep
-from app.serving.batching import BatchPredictor
+from app.serving.predictors import ServedPredictor
 from app.serving.visualize import render_png
 
 T = TypeVar("T")
@@ -63,14 +63,14 @@ async def form_options(
 FormOptions = Annotated[SegmentOptions, Depends(form_options)]
 
 
-def decode_target(predictor: object) -> dict[str, Any]:
+def decode_target(predictor: ServedPredictor) -> dict[str, Any]:
     """``decode_image``'s arguments for uploads that ``predictor`` will run: decoded
     to the model's device; for a model in processes of its own, on the CPU
     (``ModelPool.input_device``) or, the JPEGs nvJPEG takes, by the processes on
     their GPU (``ModelPool.decodes_jpeg``)."""
     return {
-        "device": getattr(predictor, "input_device", getattr(predictor, "device", None)),
-        "keep_jpeg": getattr(predictor, "decodes_jpeg", False),
+        "device": predictor.input_device,
+        "keep_jpeg": predictor.decodes_jpeg,
     }
 
 
@@ -86,7 +86,7 @@ async def segment(
     check_image_count(len(images), settings)
     opts = [options] * len(images)
 
-    async def decode(predictor: BatchPredictor):
+    async def decode(predictor: ServedPredictor):
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
         return await decode_images(
@@ -133,7 +133,7 @@ async def segment_json(
             decode_image, data, max_pixels=max_pixels, name=name, **target
         )
 
-    async def decode(predictor: BatchPredictor):
+    async def decode(predictor: ServedPredictor):
         target = decode_target(predictor)
         return await gather_or_cancel([one(i, s, target) for i, s in enumerate(body.images)])
 
@@ -164,7 +164,7 @@ async def segment_visualize(
     opts = options.model_copy(update={"mask_format": "rle"})
     decoded = []
 
-    async def decode(predictor: BatchPredictor):  # decoded here, for the drawing too
+    async def decode(predictor: ServedPredictor):  # decoded here, for the drawing too
         blob = await image.read()
         name = image.filename or "image"
         decoded.append(

@@ -1,0 +1,17 @@
+"""Loading one model into this process, as ``MASKRCNN_MODEL`` / ``DEVICE`` /
+``PRECISION`` ask: what the server runs without model processes, and what each
+model process runs (``app.serving.modelprocess``). A registry model id is served
+from its checkpoint under its id."""
+
+from app.settings import Settings
+from app.store import registry
+from model.inference.predictor import Predictor
+from model.loading import load_model
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    spec, model_id = registry.resolve_model_spec(settings)
+    classes_file = str(settings.classes_file) if settings.classes_file else None
+    loaded = load_model(spec, classes_file=classes_file, model_id=model_id, device=settings.device)
+    device = next(loaded.network.parameters()).device
+    return Predictor(loaded.network, loaded.info, device=device, precision=settings.precision)
