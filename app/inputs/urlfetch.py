@@ -22,13 +22,10 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from ipaddress import ip_address
-from typing import Annotated
 
 import certifi
 import httpx
-from fastapi import Depends
 
-from app.api.deps import SettingsDep
 from app.errors import BadRequestError, PayloadTooLargeError
 from app.inputs.urlpolicy import FetchPolicy, IPAddress, UrlRefusedError, ip_literal, parse_url
 
@@ -223,9 +220,3 @@ class UrlFetcher:
             chunks.append(chunk)
         return b"".join(chunks)
 
-
-def get_url_fetcher(settings: SettingsDep) -> UrlFetcher:
-    return UrlFetcher(FetchPolicy.from_settings(settings))
-
-
-UrlFetcherDep = Annotated[UrlFetcher, Depends(get_url_fetcher)]

@@ -13,12 +13,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import TYPE_CHECKING
 
 import httpx
-
-if TYPE_CHECKING:
-    from app.settings import Settings
 
 IPAddress = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
@@ -164,17 +160,6 @@ class FetchPolicy:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     total_timeout_s: float = 20.0
-
-    @classmethod
-    def from_settings(cls, settings: "Settings") -> "FetchPolicy":
-        return cls(
-            max_bytes=settings.max_upload_bytes,
-            allow_private=settings.url_allow_private,
-            allowlist=Allowlist.parse(settings.url_allowlist),
-            connect_timeout_s=settings.url_connect_timeout_s,
-            read_timeout_s=settings.url_read_timeout_s,
-            total_timeout_s=settings.url_total_timeout_s,
-        )
 
     def refusal(self, host: str, address: IPAddress, port: int) -> str | None:
         """Why ``address:port`` (reached by the name ``host``) is not fetched, or ``None``."""

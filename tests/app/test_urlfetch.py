@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.api.deps import get_url_fetcher
 from app.errors import PayloadTooLargeError
 from app.inputs import urlfetch
 from app.inputs.urlfetch import (
@@ -33,7 +34,6 @@ from app.inputs.urlfetch import (
     InvalidUrlError,
     UrlFetcher,
     UrlFetchError,
-    get_url_fetcher,
     resolve_host,
 )
 from app.inputs.urlpolicy import Allowlist, FetchPolicy, ip_literal, is_public

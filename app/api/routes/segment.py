@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api.auth import ApiToken
-from app.api.deps import BatcherDep, SettingsDep
+from app.api.deps import BatcherDep, SettingsDep, UrlFetcherDep
 from app.api.inference import check_image_count, encode_segmentation, run_images
 from app.api.responses import OrjsonResponse
 from app.api.schemas import (
@@ -24,7 +24,7 @@ from app.api.schemas import (
 )
 from app.errors import BadRequestError
 from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
-from app.inputs.urlfetch import ByteBudget, UrlFetcherDep
+from app.inputs.urlfetch import ByteBudget
 from app.serving.predictors import ServedPredictor
 from app.serving.visualize import render_png
 
