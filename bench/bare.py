@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
     if args.threads:
         torch.set_num_threads(args.threads)
     images = decode_jpegs(bench_jpegs())
-    if args.plain_blocks:  # prepare_network then folds, casts and lays out, fuses no block
+    if args.plain_blocks:  # fuse_network then folds, casts and lays out, fuses no block
         model.inference.fusion.fuse_blocks = lambda module: 0
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)

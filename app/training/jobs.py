@@ -280,7 +280,7 @@ def fail_stale_jobs(db: Database, timeout_s: float) -> list[str]:
 
 
 def resolve_base_model(db: Database, base_model: str) -> str:
-    """What ``model.training.transfer.prepare_network`` takes: a built-in name as is, a
+    """What ``model.training.transfer.starting_network`` takes: a built-in name as is, a
     registry id as its checkpoint file."""
     if base_model in BUILTIN_BASE_MODELS:
         return base_model

@@ -2,7 +2,7 @@
 
 A worker (``app.training.worker``) starts it for a job it claimed, heartbeats the job while
 it runs, stops it on cancel and records a crash. This process does the training
-(``app.commands.train.run_training``, as ``maskrcnn train`` does), writes progress
+(``model.training.pipeline.run_training``, as ``maskrcnn train`` does), writes progress
 to the job row at most every ``PROGRESS_INTERVAL_S`` plus every epoch's losses and
 validation mAP, and on success writes the checkpoint to
 ``DATA_DIR/models/<model id>.safetensors`` and registers it in the transaction
@@ -92,8 +92,10 @@ class ProgressReporter:
 
 def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> None:
     """Train the job's model and register it; raises on failure (nothing registered)."""
-    from app.commands.train import TrainingPlan, run_training
+    # here, not at the top: the worker imports this module for its constants and
+    # must not pay for torch
     from model.training.loop import TrainConfig
+    from model.training.pipeline import TrainingPlan, run_training
 
     job = jobs.get_job(db, job_id)
     config = job.config

@@ -40,7 +40,7 @@ __all__ = [
     "fold_batch_norms",
     "fuse_blocks",
     "fuse_conv_relus",
-    "prepare_network",
+    "fuse_network",
     "to_backbone_input",
 ]
 
@@ -49,7 +49,7 @@ _IN_ORDER = (nn.Sequential, IntermediateLayerGetter)  # forward runs the childre
 _WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-def prepare_network(
+def fuse_network(
     network: nn.Module, *, dtype: torch.dtype | None, channels_last: bool
 ) -> nn.Module:
     """``network`` rewritten in place for inference (see the module docstring):

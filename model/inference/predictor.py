@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from model.errors import InvalidImageError, InvalidOptionError
 from model.geometry import input_geometry, padded_side
-from model.inference.fusion import prepare_network, to_backbone_input
+from model.inference.fusion import fuse_network, to_backbone_input
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.masks import paste_masks
 from model.inference.nms import device_tensor
@@ -137,7 +137,7 @@ class Predictor:
         half = _AUTOCAST_DTYPES[precision] if on_gpu else None
         self.fused = half is not None if fused is None else fused
         if self.fused:  # the caller's network stays as it was
-            network = prepare_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
+            network = fuse_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
         self.network = network.to(self.device).eval()
         self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.input_geometry = input_geometry(self.network)

@@ -68,6 +68,11 @@ def context(device: torch.device) -> Context:
     return Context(device, dist.get_rank(), world_size)
 
 
+def is_main_rank() -> bool:
+    """Whether this process writes results: rank 0 under ``torchrun``, or alone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def gpus_for_ddp() -> int:
     """How many processes ``torchrun`` should start: visible GPUs, when more than one."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

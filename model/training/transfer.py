@@ -27,7 +27,7 @@ class StartingPoint:
     copied: int  # tensors taken from the base model
 
 
-def prepare_network(
+def starting_network(
     base_model: str,
     categories: list[dict[str, Any]],
     *,

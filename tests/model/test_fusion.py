@@ -15,7 +15,7 @@ from model.inference.fusion import (
     ConvReLU,
     FusedBlock,
     fold_batch_norms,
-    prepare_network,
+    fuse_network,
     to_backbone_input,
 )
 from model.inference.predictor import Predictor
@@ -68,7 +68,7 @@ NETWORKS = {
 def test_folded_backbone_computes_the_same_features(name):
     network = NETWORKS[name]()
     assert count_norms(network.backbone) > 0
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=True)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=True)
     assert count_norms(fused.backbone) == 0
     x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def test_default_is_off_on_the_cpu(network, info):
 
 def test_blocks_are_fused_and_compute_the_block():
     network = NETWORKS["r50"]()
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=False)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=False)
     assert sum(isinstance(m, FusedBlock) for m in fused.backbone.modules()) == 16
     x = torch.rand(2, 256, 20, 24, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -194,7 +194,7 @@ def heads_outputs(network: nn.Module, seed: int = 5) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", ["r50", "r50-v2"])
 def test_head_conv_relu_pairs_are_fused_and_compute_the_pairs(name):
     network = NETWORKS[name]()
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=False)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=False)
     found = [where for where, m in fused.named_modules() if isinstance(m, ConvReLU)]
     assert found == HEAD_PAIRS[name]
     for got, expected in zip(heads_outputs(fused), heads_outputs(network), strict=True):
@@ -207,7 +207,7 @@ def test_fused_heads_on_cuda(monkeypatch):
     """cuDNN's fused convolution + bias + ReLU in the heads, in float32 (no TF32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     network = NETWORKS["r50-v2"]().cuda()
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=True)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=True)
     for got, expected in zip(heads_outputs(fused), heads_outputs(network), strict=True):
         error = ((got - expected).norm() / expected.norm()).item()
         assert error < 1e-5, f"relative error {error:.2e}"
@@ -220,7 +220,7 @@ def test_fused_backbone_on_cuda(name, monkeypatch):
     """cuDNN's fused convolution + bias (+ add) + ReLU, in float32 (no TF32)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     network = NETWORKS[name]().cuda()
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=True)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=True)
     x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
         reference = network.backbone(x)
@@ -236,7 +236,7 @@ def test_fused_block_without_cudnn_runs_step_by_step(monkeypatch):
     """A CUDA tensor where cuDNN's fused convolutions are not available (cuDNN
     off, ROCm); on the CPU ``test_blocks_are_fused_and_compute_the_block``."""
     network = NETWORKS["demo"]()
-    fused = prepare_network(copy.deepcopy(network), dtype=None, channels_last=False)
+    fused = fuse_network(copy.deepcopy(network), dtype=None, channels_last=False)
     block, reference = fused.backbone.body.layer2[0], network.backbone.body.layer2[0]
     monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
     channels = block.convs[0].in_channels

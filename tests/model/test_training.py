@@ -151,17 +151,17 @@ def test_train_command_writes_a_checkpoint(shapes, tmp_path):
 
 
 def test_fine_tuning_keeps_what_fits(shapes, tmp_path):
-    from model.training.transfer import prepare_network
+    from model.training.transfer import starting_network
 
     base = tmp_path / "base.safetensors"
     network = tiny_network()
     save_checkpoint(base, network, architecture="maskrcnn_small_fpn", arch_kwargs=TINY,
                     classes=shapes.categories)
     recorded = json.loads(json.dumps(TINY))  # tuples come back as lists
-    same = prepare_network(str(base), shapes.categories)
+    same = starting_network(str(base), shapes.categories)
     assert same.copied == len(network.state_dict()) and same.arch_kwargs == recorded
     fewer = [{"id": 9, "name": "blob"}]
-    other = prepare_network(str(base), fewer, min_size=96)
+    other = starting_network(str(base), fewer, min_size=96)
     assert other.arch_kwargs == {**recorded, "num_classes": 2, "min_size": 96}
     assert other.network.roi_heads.box_predictor.cls_score.out_features == 2
     torch.testing.assert_close(
