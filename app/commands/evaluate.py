@@ -13,10 +13,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="COCO bbox/segm mAP of a model on a COCO dataset",
+        help=summary,
         description="Evaluate a model on a COCO instances dataset (a directory or zip with "
         "annotations.json at its root) with pycocotools COCOeval.",
     )

@@ -8,18 +8,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model.errors import InvalidImageError
-from model.inference.images import list_images, read_image
-from model.inference.options import PredictOptions
-from model.inference.predictor import Predictor
-from model.loading import load_model
-from model.training.coco import to_coco_results
 
-
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="segment image files and write COCO results JSON",
+        help=summary,
         description="Run the model on image files (or directories of them) and write "
         "detections in the COCO results format (bbox as x,y,w,h; RLE segmentation).",
     )
@@ -41,6 +34,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.errors import InvalidImageError
+    from model.inference.images import list_images, read_image
+    from model.inference.options import PredictOptions
+    from model.inference.predictor import Predictor
+    from model.loading import load_model
+    from model.training.coco import to_coco_results
+
     paths = list_images(args.images)
     if not paths:
         print("maskrcnn predict: no image files found", file=sys.stderr)
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_image_ids(paths: list[Path], annotations: str | None) -> dict[Path, int]:
     """Ids 1..n in order, or the ids a COCO file gives these file names."""
+    from model.errors import InvalidImageError
+
     if not annotations:
         return {path: i for i, path in enumerate(paths, start=1)}
     with open(annotations, encoding="utf-8") as f:

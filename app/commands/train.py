@@ -18,10 +18,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train or fine-tune a model on a COCO dataset",
+        help=summary,
         description="Train a Mask R-CNN on a COCO instances dataset (a directory or zip "
         "with annotations.json at its root) and write a .safetensors checkpoint.",
     )

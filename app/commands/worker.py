@@ -19,10 +19,10 @@ from app.settings import SettingsError, load_settings
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
         "worker",
-        help="run the training worker only",
+        help=summary,
         description="Claim queued training jobs from the job store (MASKRCNN_DATABASE_URL) "
         "and run each in its own process. Settings come from MASKRCNN_* variables.",
     )

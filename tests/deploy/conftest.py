@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.commands.serve import DRAIN_ACCEPT_S
+from app.server import DRAIN_ACCEPT_S
 from deploy.topology import find_nginx, nginx_command, write_config
 from tests.app.conftest import REPO, ServerProcess, free_port, throwaway_database
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from app.commands.serve import DRAIN_MARGIN_S
+from app.server import DRAIN_MARGIN_S
 from app.settings import Settings, load_settings
 from tests.app.conftest import REPO
 

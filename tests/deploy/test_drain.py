@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.commands.serve import DRAIN_ACCEPT_S
+from app.server import DRAIN_ACCEPT_S
 from tests.app.conftest import png_bytes, running_server, scene
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 import uvicorn
 
-from app.commands.serve import DRAIN_ACCEPT_S, DRAIN_MARGIN_S
+from app.server import DRAIN_ACCEPT_S, DRAIN_MARGIN_S
 from app.settings import Settings
 from deploy.topology import NGINX_CONF, RenderError, render_nginx_conf, write_config
 
