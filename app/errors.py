@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from app.api.responses import OrjsonResponse
-from model.errors import (
+from model import (
     CheckpointError,
     DatasetError,
     InvalidImageError,

@@ -1,0 +1,130 @@
+"""Mask R-CNN in tensors: networks, checkpoints and weights, the batched
+predictor (``model.inference``), training and evaluation (``model.training``).
+No FastAPI and no environment settings: it takes plain arguments.
+
+This is the surface the service (``app/``) uses, and the only one: ``from model
+import Predictor``. Names load lazily (PEP 562): ``import model`` imports nothing
+else, and each name's module is imported on first use, so a command's ``--help``
+or the training worker does not import torch for a name it does not touch.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_MODULES = {
+    "METADATA_KEY": "model.checkpoint",
+    "CheckpointError": "model.errors",
+    "DatasetError": "model.errors",
+    "InvalidImageError": "model.errors",
+    "InvalidOptionError": "model.errors",
+    "ModelError": "model.errors",
+    "WeightsUnavailableError": "model.errors",
+    "InputGeometry": "model.geometry",
+    "input_geometry": "model.geometry",
+    "list_images": "model.inference.images",
+    "pil_to_tensor": "model.inference.images",
+    "read_image": "model.inference.images",
+    "PredictOptions": "model.inference.options",
+    "Detection": "model.inference.predictor",
+    "ImageResult": "model.inference.predictor",
+    "Predictor": "model.inference.predictor",
+    "ModelInfo": "model.info",
+    "class_table_from_metadata": "model.info",
+    "read_classes_file": "model.info",
+    "DEMO_CHECKPOINT": "model.loading",
+    "load_model": "model.loading",
+    "to_coco_results": "model.training.coco",
+    "ANNOTATIONS_FILE": "model.training.dataset",
+    "CocoDataset": "model.training.dataset",
+    "gpus_for_ddp": "model.training.distributed",
+    "is_main_rank": "model.training.distributed",
+    "evaluate_predictor": "model.training.evaluation",
+    "format_metrics": "model.training.evaluation",
+    "TrainConfig": "model.training.loop",
+    "TrainingPlan": "model.training.pipeline",
+    "run_training": "model.training.pipeline",
+    "load_coco": "model.training.validation",
+    "unsafe_path_reason": "model.training.validation",
+    "validate_coco": "model.training.validation",
+    "PRETRAINED": "model.weights",
+    "cached_weights_path": "model.weights",
+    "download_weights": "model.weights",
+}
+
+__all__ = [
+    "ANNOTATIONS_FILE",
+    "DEMO_CHECKPOINT",
+    "METADATA_KEY",
+    "PRETRAINED",
+    "CheckpointError",
+    "CocoDataset",
+    "DatasetError",
+    "Detection",
+    "ImageResult",
+    "InputGeometry",
+    "InvalidImageError",
+    "InvalidOptionError",
+    "ModelError",
+    "ModelInfo",
+    "PredictOptions",
+    "Predictor",
+    "TrainConfig",
+    "TrainingPlan",
+    "WeightsUnavailableError",
+    "cached_weights_path",
+    "class_table_from_metadata",
+    "download_weights",
+    "evaluate_predictor",
+    "format_metrics",
+    "gpus_for_ddp",
+    "input_geometry",
+    "is_main_rank",
+    "list_images",
+    "load_coco",
+    "load_model",
+    "pil_to_tensor",
+    "read_classes_file",
+    "read_image",
+    "run_training",
+    "to_coco_results",
+    "unsafe_path_reason",
+    "validate_coco",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from model.checkpoint import METADATA_KEY
+    from model.errors import (
+        CheckpointError,
+        DatasetError,
+        InvalidImageError,
+        InvalidOptionError,
+        ModelError,
+        WeightsUnavailableError,
+    )
+    from model.geometry import InputGeometry, input_geometry
+    from model.inference.images import list_images, pil_to_tensor, read_image
+    from model.inference.options import PredictOptions
+    from model.inference.predictor import Detection, ImageResult, Predictor
+    from model.info import ModelInfo, class_table_from_metadata, read_classes_file
+    from model.loading import DEMO_CHECKPOINT, load_model
+    from model.training.coco import to_coco_results
+    from model.training.dataset import ANNOTATIONS_FILE, CocoDataset
+    from model.training.distributed import gpus_for_ddp, is_main_rank
+    from model.training.evaluation import evaluate_predictor, format_metrics
+    from model.training.loop import TrainConfig
+    from model.training.pipeline import TrainingPlan, run_training
+    from model.training.validation import load_coco, unsafe_path_reason, validate_coco
+    from model.weights import PRETRAINED, cached_weights_path, download_weights

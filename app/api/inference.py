@@ -20,8 +20,7 @@ from app.inputs.decoding import EncodedJpeg
 from app.serving.batching import Batcher, ItemResult
 from app.serving.predictors import ServedPredictor
 from app.settings import Settings
-from model.inference.options import PredictOptions
-from model.info import ModelInfo
+from model import ModelInfo, PredictOptions
 
 T = TypeVar("T")
 

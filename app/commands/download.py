@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.weights import PRETRAINED, download_weights
+    from model import PRETRAINED, download_weights
 
     unknown = [name for name in args.names if name not in PRETRAINED]
     if unknown:

@@ -38,10 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from model.inference.predictor import Predictor
-    from model.loading import load_model
-    from model.training.dataset import CocoDataset
-    from model.training.evaluation import evaluate_predictor, format_metrics
+    from model import CocoDataset, Predictor, evaluate_predictor, format_metrics, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,12 +34,15 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.errors import InvalidImageError
-    from model.inference.images import list_images, read_image
-    from model.inference.options import PredictOptions
-    from model.inference.predictor import Predictor
-    from model.loading import load_model
-    from model.training.coco import to_coco_results
+    from model import (
+        InvalidImageError,
+        PredictOptions,
+        Predictor,
+        list_images,
+        load_model,
+        read_image,
+        to_coco_results,
+    )
 
     paths = list_images(args.images)
     if not paths:
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_image_ids(paths: list[Path], annotations: str | None) -> dict[Path, int]:
     """Ids 1..n in order, or the ids a COCO file gives these file names."""
-    from model.errors import InvalidImageError
+    from model import InvalidImageError
 
     if not annotations:
         return {path: i for i, path in enumerate(paths, start=1)}

@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.training.distributed import gpus_for_ddp
+    from model import gpus_for_ddp
 
     gpus = 0 if args.no_ddp or "LOCAL_RANK" in os.environ else gpus_for_ddp()
     if gpus:
@@ -82,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from model.training.distributed import is_main_rank
-    from model.training.loop import TrainConfig
-    from model.training.pipeline import TrainingPlan, run_training
+    from model import TrainConfig, TrainingPlan, is_main_rank, run_training
 
     plan = TrainingPlan(
         dataset=args.dataset,
@@ -123,7 +121,7 @@ def train_command(args: argparse.Namespace) -> int:
     if outcome is None:
         return 0
     if outcome.metrics:
-        from model.training.evaluation import format_metrics
+        from model import format_metrics
 
         print(format_metrics(outcome.metrics))
     result = outcome.result

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from model.errors import DatasetError
-from model.training.validation import unsafe_path_reason
+from model import DatasetError, unsafe_path_reason
 
 CHUNK = 2**20
 ARCHIVE_SUFFIXES = (

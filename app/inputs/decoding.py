@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from model.inference.images import pil_to_tensor
+from model import pil_to_tensor
 
 ALLOWED = "JPEG, PNG, WebP or BMP"
 EXIF_ORIENTATION = 0x0112

@@ -44,7 +44,7 @@ from app.errors import (
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor
 from app.serving.stages import BatchRunner, ItemResult, WorkItem, fail
-from model.inference.options import PredictOptions
+from model import PredictOptions
 
 __all__ = ["Batcher", "ItemResult", "Ticket", "image_size_key"]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from app.serving.batching import image_size_key
-from model.geometry import InputGeometry, input_geometry
+from model import InputGeometry, input_geometry
 
 
 def bucket_key_for(network: torch.nn.Module | None) -> Callable[[torch.Tensor], Hashable]:

@@ -5,8 +5,7 @@ from its checkpoint under its id."""
 
 from app.settings import Settings
 from app.store import registry
-from model.inference.predictor import Predictor
-from model.loading import load_model
+from model import Predictor, load_model
 
 
 def load_predictor(settings: Settings) -> Predictor:

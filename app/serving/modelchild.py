@@ -27,7 +27,7 @@ from app.logs import configure_logging
 from app.serving.device import is_out_of_memory, release_device_memory
 from app.serving.loading import load_predictor
 from app.settings import Settings
-from model.inference.predictor import ImageResult, Predictor
+from model import ImageResult, Predictor
 
 
 def on_the_wire(image: torch.Tensor | EncodedJpeg) -> tuple[tuple, bytes | memoryview]:

@@ -55,9 +55,7 @@ from app.errors import UnavailableError
 from app.inputs.decoding import EncodedJpeg
 from app.serving.modelchild import child_main, on_the_wire
 from app.settings import Settings
-from model.inference.options import PredictOptions
-from model.inference.predictor import ImageResult, Predictor
-from model.info import ModelInfo
+from model import ImageResult, ModelInfo, PredictOptions, Predictor
 
 log = logging.getLogger(__name__)
 

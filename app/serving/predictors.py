@@ -13,10 +13,7 @@ from app.inputs.decoding import EncodedJpeg
 from app.serving.loading import load_predictor
 from app.serving.modelprocess import ModelPool
 from app.settings import Settings
-from model.geometry import InputGeometry
-from model.inference.options import PredictOptions
-from model.inference.predictor import ImageResult, Predictor
-from model.info import ModelInfo
+from model import ImageResult, InputGeometry, ModelInfo, PredictOptions, Predictor
 
 # MODEL_PROCESSES=auto on a GPU. On an H200, r50 fp16, MAX_BATCH_SIZE=8, served/bare
 # was 0.74 in process, 0.91 with 2, 1.02 with 3 and 1.05 with 4 (bench/RESULTS.md);

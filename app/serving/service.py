@@ -21,7 +21,7 @@ from app.serving.predictors import ServedPredictor, build_predictor
 from app.serving.switching import ModelSwitcher, PredictorLoader
 from app.settings import Settings
 from app.store.db import Database
-from model.info import ModelInfo
+from model import ModelInfo
 
 log = logging.getLogger(__name__)
 

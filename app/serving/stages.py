@@ -21,11 +21,10 @@ from app.errors import UnavailableError
 from app.serving.device import is_out_of_memory, release_device_memory
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor
-from model.inference.options import PredictOptions
+from model import PredictOptions
 
 if TYPE_CHECKING:
-    from model.inference.predictor import ImageResult
-    from model.info import ModelInfo
+    from model import ImageResult, ModelInfo
 
 log = logging.getLogger(__name__)
 

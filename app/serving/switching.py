@@ -24,7 +24,7 @@ from app.settings import Settings
 from app.store import registry
 from app.store.db import Database
 from app.store.registry import Activation, ActivationError
-from model.info import ModelInfo
+from model import ModelInfo
 
 log = logging.getLogger(__name__)
 

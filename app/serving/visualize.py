@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 if TYPE_CHECKING:
-    from model.inference.predictor import Detection
+    from model import Detection
 
 MASK_ALPHA = 0.5
 

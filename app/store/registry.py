@@ -27,9 +27,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.errors import AppError
 from app.settings import Settings
 from app.store.db import JOB_STATES, Database, Meta, ModelRecord, TrainingJobRecord, utcnow
-from model.checkpoint import METADATA_KEY
-from model.errors import CheckpointError
-from model.info import ModelInfo, class_table_from_metadata, read_classes_file
+from model import (
+    METADATA_KEY,
+    CheckpointError,
+    ModelInfo,
+    class_table_from_metadata,
+    read_classes_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +137,7 @@ def describe_spec(spec: str, classes_file: Path | None = None) -> ModelInfo | No
     """A start-up spec's id and class table without building its network (to list
     it while another model is served); ``None`` where only loading tells (a
     ``.pth`` file, an unreadable one)."""
-    from model.loading import DEMO_CHECKPOINT
-    from model.weights import PRETRAINED, cached_weights_path
+    from model import DEMO_CHECKPOINT, PRETRAINED, cached_weights_path
 
     if spec == "auto":
         spec = "coco" if cached_weights_path(PRETRAINED["coco"]).is_file() else "demo"

@@ -23,9 +23,7 @@ from app.errors import ConflictError, NotFoundError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
-from model.errors import DatasetError
-from model.training.dataset import ANNOTATIONS_FILE
-from model.training.validation import load_coco, validate_coco
+from model import ANNOTATIONS_FILE, DatasetError, load_coco, validate_coco
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from app.logs import configure_logging
 from app.settings import Settings, load_settings
 from app.store.db import Database, DatasetRecord, ModelRecord
 from app.training import jobs
-from model.errors import ModelError
+from model import ModelError
 
 log = logging.getLogger("app.training.runner")
 
@@ -94,8 +94,7 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
     """Train the job's model and register it; raises on failure (nothing registered)."""
     # here, not at the top: the worker imports this module for its constants and
     # must not pay for torch
-    from model.training.loop import TrainConfig
-    from model.training.pipeline import TrainingPlan, run_training
+    from model import TrainConfig, TrainingPlan, run_training
 
     job = jobs.get_job(db, job_id)
     config = job.config

@@ -13,7 +13,7 @@ from app.serving.predictors import ServedPredictor
 from app.serving.service import Service
 from app.store import registry
 from app.store.db import ModelRecord
-from model.info import ModelInfo
+from model import ModelInfo
 
 router = APIRouter(
     prefix="/v1/models",
