@@ -6,11 +6,11 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api.auth import AuthGate
+from app.api.error_handlers import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.responses import OrjsonResponse
 from app.api.routes import datasets, health, models, segment, training_jobs
-from app.errors import install_error_handlers
 from app.lifespan import lifespan
 from app.serving.service import PredictorLoader, Service
 from app.settings import Settings, load_settings

@@ -28,7 +28,8 @@ from fastapi import Depends, FastAPI, Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import AppError, ForbiddenError, UnauthorizedError, error_response, request_id_of
+from app.api.error_handlers import error_response, request_id_of
+from app.errors import AppError, ForbiddenError, UnauthorizedError
 from app.settings import Settings
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="maskrcnn"'}

@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_response, internal_error_response
+from app.api.error_handlers import error_response, internal_error_response
 from app.serving.service import Service
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")

@@ -1,0 +1,134 @@
+"""One error shape for every non-2xx answer::
+
+    {"error": {"code": "queue_full", "message": "...", "request_id": "..."}}
+
+``AppError`` subclasses (``app.errors``) carry their status and code;
+``model``'s errors and the framework's are mapped here, in one table each.
+Tracebacks never reach clients.
+"""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Scope
+
+from app.api.responses import OrjsonResponse
+from app.errors import AppError
+from model import (
+    CheckpointError,
+    DatasetError,
+    InvalidImageError,
+    InvalidOptionError,
+    ModelError,
+    WeightsUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+_MODEL_ERRORS: dict[type[ModelError], tuple[int, str]] = {
+    InvalidImageError: (400, "invalid_image"),
+    DatasetError: (400, "invalid_dataset"),
+    InvalidOptionError: (422, "invalid_option"),
+    CheckpointError: (500, "model_error"),
+    WeightsUnavailableError: (503, "weights_unavailable"),
+}
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+def request_id_of(scope_or_request) -> str:
+    scope = getattr(scope_or_request, "scope", scope_or_request)
+    return scope.get("state", {}).get("request_id", "")
+
+
+def error_response(
+    status_code: int, code: str, message: str, request_id: str, headers: dict | None = None
+) -> Response:
+    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    return OrjsonResponse(body, status_code=status_code, headers=headers)
+
+
+def model_error_status(error: ModelError) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in _MODEL_ERRORS:
+            return _MODEL_ERRORS[cls]
+    return 500, "model_error"
+
+
+def describe_validation(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:10]:
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+_REJECTED = {413, 429, 503, 504}
+
+
+async def _handle_app_error(request: Request, exc: AppError) -> Response:
+    service = getattr(request.app.state, "service", None)
+    if exc.status_code in _REJECTED and service is not None:
+        service.metrics.rejected.labels(reason=exc.code).inc()
+    return error_response(
+        exc.status_code, exc.code, exc.message, request_id_of(request), exc.headers
+    )
+
+
+async def _handle_model_error(request: Request, exc: ModelError) -> Response:
+    status, code = model_error_status(exc)
+    message = str(exc)
+    if isinstance(exc, DatasetError) and exc.problems:
+        message = f"{message}: " + "; ".join(exc.problems)
+    if status >= 500:
+        log.error("model error: %s", exc)
+    return error_response(status, code, message, request_id_of(request))
+
+
+async def _handle_http(request: Request, exc: StarletteHTTPException) -> Response:
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(
+        exc.status_code, code, message, request_id_of(request), getattr(exc, "headers", None)
+    )
+
+
+async def _handle_validation(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(422, "validation_error", describe_validation(exc), request_id_of(request))
+
+
+def internal_error_response(scope: Scope) -> Response:
+    """The 500 for an exception nothing else answered; call it while handling that
+    exception, whose traceback goes to the log and never to the client."""
+    log.exception("unhandled error on %s %s", scope.get("method"), scope["path"])
+    return error_response(
+        500, "internal_error", "internal server error; see the server log", request_id_of(scope)
+    )
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> Response:
+    return internal_error_response(request.scope)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _handle_app_error)
+    app.add_exception_handler(ModelError, _handle_model_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(Exception, _handle_unexpected)
