@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §4 ``/metrics``), in a registry owned by one app, so
+"""Prometheus metrics (``/metrics``), in a registry owned by one app, so
 several apps in one process (tests) never share counters."""
 
 from prometheus_client import (
@@ -23,7 +23,12 @@ class Metrics:
     """Every collector the service exports; ``render`` gives the exposition text."""
 
     def __init__(self, *, max_batch_size: int = 8):
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._add_http(self.registry)
+        self._add_queue(self.registry, max_batch_size)
+        self._add_model(self.registry)
+
+    def _add_http(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "maskrcnn_http_requests",
             "HTTP requests answered",
@@ -46,6 +51,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def _add_queue(self, r: CollectorRegistry, max_batch_size: int) -> None:
         self.queue_depth = Gauge(
             "maskrcnn_queue_depth", "Images admitted and waiting for a batch", registry=r
         )
@@ -88,6 +95,8 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
+
+    def _add_model(self, r: CollectorRegistry) -> None:
         self.ready = Gauge("maskrcnn_ready", "1 when /readyz answers 200", registry=r)
         self.model = Gauge(
             "maskrcnn_model_info",

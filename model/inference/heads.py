@@ -72,6 +72,55 @@ def select_boxes(
     ]
 
 
+def _candidates(
+    boxes: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, options: Sequence[PredictOptions]
+) -> torch.Tensor:
+    """``[R, classes - 1]``: which (proposal, class) pairs pass their image's score
+    threshold and class filter and are not degenerate boxes (``rows``: each
+    proposal's image)."""
+    device = boxes.device
+    thresholds = device_tensor([o.score_threshold for o in options], device, scores.dtype)
+    candidate = scores >= thresholds[rows][:, None]
+    if any(o.classes is not None for o in options):
+        wanted = [
+            [o.classes is None or label in o.classes for label in range(1, scores.shape[-1] + 1)]
+            for o in options
+        ]
+        candidate &= device_tensor(wanted, device, torch.bool)[rows]
+    candidate &= (boxes[..., 2] - boxes[..., 0] >= 1e-2) & (boxes[..., 3] - boxes[..., 1] >= 1e-2)
+    return candidate
+
+
+def _rows_by_image(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    candidate: torch.Tensor,
+    rows: torch.Tensor,
+    counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates of each image in a row of their own, padded to the widest
+    (score ``-inf``), in descending score order (torchvision's NMS sorts stably):
+    boxes ``[images, widest, 4]``, scores and network labels ``[images, widest]``."""
+    device, num_images, widest = boxes.device, len(counts), max(counts)
+    num_labels = scores.shape[-1]  # classes without the background
+    flat = torch.nonzero_static(candidate.view(-1), size=sum(counts)).squeeze(1)
+    image = rows[flat // num_labels]
+    starts = device_tensor([0, *np.cumsum(counts)[:-1].tolist()], device, torch.int64)
+    slot = torch.arange(len(flat), device=device) - starts[image]
+    padded_boxes = boxes.new_zeros((num_images, widest, 4))
+    padded_boxes[image, slot] = boxes.reshape(-1, 4)[flat]
+    padded_scores = scores.new_full((num_images, widest), -torch.inf)
+    padded_scores[image, slot] = scores.reshape(-1)[flat]
+    labels = torch.zeros((num_images, widest), dtype=torch.int64, device=device)
+    labels[image, slot] = flat % num_labels + 1
+    order = padded_scores.sort(dim=1, descending=True, stable=True).indices
+    return (
+        padded_boxes.gather(1, order[:, :, None].expand(-1, -1, 4)),
+        padded_scores.gather(1, order),
+        labels.gather(1, order),
+    )
+
+
 def _select_batch(
     boxes: torch.Tensor,
     scores: torch.Tensor,
@@ -84,21 +133,13 @@ def _select_batch(
     ``None`` where the batch has more candidates than the dense NMS takes
     (``_MAX_DENSE_*``)."""
     device = boxes.device
-    num_images, num_classes = len(per_image), scores.shape[-1]
+    num_images = len(per_image)
     rows = torch.arange(num_images, device=device).repeat_interleave(
         device_tensor(per_image, device, torch.int64), output_size=len(scores)
     )
     boxes = clip_boxes(boxes, image_limits(image_sizes, device, boxes.dtype)[rows])[:, 1:]
     scores = scores[:, 1:]
-    thresholds = device_tensor([o.score_threshold for o in options], device, scores.dtype)
-    candidate = scores >= thresholds[rows][:, None]
-    if any(o.classes is not None for o in options):
-        wanted = [
-            [o.classes is None or label in o.classes for label in range(1, num_classes)]
-            for o in options
-        ]
-        candidate &= device_tensor(wanted, device, torch.bool)[rows]
-    candidate &= (boxes[..., 2] - boxes[..., 0] >= 1e-2) & (boxes[..., 3] - boxes[..., 1] >= 1e-2)
+    candidate = _candidates(boxes, scores, rows, options)
     counts = (
         torch.zeros(num_images, dtype=torch.int64, device=device)
         .index_add_(0, rows, candidate.sum(1))
@@ -117,23 +158,8 @@ def _select_batch(
             for _ in range(num_images)
         ]
 
-    # the candidates of each image in a row of their own, padded to the widest,
-    # in descending score order (torchvision's NMS sorts stably)
-    flat = torch.nonzero_static(candidate.view(-1), size=sum(counts)).squeeze(1)
-    image = rows[flat // (num_classes - 1)]
-    starts = device_tensor([0, *np.cumsum(counts)[:-1].tolist()], device, torch.int64)
-    slot = torch.arange(len(flat), device=device) - starts[image]
-    padded_boxes = boxes.new_zeros((num_images, widest, 4))
-    padded_boxes[image, slot] = boxes.reshape(-1, 4)[flat]
-    padded_scores = scores.new_full((num_images, widest), -torch.inf)
-    padded_scores[image, slot] = scores.reshape(-1)[flat]
-    labels = torch.zeros((num_images, widest), dtype=torch.int64, device=device)
-    labels[image, slot] = flat % (num_classes - 1) + 1
-    order = padded_scores.sort(dim=1, descending=True, stable=True).indices
-    scores, labels = padded_scores.gather(1, order), labels.gather(1, order)
-    boxes = padded_boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
+    boxes, scores, labels = _rows_by_image(boxes, scores, candidate, rows, counts)
     valid = scores > -torch.inf
-
     # the first max_detections kept, still by descending score
     return greedy_nms_top(
         offset_groups(boxes, valid, labels),

@@ -119,20 +119,9 @@ def train(
     """
     if len(dataset) == 0:
         raise TrainingError("the training set has no images")
-    device = torch.device(device)
-    ctx = distributed.context(device)
+    ctx = distributed.context(torch.device(device))
     network.to(ctx.device)
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=config.learning_rate, momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    result, start_epoch = TrainResult(), 0
-    if resume and state_path and Path(state_path).is_file():
-        saved = load_resume_state(state_path, network, optimizer, config=asdict(config))
-        start_epoch, result.steps, result.history = saved["epoch"], saved["step"], saved["history"]
-    else:
-        torch.manual_seed(config.seed)
+    optimizer, result, start_epoch = _start(network, config, state_path if resume else None)
     model = ctx.wrap(network)
     loader = ctx.loader(dataset, config, collate)
     total_steps = config.epochs * len(loader)
@@ -170,6 +159,25 @@ def train(
     network.eval()
     result.elapsed_s = clock.elapsed()
     return result
+
+
+def _start(
+    network: nn.Module, config: TrainConfig, resume_from: str | Path | None
+) -> tuple[torch.optim.Optimizer, TrainResult, int]:
+    """The optimizer, the result so far and the first epoch to run: from the resume
+    state at ``resume_from`` when it exists, else fresh (seeded)."""
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=config.learning_rate, momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    result = TrainResult()
+    if resume_from and Path(resume_from).is_file():
+        saved = load_resume_state(resume_from, network, optimizer, config=asdict(config))
+        result.steps, result.history = saved["step"], saved["history"]
+        return optimizer, result, saved["epoch"]
+    torch.manual_seed(config.seed)
+    return optimizer, result, 0
 
 
 def _step(model, optimizer, scaler, images, targets, device, config, use_amp) -> dict[str, float]:
