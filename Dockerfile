@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# maskrcnn-service (SPEC §11). One container serves one GPU with one uvicorn
+# maskrcnn-service. One container serves one GPU with one uvicorn
 # process: scale with replicas (docker-compose.yml, docs/deploy.md), not with
 # workers inside a container.
 #

@@ -1,4 +1,4 @@
-"""Service settings (SPEC §7): environment variables prefixed ``MASKRCNN_`` or a
+"""Service settings: environment variables prefixed ``MASKRCNN_`` or a
 ``.env`` file. Invalid values stop start-up with a message naming the variable."""
 
 import re
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
     )
 
-    # model (SPEC §3)
+    # model
     model: str = "auto"
     classes_file: Path | None = None
     device: str = "auto"
@@ -43,13 +43,13 @@ class Settings(BaseSettings):
     # refreshes the training-jobs gauge)
     model_poll_s: float = Field(2.0, gt=0, le=3600)
 
-    # batching queue (SPEC §5)
+    # batching queue
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(64, ge=1, le=100_000)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
 
-    # input limits (SPEC §9)
+    # input limits
     max_upload_mb: float = Field(50.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(32, ge=1)
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_dataset_unpacked_mb: float = Field(8192.0, gt=0)
     max_dataset_files: int = Field(50_000, ge=1)
 
-    # storage, jobs and auth (SPEC §6, §9)
+    # storage, jobs and auth
     data_dir: Path = Path("data")
     database_url: str | None = None
     api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()

@@ -1,4 +1,4 @@
-"""Bare model throughput (SPEC §10.1): ``Predictor.predict`` on batches of the same
+"""Bare model throughput: ``Predictor.predict`` on batches of the same
 640x480 images, called directly (no HTTP, no queue), by batch size.
 
     python bench/bare.py --model demo --device cpu --batch-sizes 1,2,4,8 --seconds 10

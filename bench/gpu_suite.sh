@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of SPEC §10 in one call on a lent GPU machine, from the repo root:
+# Every GPU figure of docs/performance.md in one call on a lent GPU machine, from the repo root:
 #
 #   bash bench/gpu_suite.sh                    # on the GPU machine (writes to $OUT)
 #   QUICK=1 DEVICE=cpu bash bench/gpu_suite.sh # rehearsal on a CPU, tiny sizes

@@ -1,4 +1,4 @@
-"""The server's own cost per request (SPEC §10.2's served/bare gap): a real app
+"""The server's own cost per request (the served/bare gap): a real app
 under uvicorn in this process, with a stand-in predictor that answers at once
 (14 detections with 640x480 RLE masks, about a bench image's answer), and
 ``bench/loadgen.py`` posting the bench JPEGs from another process.

@@ -1,4 +1,4 @@
-"""Mask postprocessing benchmark (SPEC §10.3): ours against torchvision + pycocotools.
+"""Mask postprocessing benchmark: ours against torchvision + pycocotools.
 
 For 100 detections with 28x28 mask probabilities at 640x480 and 1920x1080, times
 

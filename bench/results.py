@@ -1,5 +1,5 @@
 """What every benchmark script shares: the machine line and its own section of
-``bench/RESULTS.md`` (SPEC §10: a figure is quoted only with the machine that
+``bench/RESULTS.md`` (a figure is quoted only with the machine that
 produced it, and re-running one script leaves the other scripts' tables alone)."""
 
 import os

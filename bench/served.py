@@ -1,4 +1,4 @@
-"""Served throughput and latency (SPEC §10.2): a real ``maskrcnn serve`` over HTTP
+"""Served throughput and latency: a real ``maskrcnn serve`` over HTTP
 against the bare model, in one run on one machine.
 
     python bench/served.py --model demo --device cpu --threads 1 \

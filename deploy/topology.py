@@ -1,4 +1,4 @@
-"""The compose topology without Docker (SPEC §11): ``deploy/nginx.conf``, the file
+"""The compose topology without Docker: ``deploy/nginx.conf``, the file
 the compose ``nginx`` service runs, rendered for loopback in front of local
 ``maskrcnn serve`` processes. The topology test uses it; so can a person:
 

@@ -1,4 +1,4 @@
-"""Turn a model spec (SPEC §3: ``auto``, ``coco``, ``coco-v2``, ``demo`` or a file
+"""Turn a model spec (``auto``, ``coco``, ``coco-v2``, ``demo`` or a file
 path) into a network with its ``ModelInfo``. (Registry model ids are the
 service's business: it looks up their file and passes ``model_id``.)"""
 

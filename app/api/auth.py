@@ -1,4 +1,4 @@
-"""Bearer tokens (SPEC §9).
+"""Bearer tokens.
 
 - ``MASKRCNN_API_TOKENS`` set: every ``/v1`` route needs ``Authorization: Bearer
   <token>`` with one of them (or the admin token); unset: inference is open.

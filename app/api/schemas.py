@@ -1,4 +1,4 @@
-"""Wire schemas (SPEC §4). Requests are named for what they do
+"""Wire schemas. Requests are named for what they do
 (``SegmentRequest``), responses carry the ``Public`` suffix."""
 
 from datetime import datetime
@@ -155,7 +155,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorPublic} for status in statuses}
 
 
-# -- training jobs (SPEC §6) ----------------------------------------------------
+# -- training jobs ----------------------------------------------------
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -239,7 +239,7 @@ class TrainingJobsPublic(BaseModel):
     count: int
 
 
-# -- datasets (SPEC §6) -------------------------------------------------------------
+# -- datasets -------------------------------------------------------------
 
 
 class DatasetPublic(BaseModel):

@@ -1,4 +1,4 @@
-"""``maskrcnn worker``: the training worker on its own (SPEC §6, §8), for
+"""``maskrcnn worker``: the training worker on its own, for
 deployments whose API replicas run with ``MASKRCNN_RUN_WORKER=false``.
 
 It uses the same settings as ``maskrcnn serve`` (``DATABASE_URL``, ``DATA_DIR``,

@@ -1,4 +1,4 @@
-"""Safe extraction of an uploaded dataset zip (SPEC §9, Dataset zips).
+"""Safe extraction of an uploaded dataset zip (docs/security.md, Dataset uploads).
 
 Nothing in the archive is trusted, its headers least of all:
 

@@ -1,4 +1,4 @@
-"""Images by URL (SPEC §9) without lending clients the server's place in the network.
+"""Images by URL without lending clients the server's place in the network.
 
 Each hop of a fetch: ``parse_url``, the name resolved once and every address it
 has checked against the ``FetchPolicy`` (``app.inputs.urlpolicy``), then a connection to

@@ -1,4 +1,4 @@
-"""What a URL may reach (SPEC §9): the strict parse every hop gets and the
+"""What a URL may reach: the strict parse every hop gets and the
 address policy its resolved addresses are checked against.
 
 Public addresses on ports 80 and 443 may be fetched. ``URL_ALLOW_PRIVATE`` adds

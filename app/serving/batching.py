@@ -1,4 +1,4 @@
-"""The batching queue (SPEC §5): images from any number of requests in, batched
+"""The batching queue: images from any number of requests in, batched
 model calls out.
 
 * Work items are images. A batch is sent when its size bucket holds

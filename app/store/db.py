@@ -1,4 +1,4 @@
-"""The job store, dataset records and model registry (SPEC §6), in SQLAlchemy.
+"""The job store, dataset records and model registry, in SQLAlchemy.
 
 A SQLite file under ``DATA_DIR`` by default; PostgreSQL when ``DATABASE_URL``
 says so (required with several replicas). ``Database.create_schema`` runs at

@@ -1,4 +1,4 @@
-"""The model registry's read side and the active model (SPEC §3, §6).
+"""The model registry's read side and the active model.
 
 Ids a replica can serve, and so activate:
 

@@ -1,4 +1,4 @@
-"""Uploaded COCO datasets (SPEC §6): validated in full before they are stored.
+"""Uploaded COCO datasets: validated in full before they are stored.
 
 A zip is extracted into a fresh folder under ``DATA_DIR/tmp/`` (``app.inputs.archive``),
 its ``annotations.json`` checked against the files (``model.training.validation``), and

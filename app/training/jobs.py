@@ -1,4 +1,4 @@
-"""The training-job store (SPEC §6): every state change a job goes through, as one
+"""The training-job store: every state change a job goes through, as one
 short transaction each, so API servers, workers and training processes on any
 replica can share one database.
 

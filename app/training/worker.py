@@ -1,4 +1,4 @@
-"""The training worker (SPEC §6): claims queued jobs and runs each in its own process.
+"""The training worker: claims queued jobs and runs each in its own process.
 
 Embedded in ``maskrcnn serve`` as a thread (``RUN_WORKER``, on by default) or on
 its own as ``maskrcnn worker``. Every ``WORKER_POLL_S`` it marks ``failed`` the

@@ -1,4 +1,4 @@
-"""Per-image prediction options (SPEC §4)."""
+"""Per-image prediction options."""
 
 import math
 from dataclasses import dataclass

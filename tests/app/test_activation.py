@@ -1,4 +1,4 @@
-"""Zero-downtime activation (SPEC §6): the queue swaps models between batches,
+"""Zero-downtime activation: the queue swaps models between batches,
 and real ``maskrcnn serve`` replicas switch under load without failing a request,
 together when they share a PostgreSQL database. (A restart serving the active
 version is in ``test_registry.py``.)"""

@@ -1,8 +1,8 @@
-"""Bearer tokens (SPEC §9) on every route the live OpenAPI document lists.
+"""Bearer tokens on every route the live OpenAPI document lists.
 
 An operation's ``security`` in the document says which token it takes (``app.api.openapi``
 derives it from the route's auth dependencies); these tests hold every operation to
-what its entry says, and hold the entries to SPEC §6/§9: every ``/v1`` route takes
+what its entry says, and hold the entries to the security rules: every ``/v1`` route takes
 a token, and dataset, training-job and activation routes take the admin one.
 """
 

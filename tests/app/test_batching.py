@@ -1,4 +1,4 @@
-"""The batching queue on its own, with a fake predictor (SPEC §5)."""
+"""The batching queue on its own, with a fake predictor."""
 
 import asyncio
 import threading

@@ -1,4 +1,4 @@
-"""Upload decoding: allowed formats by content, limits, orientation, modes (SPEC §9)."""
+"""Upload decoding: allowed formats by content, limits, orientation, modes."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""``/v1/models`` and activation on one replica, in process (SPEC §3, §6, §9):
+"""``/v1/models`` and activation on one replica, in process:
 listing, auth, errors, the swap, following the database, start-up resolution."""
 
 import contextlib

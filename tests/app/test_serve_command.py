@@ -1,4 +1,4 @@
-"""``maskrcnn serve`` refuses bad start-up conditions clearly (SPEC §7, §8)."""
+"""``maskrcnn serve`` refuses bad start-up conditions clearly."""
 
 import os
 import subprocess

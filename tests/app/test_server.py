@@ -1,5 +1,5 @@
 """Acceptance tests against real ``maskrcnn serve`` processes over real HTTP,
-with a tiny random-weight model (SPEC §4, §5, §8)."""
+with a tiny random-weight model."""
 
 import concurrent.futures
 import io
@@ -30,7 +30,7 @@ def box_iou(a, b) -> float:
 
 
 def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
-    """SPEC §5 batch invariance: same classes, boxes IoU ≥ 0.99, scores ± 0.01."""
+    """Batch invariance: same classes, boxes IoU ≥ 0.99, scores ± 0.01."""
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         assert g["class_id"] == e["class_id"]

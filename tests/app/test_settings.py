@@ -1,4 +1,4 @@
-"""Settings from the environment (SPEC §7): defaults, parsing, refusals."""
+"""Settings from the environment: defaults, parsing, refusals."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Issue 6's acceptance test (SPEC §6), over real HTTP on one ``maskrcnn serve``
+"""Issue 6's acceptance test, over real HTTP on one ``maskrcnn serve``
 with its embedded worker: upload a generated dataset, train one epoch from
 ``demo``, follow the job's events to ``succeeded``, activate the new version and
 get answers from it, while another client's segment requests, sent the whole

@@ -1,4 +1,4 @@
-"""``/v1/training-jobs`` (SPEC §6, §9): validation, auth, cancel and the event
+"""``/v1/training-jobs``: validation, auth, cancel and the event
 stream in-process; then real training jobs run by the worker embedded in a real
 ``maskrcnn serve``, followed over HTTP."""
 

@@ -1,4 +1,4 @@
-"""Uploads through the API (SPEC §9): body cap before parsing, image count,
+"""Uploads through the API: body cap before parsing, image count,
 formats by content, pixel cap before decoding, EXIF orientation, colour modes.
 
 The in-process tests run on a predictor stand-in whose "detections" are read off

@@ -1,4 +1,4 @@
-"""URL input (SPEC §9): which URLs are fetched, how, and what a client learns.
+"""URL input: which URLs are fetched, how, and what a client learns.
 
 Every test watches connections two ways: a recording transport sees each request
 the fetcher asks for (and never lets one leave for an address other than

@@ -1,4 +1,4 @@
-"""The training worker and the shared job store (SPEC §6): claims race-free on
+"""The training worker and the shared job store: claims race-free on
 SQLite and PostgreSQL, heartbeats and dead workers, ``maskrcnn worker`` killed or
 stopped mid-job, and two API replicas sharing one PostgreSQL database."""
 

@@ -1,4 +1,4 @@
-"""The compose topology on loopback (SPEC §11): nginx running ``deploy/nginx.conf``
+"""The compose topology on loopback: nginx running ``deploy/nginx.conf``
 in front of two ``maskrcnn serve`` replicas that share one throwaway PostgreSQL
 database and one ``DATA_DIR``, plus one ``maskrcnn worker`` when that command
 exists; replicas run with ``RUN_WORKER=false``, as in ``docker-compose.yml``.

@@ -1,4 +1,4 @@
-"""``docker-compose.yml`` (SPEC §11) has the services, health checks, volumes and
+"""``docker-compose.yml`` has the services, health checks, volumes and
 required variables the deployment needs, and its environment is a configuration
 the service accepts. Parsed with PyYAML: CI has no Docker engine or compose plugin."""
 

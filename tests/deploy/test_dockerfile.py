@@ -1,4 +1,4 @@
-"""The Dockerfile (SPEC §11) passes hadolint with every ignored rule explained,
+"""The Dockerfile passes hadolint with every ignored rule explained,
 and has the shape the deployment relies on. No Docker engine is needed: CI has none."""
 
 import fnmatch

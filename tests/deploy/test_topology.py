@@ -1,4 +1,4 @@
-"""The compose topology without Docker (SPEC §11, issue 7): clients talk only to
+"""The compose topology without Docker: clients talk only to
 nginx (``deploy/nginx.conf``), which balances two ``maskrcnn serve`` replicas
 sharing one PostgreSQL database and one ``DATA_DIR``."""
 

@@ -1,4 +1,4 @@
-"""The bundled demo model (SPEC §3): its file, its metadata, and its accuracy on
+"""The bundled demo model: its file, its metadata, and its accuracy on
 freshly generated shapes it was not trained on."""
 
 import pytest

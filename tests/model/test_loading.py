@@ -1,4 +1,4 @@
-"""Model specs (SPEC §3): torchvision state dicts, our checkpoints, the hub cache,
+"""Model specs: torchvision state dicts, our checkpoints, the hub cache,
 and the errors for files that are wrong."""
 
 import logging

@@ -1,4 +1,4 @@
-"""``/v1/datasets``: upload, list, read and delete COCO datasets (SPEC §6; admin).
+"""``/v1/datasets``: upload, list, read and delete COCO datasets (admin).
 
 The endpoints are plain ``def``: FastAPI runs them in threads, so
 extraction, validation and database calls never block the event loop.

@@ -1,4 +1,4 @@
-"""Operations: liveness, readiness and Prometheus metrics (SPEC §4)."""
+"""Operations: liveness, readiness and Prometheus metrics."""
 
 from fastapi import APIRouter
 from fastapi.responses import Response

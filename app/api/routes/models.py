@@ -1,5 +1,5 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
-start-up model, the served one) and activation (SPEC §6)."""
+start-up model, the served one) and activation."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""``/v1/segment``: images in, detections with masks out (SPEC §4)."""
+"""``/v1/segment``: images in, detections with masks out."""
 
 import asyncio
 import base64

@@ -1,5 +1,5 @@
-"""``/v1/training-jobs`` (SPEC §6): queue, list, follow and cancel training jobs.
-Admin token required (SPEC §9). Jobs run in a worker (``app.training.worker``), possibly on
+"""``/v1/training-jobs``: queue, list, follow and cancel training jobs.
+Admin token required. Jobs run in a worker (``app.training.worker``), possibly on
 another replica: everything here reads and writes the shared job store, and the
 event stream polls it."""
 
