@@ -50,7 +50,13 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument(
+        "--loader-processes",
+        "--workers",  # its former name
+        type=int,
+        default=0,
+        help="processes that load and augment images (default: 0, in the training process)",
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT.resume.safetensors when it exists"
     )
@@ -107,7 +113,7 @@ def train_command(args: argparse.Namespace) -> int:
             schedule=args.schedule,
             clip_grad_norm=args.clip_grad_norm or None,
             amp=not args.no_amp,
-            num_workers=args.workers,
+            num_workers=args.loader_processes,
             seed=args.seed,
         ),
     )
