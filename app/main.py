@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api.auth import AuthGate
+from app.api.docs import install_docs
 from app.api.error_handlers import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
@@ -36,10 +37,13 @@ def create_app(
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
         generate_unique_id_function=operation_id,
+        docs_url=None,  # app.api.docs serves the pages without a CDN
+        redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     app.add_middleware(AuthGate)  # inside RequestContextMiddleware: ids and size caps first
     app.add_middleware(
         RequestContextMiddleware,

@@ -118,6 +118,7 @@ async def check_docs_token(request: Request) -> None:
 ApiToken = Depends(check_api_token)
 AdminToken = Depends(check_admin_token)
 MetricsToken = Depends(check_metrics_token)
+DocsToken = Depends(check_docs_token)
 
 Check = Callable[[Request], Awaitable[None]]
 CHECKS: tuple[Check, ...] = (
