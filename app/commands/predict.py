@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             for path, result in zip(kept, results, strict=True):
                 rows.extend(to_coco_results(result, image_ids[path], str(path)))
             bar.update(len(chunk))
+    if failed == len(paths):  # nothing to write: an earlier OUT stays as it was
+        print(f"maskrcnn predict: no image could be read; {args.out} not written", file=sys.stderr)
+        return 1
     write_json(rows, args.out)
     print(f"{len(rows)} detections in {len(paths) - failed} images -> {args.out}", file=sys.stderr)
     return 1 if failed else 0

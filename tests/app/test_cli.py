@@ -1,13 +1,14 @@
 """``maskrcnn --help`` and every command's ``--help`` answer without importing
 torch (commands are imported lazily), and list what they should."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from app.cli import COMMANDS, command_in
-from tests.app.conftest import REPO
+from tests.app.conftest import REPO, png_bytes, scene
 
 HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
@@ -50,3 +51,58 @@ def test_an_unknown_command_is_refused_by_name():
     )
     assert result.returncode == 2
     assert "invalid choice: 'nope'" in result.stderr
+
+
+def maskrcnn(*args: str) -> subprocess.CompletedProcess:
+    """The real command, on the CPU."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args, "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def previous(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text('[{"kept": true}]')
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["missing", "corrupt", "text"])
+def test_predict_never_overwrites_results_when_no_image_can_be_read(tmp_path, previous, bad):
+    image = tmp_path / f"{bad}.jpg"
+    if bad == "corrupt":
+        image.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    elif bad == "text":
+        image.write_text("not an image")
+    result = maskrcnn("predict", str(image), "--model", "demo", "--out", str(previous))
+    assert result.returncode == 1
+    assert "skipped" in result.stderr and "not written" in result.stderr
+    assert previous.read_text() == '[{"kept": true}]'
+    assert not previous.with_name("results.json.tmp").exists()
+
+
+@pytest.mark.slow
+def test_predict_writes_the_readable_images_and_still_fails(tmp_path, previous):
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(scene(64, 64, seed=0)))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    result = maskrcnn(
+        "predict",
+        str(good),
+        str(bad),
+        "--model",
+        "demo",
+        "--score-threshold",
+        "0",
+        "--out",
+        str(previous),
+    )
+    assert result.returncode == 1
+    rows = json.loads(previous.read_text())
+    assert rows and {row["image_id"] for row in rows} == {1}
