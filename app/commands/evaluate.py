@@ -20,7 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description="Evaluate a model on a COCO instances dataset (a directory or zip with "
         "annotations.json at its root) with pycocotools COCOeval.",
     )
-    p.add_argument("--model", default="auto", help="auto, coco, coco-v2, demo or a file")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
+    )
     p.add_argument("--dataset", required=True, help="dataset directory or zip")
     p.add_argument(
         "--annotations",
@@ -38,12 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from app.commands.models import resolve_model
     from model import CocoDataset, Predictor, evaluate_predictor, format_metrics, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = CocoDataset(args.dataset, annotation_file=args.annotations)
-    loaded = load_model(args.model, classes_file=args.classes_file, device=args.device)
+    spec, model_id = resolve_model(args.model)
+    loaded = load_model(spec, classes_file=args.classes_file, model_id=model_id, device=args.device)
     check_classes(loaded.info, dataset)
     device = next(loaded.network.parameters()).device
     predictor = Predictor(loaded.network, loaded.info, device=device)

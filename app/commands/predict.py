@@ -17,7 +17,11 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         "detections in the COCO results format (bbox as x,y,w,h; RLE segmentation).",
     )
     parser.add_argument("images", nargs="+", help="image files or directories")
-    parser.add_argument("--model", default="auto", help="auto, coco, coco-v2, demo or a file")
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
+    )
     parser.add_argument("--classes-file", help="class names, one per line (background first)")
     parser.add_argument("--out", default="results.json", help="output file (- for stdout)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -34,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.commands.models import resolve_model
     from model import (
         InvalidImageError,
         PredictOptions,
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print("maskrcnn predict: no image files found", file=sys.stderr)
         return 2
     image_ids = resolve_image_ids(paths, args.annotations)
-    loaded = load_model(args.model, classes_file=args.classes_file, device=args.device)
+    spec, model_id = resolve_model(args.model)
+    loaded = load_model(spec, classes_file=args.classes_file, model_id=model_id, device=args.device)
     device = next(loaded.network.parameters()).device
     predictor = Predictor(loaded.network, loaded.info, device=device)
     options = PredictOptions(

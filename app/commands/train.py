@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument(
         "--base-model",
         default="scratch",
-        help="scratch, coco, coco-v2, demo or a checkpoint file (default: scratch)",
+        help="scratch, coco, coco-v2, demo, a checkpoint file or a registry model id "
+        "(default: scratch)",
     )
     p.add_argument("--architecture", default="maskrcnn_small_fpn", help="for --base-model scratch")
     p.add_argument("--image-size", type=int, help="shorter side the network resizes images to")
@@ -88,13 +89,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from app.commands.models import resolve_model
     from model import TrainConfig, TrainingPlan, is_main_rank, run_training
 
+    base_model, model_id = resolve_model(args.base_model, scratch=True)
     plan = TrainingPlan(
         dataset=args.dataset,
         annotations=args.annotations,
         out=Path(args.out),
-        base_model=args.base_model,
+        base_model=base_model,
         architecture=args.architecture,
         image_size=args.image_size,
         hflip=args.hflip,
@@ -103,6 +106,7 @@ def train_command(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         command="maskrcnn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
+        extra={"base_model": model_id} if model_id else {},
         config=TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,

@@ -105,9 +105,12 @@ def count_jobs(db: Database) -> dict[str, int]:
     return {state: int(counts.get(state, 0)) for state in JOB_STATES}
 
 
-def resolve_model_spec(settings: Settings) -> tuple[str, str | None]:
+def resolve_model_spec(
+    settings: Settings, *, names: str = "auto, coco, coco-v2, demo"
+) -> tuple[str, str | None]:
     """``(spec for model.loading.load_model, model_id)``: a registry id becomes its
-    checkpoint's path and keeps its id; anything else passes through."""
+    checkpoint's path and keeps its id; anything else passes through. ``names``:
+    the names the caller takes, for the error about a spec that is none of these."""
     spec = settings.model
     if spec == "auto" or spec in BUILTIN_MODELS or Path(spec).exists():
         return spec, None
@@ -121,8 +124,8 @@ def resolve_model_spec(settings: Settings) -> tuple[str, str | None]:
         db.dispose()
     if record is None:
         raise CheckpointError(
-            f"model {spec!r}: not auto, coco, coco-v2, demo, an existing file, "
-            "nor a model id in the registry"
+            f"model {spec!r}: not {names}, an existing file, nor a model id in the registry "
+            f"(MASKRCNN_DATABASE_URL, MASKRCNN_DATA_DIR={settings.data_dir})"
         )
     path = db.resolve(record.path)
     if not path.is_file():

@@ -2,13 +2,15 @@
 torch (commands are imported lazily), and list what they should."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from app.cli import COMMANDS, command_in
-from tests.app.conftest import REPO, png_bytes, scene
+from model.training.synthetic import generate_dataset
+from tests.app.conftest import REPO, job_store, png_bytes, register_model, scene
 
 HELP_WITHOUT_TORCH = """
 import contextlib, io, sys
@@ -53,11 +55,12 @@ def test_an_unknown_command_is_refused_by_name():
     assert "invalid choice: 'nope'" in result.stderr
 
 
-def maskrcnn(*args: str) -> subprocess.CompletedProcess:
+def maskrcnn(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real command, on the CPU."""
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args, "--device", "cpu"],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -106,3 +109,54 @@ def test_predict_writes_the_readable_images_and_still_fails(tmp_path, previous):
     assert result.returncode == 1
     rows = json.loads(previous.read_text())
     assert rows and {row["image_id"] for row in rows} == {1}
+
+
+@pytest.fixture
+def registered(tmp_path, checkpoint):
+    """A registry model in a ``DATA_DIR`` of its own, and the environment naming it."""
+    data_dir = tmp_path / "data"
+    db = job_store(data_dir)
+    try:
+        model_id = register_model(db, checkpoint)
+    finally:
+        db.dispose()
+    return model_id, {**os.environ, "MASKRCNN_DATA_DIR": str(data_dir)}
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_take_a_registry_model_id(tmp_path, registered):
+    model_id, env = registered
+    dataset = tmp_path / "shapes"
+    generate_dataset(dataset, num_images=2, image_size=64, seed=0)
+    out = tmp_path / "results.json"
+    images = sorted((dataset / "images").iterdir())
+    predicted = maskrcnn(
+        "predict", *map(str, images), "--model", model_id, "--out", str(out), env=env
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert f"predict ({model_id})" in predicted.stderr
+    evaluated = maskrcnn("evaluate", "--dataset", str(dataset), "--model", model_id, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"evaluate ({model_id})" in evaluated.stderr
+
+
+@pytest.mark.slow
+def test_an_unknown_model_names_every_kind_of_spec(tmp_path, registered):
+    _, env = registered
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(scene(32, 32, seed=0)))
+    predicted = maskrcnn("predict", str(image), "--model", "model-nope", env=env)
+    assert predicted.returncode == 1
+    assert "not auto, coco, coco-v2, demo, an existing file, nor a model id" in predicted.stderr
+    trained = maskrcnn(
+        "train",
+        "--dataset",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+        "--base-model",
+        "model-nope",
+        env=env,
+    )
+    assert trained.returncode == 1
+    assert "not scratch, coco, coco-v2, demo, an existing file, nor a model id" in trained.stderr
