@@ -14,9 +14,12 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    from app.commands.shared import DefaultsShown
+
     p = subparsers.add_parser(
         "evaluate",
         help=summary,
+        formatter_class=DefaultsShown,
         description="Evaluate a model on a COCO instances dataset (a directory or zip with "
         "annotations.json at its root) with pycocotools COCOeval.",
     )
@@ -33,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     p.add_argument("--classes-file", help="class names, one per line (background first)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", help="also write the metrics as JSON to this file")
     p.set_defaults(func=run)
@@ -42,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from app.commands.models import resolve_model
+    from app.commands.shared import resolve_model
     from model import CocoDataset, Predictor, evaluate_predictor, format_metrics, load_model
 
     if args.threads:

@@ -10,9 +10,12 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    from app.commands.shared import DefaultsShown
+
     parser = subparsers.add_parser(
         "predict",
         help=summary,
+        formatter_class=DefaultsShown,
         description="Run the model on image files (or directories of them) and write "
         "detections in the COCO results format (bbox as x,y,w,h; RLE segmentation).",
     )
@@ -25,11 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser.add_argument("--classes-file", help="class names, one per line (background first)")
     parser.add_argument("--out", default="results.json", help="output file (- for stdout)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--iou-threshold", type=float, default=0.5)
-    parser.add_argument("--mask-threshold", type=float, default=0.5)
-    parser.add_argument("--max-detections", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="lowest score kept")
+    parser.add_argument("--iou-threshold", type=float, default=0.5, help="per-class NMS IoU")
+    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut")
+    parser.add_argument("--max-detections", type=int, default=100, help="per image, at most")
     parser.add_argument(
         "--annotations",
         help="a COCO annotations file: take image ids from it, matching file names",
@@ -38,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.commands.models import resolve_model
+    from app.commands.shared import resolve_model
     from model import (
         InvalidImageError,
         PredictOptions,

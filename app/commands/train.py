@@ -19,11 +19,14 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
+    from app.commands.shared import DefaultsShown
+
     p = subparsers.add_parser(
         "train",
         help=summary,
         description="Train a Mask R-CNN on a COCO instances dataset (a directory or zip "
         "with annotations.json at its root) and write a .safetensors checkpoint.",
+        formatter_class=DefaultsShown,
     )
     p.add_argument("--dataset", required=True, help="dataset directory or zip")
     p.add_argument("--annotations", help="COCO annotation file, when not DATASET/annotations.json")
@@ -31,24 +34,31 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument(
         "--base-model",
         default="scratch",
-        help="scratch, coco, coco-v2, demo, a checkpoint file or a registry model id "
-        "(default: scratch)",
+        help="scratch, coco, coco-v2, demo, a checkpoint file or a registry model id",
     )
     p.add_argument("--architecture", default="maskrcnn_small_fpn", help="for --base-model scratch")
     p.add_argument("--image-size", type=int, help="shorter side the network resizes images to")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=at_least_one, default=10, help="passes over the training set")
+    p.add_argument("--batch-size", type=at_least_one, default=4, help="images per step")
     p.add_argument("--lr", type=float, default=0.02, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        help="steps of linear learning-rate warm-up (default: a tenth of all steps, at most 200)",
+    )
+    p.add_argument(
+        "--schedule", choices=("cosine", "step"), default="cosine", help="learning-rate decay"
+    )
     p.add_argument("--clip-grad-norm", type=float, default=10.0, help="0 turns clipping off")
     p.add_argument("--no-amp", action="store_true", help="no float16 autocast on the GPU")
     p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     p.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="images held out to report mAP on"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split, initialisation and order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
@@ -56,13 +66,20 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         "--workers",  # its former name
         type=int,
         default=0,
-        help="processes that load and augment images (default: 0, in the training process)",
+        help="processes that load and augment images (0: the training process)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT.resume.safetensors when it exists"
     )
     p.add_argument("--no-ddp", action="store_true", help="one process even with several GPUs")
     p.set_defaults(func=run)
+
+
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from app.commands.models import resolve_model
+    from app.commands.shared import resolve_model
     from model import TrainConfig, TrainingPlan, is_main_rank, run_training
 
     base_model, model_id = resolve_model(args.base_model, scratch=True)

@@ -15,7 +15,6 @@ pipe from the worker, which the kernel closes whatever way the worker ends.
 
 import argparse
 import logging
-import math
 import os
 import stat
 import sys
@@ -49,13 +48,6 @@ def job_threads(settings: Settings) -> int:
     """Torch CPU threads for one job: ``JOB_THREADS``, or half the cores available,
     since the API server (embedded mode) shares the machine."""
     return settings.job_threads or max(1, len(os.sched_getaffinity(0)) // 2)
-
-
-def warmup_steps(num_images: int, config: dict[str, Any]) -> int:
-    """A tenth of all steps, at most 200 (``maskrcnn train``'s default)."""
-    train_images = num_images - round(num_images * config["val_fraction"])
-    steps = config["epochs"] * math.ceil(max(train_images, 1) / config["batch_size"])
-    return max(1, min(200, steps // 10))
 
 
 class ProgressReporter:
@@ -112,7 +104,6 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
             epochs=config["epochs"],
             batch_size=config["batch_size"],
             learning_rate=config["learning_rate"],
-            warmup_steps=warmup_steps(dataset.num_images, config),
             seed=config["seed"],
         ),
         base_model=jobs.resolve_base_model(db, config["base_model"]),

@@ -37,7 +37,7 @@ class TrainConfig:
     learning_rate: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_steps: int = 200
+    warmup_steps: int | None = None  # None: a tenth of all steps, at most 200
     warmup_factor: float = 0.001
     schedule: Literal["cosine", "step"] = "cosine"
     milestones: tuple[float, ...] = (0.75, 0.9)  # fractions of all steps ("step")
@@ -78,11 +78,20 @@ ProgressFn = Callable[[TrainProgress], None]
 EvaluateFn = Callable[[nn.Module], dict[str, Any]]
 
 
+def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
+    """``config.warmup_steps``, or by default a tenth of all steps, at most 200:
+    a short fine-tune on a small set leaves its warm-up, a long run warms up for
+    200 steps."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return max(1, min(200, total_steps // 10))
+
+
 def learning_rate_at(step: int, total_steps: int, config: TrainConfig) -> float:
     """Linear warm-up from ``warmup_factor`` to 1, times the decay schedule."""
-    warmup = 1.0
-    if step < config.warmup_steps:
-        alpha = step / config.warmup_steps
+    warmup, warmup_steps = 1.0, warmup_steps_for(config, total_steps)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
         warmup = config.warmup_factor * (1 - alpha) + alpha
     progress = min(step / max(total_steps, 1), 1.0)
     if config.schedule == "cosine":

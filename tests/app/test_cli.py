@@ -160,3 +160,17 @@ def test_an_unknown_model_names_every_kind_of_spec(tmp_path, registered):
     )
     assert trained.returncode == 1
     assert "not scratch, coco, coco-v2, demo, an existing file, nor a model id" in trained.stderr
+
+
+def test_train_refuses_zero_epochs_and_shows_its_defaults(tmp_path):
+    refused = maskrcnn("train", "--dataset", str(tmp_path), "--out", "x", "--epochs", "0")
+    assert refused.returncode == 2
+    assert "--epochs: must be at least 1, got 0" in refused.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "app.cli", "train", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for default in ("(default: 10)", "(default: scratch)", "a tenth of all steps, at most 200"):
+        assert default in " ".join(shown.split()), default

@@ -10,7 +10,13 @@ from model.checkpoint import save_checkpoint
 from model.loading import load_model
 from model.networks import build_network
 from model.training.dataset import CocoDataset
-from model.training.loop import TrainConfig, TrainingError, learning_rate_at, train
+from model.training.loop import (
+    TrainConfig,
+    TrainingError,
+    learning_rate_at,
+    train,
+    warmup_steps_for,
+)
 from model.training.synthetic import generate_dataset
 
 TINY = {
@@ -117,6 +123,14 @@ def test_learning_rate_schedules():
     step = TrainConfig(learning_rate=1.0, warmup_steps=0, schedule="step", gamma=0.1)
     rates = [learning_rate_at(s, 100, step) for s in (0, 74, 75, 90)]
     assert rates == pytest.approx([1.0, 1.0, 0.1, 0.01])
+
+
+def test_the_default_warm_up_is_a_tenth_of_the_run_at_most_200_steps():
+    config = TrainConfig(learning_rate=1.0)  # no warmup_steps: the default
+    assert [warmup_steps_for(config, total) for total in (5, 30, 2000, 10**5)] == [1, 3, 200, 200]
+    # a one-epoch fine-tune of 30 steps is past its warm-up by step 3, not at 0.0000
+    assert learning_rate_at(15, 30, config) == pytest.approx(0.5 * (1 + math.cos(0.5 * math.pi)))
+    assert warmup_steps_for(TrainConfig(warmup_steps=7), 30) == 7
 
 
 def test_divergence_is_reported(shapes):
