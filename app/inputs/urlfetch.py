@@ -11,7 +11,10 @@ request's byte budget (``MAX_UPLOAD_MB``) is spent, whatever ``Content-Length`` 
 A client learns only that "the URL could not be fetched" (or that the image was
 too large, which needs an allowed server that answered): which check refused,
 what a name resolved to, whether a port was open and what the upstream said go
-to the server log.
+to the server log. Every failure reads alike, so the answers cannot map a
+network (which ports are open, which names resolve), not even where
+``URL_ALLOW_PRIVATE`` opens private addresses; the message names the public
+address rule only where it applies.
 """
 
 import asyncio
@@ -120,8 +123,9 @@ class UrlFetcher:
                 reason = str(e) or type(e).__name__
             shown = str(parsed.copy_with(query=None, fragment=None))  # no signed-URL secrets
             log.warning("%s: URL %s not fetched: %s", name, shown, reason)
+            kind = "an" if policy.allow_private else "a public"
             raise UrlFetchError(
-                f"{name}: the URL could not be fetched (it must be a public http(s) URL "
+                f"{name}: the URL could not be fetched (it must be {kind} http(s) URL "
                 "that answers with an image in time)"
             ) from None
 

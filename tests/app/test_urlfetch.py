@@ -628,6 +628,17 @@ def test_upstream_errors_and_closed_ports_look_alike(images, trap):
             fetch(UrlFetcher(fetcher.policy, resolve=Resolver()), url)
         answers.append(failed.value.message)
     assert len(set(answers)) == 1 and "secret" not in answers[0]
+    # private addresses are open here: the message does not blame the address
+    assert "(it must be an http(s) URL that answers with an image in time)" in answers[0]
+
+
+def test_with_the_default_policy_the_message_names_the_public_address_rule():
+    fetcher = make_fetcher(Resolver({"internal.example": ["127.0.0.1"]}))
+    with pytest.raises(UrlFetchError) as refused:
+        fetch(fetcher, "http://internal.example/image")
+    assert "(it must be a public http(s) URL that answers with an image in time)" in str(
+        refused.value.message
+    )
 
 
 def test_allowlist_entries():
