@@ -128,10 +128,11 @@ class Settings(BaseSettings):
         Allowlist.parse(value)  # raises ValueError naming the bad entry
         return value
 
-    @field_validator("api_tokens")
+    @field_validator("api_tokens", "admin_token")
     @classmethod
-    def _check_tokens(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        if any(len(token.get_secret_value()) < 8 for token in value):
+    def _check_tokens(cls, value: Any) -> Any:
+        tokens = value if isinstance(value, tuple) else (value,) if value is not None else ()
+        if any(len(token.get_secret_value()) < 8 for token in tokens):
             raise ValueError("every token needs at least 8 characters")
         return value
 

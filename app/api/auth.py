@@ -23,12 +23,12 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-import fastapi.routing
 from fastapi import Depends, FastAPI, Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.error_handlers import error_response, request_id_of
+from app.api.routing import served_routes
 from app.errors import AppError, ForbiddenError, UnauthorizedError
 from app.settings import Settings
 
@@ -132,14 +132,6 @@ CHECKS: tuple[Check, ...] = (
 def docs_paths(app: FastAPI) -> set[str]:
     urls = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     return {url for url in urls if url}
-
-
-def served_routes(app: FastAPI) -> list[Any]:
-    """Every route as served, included routers flattened: recent FastAPI keeps an
-    included router whole in ``app.routes`` and lists its routes (``path_format``,
-    ``methods``, ``dependant``, ``matches``) through ``iter_route_contexts``."""
-    iter_contexts = getattr(fastapi.routing, "iter_route_contexts", None)
-    return list(iter_contexts(app.routes)) if iter_contexts else list(app.routes)
 
 
 def route_checks(route: Any, app: FastAPI) -> tuple[Check, ...]:

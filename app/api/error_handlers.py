@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from app.api.responses import OrjsonResponse
+from app.api.routing import allowed_methods
 from app.errors import AppError
 from model import (
     CheckpointError,
@@ -71,11 +72,45 @@ def model_error_status(error: ModelError) -> tuple[int, str]:
     return 500, "model_error"
 
 
-def describe_validation(error: RequestValidationError) -> str:
+# what clients of a route most often get wrong, said with the error it causes
+_HINTS = {
+    ("/v1/segment", "images"): "send the files as the multipart field `images`, one or "
+    "more; /v1/segment/visualize takes one `image`",
+    ("/v1/segment/visualize", "image"): "send the file as the multipart field `image`; "
+    "/v1/segment takes one or more `images`",
+    ("/v1/segment/json", "body"): "to upload image files instead, send them as multipart "
+    "to /v1/segment",
+}
+_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def field_path(loc: tuple) -> str:
+    """One style for every field: ``images[0].url``; ``query parameter state``."""
+    source, parts = ("body", loc) if not loc or loc[0] not in _SOURCES else (loc[0], loc[1:])
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return f"{source} parameter {path}" if source != "body" else path or "body"
+
+
+def describe_validation(error: RequestValidationError, request: Request) -> str:
+    """Each problem as ``field: what was wrong``, with a hint for the usual
+    mistakes (``image`` for ``images``, multipart where JSON is expected)."""
     parts = []
     for item in error.errors()[:10]:
-        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+        loc, kind = tuple(item.get("loc", ())), item.get("type")
+        where, message = field_path(loc), item.get("msg", "invalid").removeprefix("Value error, ")
+        if kind == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error", "invalid")
+            where, message = "body", f"not valid JSON ({reason} at character {loc[-1]})"
+        elif loc == ("body",) and kind in ("model_attributes_type", "dict_type"):
+            got = request.headers.get("content-type", "none").split(";")[0]
+            message = f"expected a JSON object (Content-Type: application/json), got {got}"
+        if kind in ("missing", "model_attributes_type", "dict_type") and (
+            hint := _HINTS.get((request.url.path, where))
+        ):
+            message += f" ({hint})"
+        parts.append(f"{where}: {message}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -104,13 +139,18 @@ async def _handle_model_error(request: Request, exc: ModelError) -> Response:
 async def _handle_http(request: Request, exc: StarletteHTTPException) -> Response:
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return error_response(
-        exc.status_code, code, message, request_id_of(request), getattr(exc, "headers", None)
-    )
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405 and (methods := allowed_methods(request.app, request.scope)):
+        headers = {**(headers or {}), "Allow": ", ".join(methods)}
+        message = (
+            f"{request.method} is not served at {request.url.path}; allowed: {', '.join(methods)}"
+        )
+    return error_response(exc.status_code, code, message, request_id_of(request), headers)
 
 
 async def _handle_validation(request: Request, exc: RequestValidationError) -> Response:
-    return error_response(422, "validation_error", describe_validation(exc), request_id_of(request))
+    message = describe_validation(exc, request)
+    return error_response(422, "validation_error", message, request_id_of(request))
 
 
 def internal_error_response(scope: Scope) -> Response:

@@ -75,7 +75,7 @@ class RequestContextMiddleware:
             await internal_error_response(scope)(scope, receive, send_with_id)
         finally:
             self.service.in_flight -= 1
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(
@@ -108,3 +108,14 @@ def _declared_length(headers: Headers) -> int:
         return int(headers.get("content-length", "0"))
     except ValueError:
         return 0
+
+
+def route_label(scope: Scope) -> str:
+    """The metrics label of a request: its route's path template; for a plain
+    Starlette route without parameters (FastAPI's ``/openapi.json``), its path;
+    ``unmatched`` for anything else (a 404, a static asset)."""
+    if (route := scope.get("route")) is not None:
+        return route.path
+    if scope.get("endpoint") is not None and not scope.get("path_params"):
+        return scope["path"]
+    return "unmatched"

@@ -16,7 +16,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api.auth import required_token, served_routes
+from app.api.auth import required_token
+from app.api.routing import served_routes
 
 SECURITY_SCHEMES = {
     "apiToken": {

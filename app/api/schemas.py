@@ -88,12 +88,16 @@ class ImageResultPublic(BaseModel):
 
 
 class TimingPublic(BaseModel):
-    """Milliseconds; per stage the slowest image of the request."""
+    """Milliseconds. The stages are each the slowest image's of the request (its
+    images may run in different batches), so they need not add up to ``total``."""
 
-    queue: float
-    inference: float
-    postprocess: float
-    total: float
+    queue: float = Field(description="waiting in the queue for a batch to start")
+    inference: float = Field(description="the forward of the image's batch, device work included")
+    postprocess: float = Field(description="mask encoding of the image's batch")
+    total: float = Field(
+        description="the request in this server, from its arrival to its answer: reading "
+        "and decoding the upload (or fetching its URLs) and the stages above"
+    )
 
 
 class SegmentationPublic(BaseModel):

@@ -21,6 +21,7 @@ them with ``decode_image`` on its device.
 import asyncio
 import contextlib
 import io
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -100,8 +101,13 @@ def decode_image(
             image.load()
             tensor = pil_to_tensor(image)
             return tensor.pin_memory() if on_cuda else tensor
-    except Image.DecompressionBombError as e:
-        raise PayloadTooLargeError(f"{name}: {e}", code="image_too_large") from None
+    except Image.DecompressionBombError as e:  # past Pillow's own limit, far past ours
+        found = re.search(r"\((\d+) pixels\)", str(e))  # Pillow's message has the count
+        pixels = f"is {found[1]} pixels" if found else f"has more than {max_pixels} pixels"
+        raise PayloadTooLargeError(
+            f"{name}: the image {pixels}; at most {max_pixels} allowed (MAX_IMAGE_PIXELS)",
+            code="image_too_large",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadRequestError(
             f"{name}: corrupt or truncated {fmt} file ({e})", code="invalid_image"
@@ -116,7 +122,8 @@ def check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
         )
     if width * height > max_pixels:
         raise PayloadTooLargeError(
-            f"{name}: {width}x{height} is {width * height} pixels; at most {max_pixels} allowed",
+            f"{name}: {width}x{height} is {width * height} pixels; at most {max_pixels} "
+            "allowed (MAX_IMAGE_PIXELS)",
             code="image_too_large",
         )
 

@@ -131,8 +131,8 @@ class Predictor:
             )
         self.device = torch.device(device)
         self.info = info
-        self.precision = precision
         on_gpu = self.device.type == "cuda"
+        self.precision = precision if on_gpu else "fp32"  # what runs, not what was asked
         self.vectorized = on_gpu if vectorized is None else vectorized
         half = _AUTOCAST_DTYPES[precision] if on_gpu else None
         self.fused = half is not None if fused is None else fused
