@@ -160,8 +160,10 @@ async def segment_visualize(
     batcher: BatcherDep,
     settings: SettingsDep,
 ) -> Response:
-    """The image with masks, boxes, class names and scores drawn on it, as PNG."""
-    opts = options.model_copy(update={"mask_format": "rle"})
+    """The image with masks, boxes, class names and scores drawn on it, as PNG, a
+    colour per class; with `mask_format=none`, boxes and labels only."""
+    drawn_as = "none" if options.mask_format == "none" else "rle"  # exact masks to draw
+    opts = options.model_copy(update={"mask_format": drawn_as})
     decoded = []
 
     async def decode(predictor: ServedPredictor):  # decoded here, for the drawing too
