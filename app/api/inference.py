@@ -39,7 +39,7 @@ def to_predict_options(options: SegmentOptions, info: ModelInfo) -> PredictOptio
         mask_threshold=options.mask_threshold,
         max_detections=options.max_detections,
         classes=classes,
-        mask_format=options.mask_format,
+        mask_format=str(options.mask_format),  # the plain value: it crosses to model processes
     )
 
 

@@ -1,14 +1,17 @@
-"""The OpenAPI document, with two additions for client generators: binary file
-fields, and the bearer tokens each operation needs.
+"""The OpenAPI document, shaped for client generators: binary file fields, the
+bearer tokens each operation needs, and a name for every schema a client gets a
+class for (``SegmentForm``, ``ImageUrl``, ``ImageData``, ...; none is left to the
+generator to call ``BodySegment`` or ``ImageSourceType0``).
 
 Two HTTP bearer schemes, ``apiToken`` (``MASKRCNN_API_TOKENS``) and ``adminToken``
 (``MASKRCNN_ADMIN_TOKEN``), and each operation's ``security`` says which it takes,
 read from its auth dependencies (``app.api.auth.required_token``): admin routes list
 ``adminToken`` alone, other protected routes either one (the admin token grants
 them too), open routes (``/healthz``, ``/readyz``, ``/metrics`` unless
-``MASKRCNN_PROTECT_METRICS``) have no ``security``. The document describes a server
-with tokens configured; where ``MASKRCNN_API_TOKENS`` is unset, ``apiToken`` is
-not asked for.
+``MASKRCNN_PROTECT_METRICS``) have no ``security``. The document describes the
+server that serves it: where ``MASKRCNN_API_TOKENS`` is unset, inference is open
+and its operations have no ``security`` either (a generated client then calls
+them with a plain ``Client``).
 """
 
 import json
@@ -18,6 +21,7 @@ from fastapi import FastAPI
 
 from app.api.auth import required_token
 from app.api.routing import served_routes
+from app.api.schemas import IMAGE_SHAPES
 
 SECURITY_SCHEMES = {
     "apiToken": {
@@ -69,6 +73,8 @@ def add_security(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
         if getattr(route, "dependant", None) is None or not route.include_in_schema:
             continue
         needed = required_token(route, app, settings)
+        if needed == "api" and not settings.api_tokens:
+            needed = None  # inference is open on this server
         operations = schema["paths"].get(route.path_format, {})
         for method in route.methods:
             operation = operations.get(method.lower())
@@ -97,10 +103,32 @@ def use_error_shape(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+# FastAPI names a multipart body Body_<operation id>
+_FORM_NAMES = {
+    "Body_segment": "SegmentForm",
+    "Body_segment_visualize": "VisualizeForm",
+    "Body_create_dataset": "DatasetUpload",
+}
+
+
+def name_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """The multipart bodies renamed (``_FORM_NAMES``), and the two shapes of an
+    image source added (``app.api.schemas.IMAGE_SHAPES``)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for old, new in _FORM_NAMES.items():
+        if old in components:
+            components[new] = {**components.pop(old), "title": new}
+    components.update(IMAGE_SHAPES)
+    text = json.dumps(schema)
+    for old, new in _FORM_NAMES.items():
+        text = text.replace(f'"#/components/schemas/{old}"', f'"#/components/schemas/{new}"')
+    return json.loads(text)
+
+
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = mark_binary_fields(FastAPI.openapi(app))
+            schema = name_schemas(mark_binary_fields(FastAPI.openapi(app)))
             app.openapi_schema = use_error_shape(add_security(schema, app))
         return app.openapi_schema
 

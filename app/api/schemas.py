@@ -1,12 +1,19 @@
 """Wire schemas. Requests are named for what they do
 (``SegmentRequest``), responses carry the ``Public`` suffix."""
 
+import enum
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 
-MaskFormat = Literal["rle", "polygon", "none"]
+
+class MaskFormat(enum.StrEnum):
+    """How masks are returned: COCO compressed RLE, polygons, or not at all."""
+
+    RLE = "rle"
+    POLYGON = "polygon"
+    NONE = "none"
 
 
 class SegmentOptions(BaseModel):
@@ -20,11 +27,33 @@ class SegmentOptions(BaseModel):
         None, description="only these class ids or names (default: all)"
     )
     mask_format: MaskFormat = Field(
-        "rle", description="`rle` (COCO compressed RLE), `polygon` or `none`"
+        MaskFormat.RLE, description="`rle` (COCO compressed RLE), `polygon` or `none`"
     )
 
 
-_ABSENT = {"not": {}}  # JSON schema for "this property must not be there"
+# The two shapes of an ``ImageSource``, named in the OpenAPI document (added to its
+# components by ``app.api.openapi``), so generated clients get ImageUrl and
+# ImageData classes; neither takes the other's key.
+IMAGE_SHAPES = {
+    "ImageUrl": {
+        "type": "object",
+        "title": "ImageUrl",
+        "description": "an image fetched from an http(s) URL",
+        "properties": {"url": {"type": "string", "description": "http(s) URL of the image"}},
+        "required": ["url"],
+        "additionalProperties": False,
+    },
+    "ImageData": {
+        "type": "object",
+        "title": "ImageData",
+        "description": "an image sent inline",
+        "properties": {
+            "data": {"type": "string", "description": "base64 of a JPEG, PNG, WebP or BMP file"}
+        },
+        "required": ["data"],
+        "additionalProperties": False,
+    },
+}
 
 
 class ImageSource(BaseModel):
@@ -34,10 +63,7 @@ class ImageSource(BaseModel):
         extra="forbid",
         # the document says "exactly one" too, so clients and generators know
         json_schema_extra={
-            "oneOf": [
-                {"required": ["url"], "properties": {"url": {"type": "string"}, "data": _ABSENT}},
-                {"required": ["data"], "properties": {"data": {"type": "string"}, "url": _ABSENT}},
-            ]
+            "oneOf": [{"$ref": f"#/components/schemas/{name}"} for name in IMAGE_SHAPES]
         },
     )
 
@@ -111,6 +137,10 @@ class ClassPublic(BaseModel):
     name: str
 
 
+class ModelMetricsPublic(RootModel[dict[str, Any]]):
+    """A trained version's last validation: ``bbox`` and ``segm`` COCO stats, losses."""
+
+
 class ModelPublic(BaseModel):
     """A model this deployment can serve: a registry version (``model-…``), a
     built-in (``demo``, ``coco``, ``coco-v2``) or the start-up model."""
@@ -121,7 +151,7 @@ class ModelPublic(BaseModel):
     device: str | None = Field(None, description="where it runs; null when not loaded here")
     precision: str | None = Field(None, description="null when not loaded here")
     active: bool = Field(description="whether /v1/segment on this replica serves it now")
-    metrics: dict[str, Any] | None = Field(
+    metrics: ModelMetricsPublic | None = Field(
         None, description="evaluation of a trained version (COCO bbox/segm mAP, losses)"
     )
     base_model: str | None = Field(None, description="what a trained version started from")
@@ -161,7 +191,18 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 # -- training jobs ----------------------------------------------------
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+class JobState(enum.StrEnum):
+    """A training job's state; ``succeeded``, ``failed`` and ``cancelled`` are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class CocoStatsPublic(RootModel[dict[str, float]]):
+    """COCOeval's 12 stats by name (``AP``, ``AP50``, ... ``ARl``; -1 where undefined)."""
 
 
 class TrainingJobConfig(BaseModel):
@@ -218,8 +259,8 @@ class EpochMetricsPublic(BaseModel):
 
     epoch: int
     losses: dict[str, float | None] = Field(description="the epoch's mean training losses")
-    bbox: dict[str, float] | None = Field(None, description="null without a validation split")
-    segm: dict[str, float] | None = Field(None, description="null without a validation split")
+    bbox: CocoStatsPublic | None = Field(None, description="null without a validation split")
+    segm: CocoStatsPublic | None = Field(None, description="null without a validation split")
 
 
 class TrainingJobPublic(BaseModel):

@@ -153,42 +153,6 @@ def test_visualize_returns_a_png_of_the_input_size_drawn_where_masks_are(server)
     assert changed[covered].mean() > 0.9
 
 
-def test_generated_openapi_client_segments_with_typed_results(server, tmp_path):
-    import importlib
-    import subprocess
-    import sys
-
-    spec = tmp_path / "openapi.json"
-    spec.write_bytes(server.client.get("/openapi.json").content)
-    config = tmp_path / "config.yml"
-    config.write_text("content_type_overrides:\n  image/png: application/octet-stream\n")
-    package = tmp_path / "maskrcnn_client"
-    subprocess.run(
-        [
-            sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec),
-            "--meta", "none", "--config", str(config), "--output-path", str(package),
-        ],
-        check=True, capture_output=True, cwd=tmp_path,
-    )  # fmt: skip
-    sys.path.insert(0, str(tmp_path))
-    try:
-        client_mod = importlib.import_module("maskrcnn_client")
-        models = importlib.import_module("maskrcnn_client.models")
-        segment_api = importlib.import_module("maskrcnn_client.api.segmentation.segment")
-        types = importlib.import_module("maskrcnn_client.types")
-        client = client_mod.Client(base_url=server.url, timeout=httpx.Timeout(60))
-        upload = types.File(payload=io.BytesIO(PNGS[0]), file_name="a.png", mime_type="image/png")
-        body = models.BodySegment(images=[upload], score_threshold=0.5)
-        result = segment_api.sync(client=client, body=body)
-    finally:
-        sys.path.remove(str(tmp_path))
-    assert isinstance(result, models.SegmentationPublic), result
-    [image] = result.results
-    assert isinstance(image, models.ImageResultPublic) and image.width == 96
-    assert all(isinstance(d, models.DetectionPublic) for d in image.detections)
-    assert all(isinstance(d.mask, models.RleMaskPublic) for d in image.detections)
-
-
 def test_queue_full_503_deadline_504_and_disconnects_never_reach_the_model(checkpoint, tmp_path):
     # batches wait 2 s for company, so queued images stay queued: deterministic timing
     settings = {"max_batch_size": 8, "max_batch_delay_ms": 2000, "max_queue_size": 2}

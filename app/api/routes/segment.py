@@ -47,7 +47,7 @@ async def form_options(
         list[str] | None,
         Form(description="class names or ids: repeat the field or separate with commas"),
     ] = None,
-    mask_format: Annotated[MaskFormat, Form()] = "rle",
+    mask_format: Annotated[MaskFormat, Form()] = MaskFormat.RLE,
 ) -> SegmentOptions:
     wanted = [c.strip() for field in classes or [] for c in field.split(",") if c.strip()]
     return SegmentOptions(
@@ -148,8 +148,13 @@ async def segment_json(
     response_class=Response,
     responses={
         200: {
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "the annotated image",
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                # the same bytes, for clients (and generators) that take any binary
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "the annotated image (PNG; labelled application/octet-stream "
+            "when the request's Accept prefers it)",
         }
     },
 )
@@ -178,7 +183,16 @@ async def segment_visualize(
 
     [result] = await run_images(request, batcher, settings, decode, [opts])
     png = await asyncio.to_thread(render_png, decoded[0], result.result.detections)
-    return Response(png, media_type="image/png")
+    return Response(png, media_type=png_media_type(request.headers.get("accept", "")))
+
+
+def png_media_type(accept: str) -> str:
+    """``image/png``, unless ``Accept`` names ``application/octet-stream`` and not
+    ``image/png`` (a generic binary client)."""
+    wanted = {part.split(";")[0].strip() for part in accept.split(",")}
+    if "application/octet-stream" in wanted and not wanted & {"image/png", "image/*"}:
+        return "application/octet-stream"
+    return "image/png"
 
 
 async def gather_or_cancel(coroutines: list[Awaitable[T]]) -> list[T]:
