@@ -57,6 +57,16 @@ class UnavailableError(AppError):
         self.retry_after = seconds
 
 
+class DatabaseUnavailableError(UnavailableError):
+    """The database refused, failed or did not answer in time: routes that need it
+    answer 503; inference never does."""
+
+    code = "database_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message, retry_after=5)
+
+
 class QueueFullError(UnavailableError):
     code = "queue_full"
 

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # storage, jobs and auth
     data_dir: Path = Path("data")
     database_url: str | None = None
+    # connecting, a pooled connection, a statement, and every call the server makes:
+    # past it, routes that need the database answer 503 database_unavailable
+    database_timeout_s: float = Field(5.0, gt=0, le=300)
     api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_token: SecretStr | None = None
     run_worker: bool = True
@@ -136,6 +139,24 @@ class Settings(BaseSettings):
             raise ValueError("every token needs at least 8 characters")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        """SQLite or PostgreSQL (through psycopg 3), with a numeric port."""
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url  # here: the CLI's --help does not need it
+
+        expected = "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        try:
+            url = make_url(value)
+            url.port  # noqa: B018 - parsed lazily: a bad port raises here
+        except Exception as e:
+            raise ValueError(f"not a database URL ({e}); expected {expected}") from None
+        if url.drivername not in ("sqlite", "postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(f"{url.drivername!r} is not supported; expected {expected}")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -172,6 +193,8 @@ def load_settings(**overrides: Any) -> Settings:
             field = str(error["loc"][0]) if error["loc"] else "?"
             shown = error.get("input")
             shown = "***" if "token" in field else shown
+            if field == "database_url" and isinstance(shown, str):
+                shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", shown)  # no password
             problems.append(
                 f"{ENV_PREFIX}{field.upper()}={shown!s}: {error['msg']}"
                 if not isinstance(shown, dict)

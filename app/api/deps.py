@@ -1,7 +1,9 @@
 """What routes get from the app, as ``Annotated`` dependencies (tests override
 them). Nothing here builds a model: the lifespan does, once."""
 
-from typing import Annotated
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -36,9 +38,21 @@ async def get_database(service: ServiceDep) -> Database:
 DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
+def within_database_timeout(route: Callable) -> Callable:
+    """A plain ``def`` route that takes ``db: DatabaseDep``, run in the database's
+    own threads and answered within ``DATABASE_TIMEOUT_S`` (``Database.run``): 503
+    ``database_unavailable`` past it, and no thread anything else needs is held."""
+
+    @functools.wraps(route)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        return await kwargs["db"].run(route, *args, **kwargs)
+
+    return run
+
+
 def _not_ready(service: Service) -> NotReadyError:
     if service.state == State.FAILED:
-        return NotReadyError(f"the model failed to load ({service.error})", retry_after=30)
+        return NotReadyError(f"the service failed to start ({service.error})", retry_after=30)
     return NotReadyError(f"the model is not ready yet ({service.state})", retry_after=5)
 
 

@@ -11,13 +11,15 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Scope
 
 from app.api.responses import OrjsonResponse
 from app.api.routing import allowed_methods
-from app.errors import AppError
+from app.errors import AppError, DatabaseUnavailableError
 from model import (
     CheckpointError,
     DatasetError,
@@ -162,6 +164,17 @@ def internal_error_response(scope: Scope) -> Response:
     )
 
 
+async def _handle_database(request: Request, exc: SQLAlchemyError) -> Response:
+    """A database that refuses, drops or times out is 503 (the routes that need it);
+    any other database error is the server's (500)."""
+    if not isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError):
+        return internal_error_response(request.scope)
+    log.warning("database unavailable on %s: %s", request.url.path, exc)
+    return await _handle_app_error(
+        request, DatabaseUnavailableError("the database is unavailable; retry later")
+    )
+
+
 async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     return internal_error_response(request.scope)
 
@@ -169,6 +182,7 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _handle_app_error)
     app.add_exception_handler(ModelError, _handle_model_error)
+    app.add_exception_handler(SQLAlchemyError, _handle_database)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     error = run_server(settings, args.host, args.port)
     if error is not None:
         print(
-            f"maskrcnn serve: error: cannot serve model {settings.model!r}: {error}",
+            f"maskrcnn serve: error: {error}",
             file=sys.stderr,
         )
         return 1

@@ -20,18 +20,24 @@ them with ``decode_image`` on its device.
 
 import asyncio
 import contextlib
+import functools
 import io
+import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from model import pil_to_tensor
+
+T = TypeVar("T")
 
 ALLOWED = "JPEG, PNG, WebP or BMP"
 EXIF_ORIENTATION = 0x0112
@@ -201,6 +207,18 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image.flip(flips).contiguous() if flips else image.contiguous()
 
 
+# Decoding has threads of its own: a stalled database or anything else that waits
+# in threads cannot hold the ones images need.
+_DECODERS = ThreadPoolExecutor(
+    max(4, (os.cpu_count() or 1) + 2), thread_name_prefix="maskrcnn-decode"
+)
+
+
+async def in_decoder_threads(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_DECODERS, functools.partial(call, *args, **kwargs))
+
+
 async def decode_images(
     blobs: Sequence[bytes],
     *,
@@ -212,7 +230,7 @@ async def decode_images(
     """``decode_image`` for each blob, in threads; the first error wins."""
     names = names or [f"images[{i}]" for i in range(len(blobs))]
     tasks = [
-        asyncio.to_thread(
+        in_decoder_threads(
             decode_image, blob, max_pixels=max_pixels, name=name, device=device, keep_jpeg=keep_jpeg
         )
         for blob, name in zip(blobs, names, strict=True)

@@ -98,6 +98,12 @@ class Metrics:
 
     def _add_model(self, r: CollectorRegistry) -> None:
         self.ready = Gauge("maskrcnn_ready", "1 when /readyz answers 200", registry=r)
+        self.database_up = Gauge(
+            "maskrcnn_database_up",
+            "1 when the last database poll (every MODEL_POLL_S) was answered; /readyz "
+            "does not depend on it: inference works without the database",
+            registry=r,
+        )
         self.model = Gauge(
             "maskrcnn_model_info",
             "The model this replica serves now, by id (value is always 1)",

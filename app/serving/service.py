@@ -14,7 +14,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from app.errors import NotReadyError
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.errors import DatabaseUnavailableError, NotReadyError
 from app.serving.batching import Batcher
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor, build_predictor
@@ -44,7 +46,11 @@ class Service:
     def __init__(self, settings: Settings, *, load_predictor: PredictorLoader | None = None):
         self.settings = settings
         self.metrics = Metrics(max_batch_size=settings.max_batch_size)
-        self.db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+        self.db = Database(
+            settings.database_url_or_default,
+            data_dir=settings.data_dir,
+            timeout_s=settings.database_timeout_s,
+        )
         self.models = ModelSwitcher(
             settings,
             self.db,
@@ -97,19 +103,33 @@ class Service:
         predictor = None
         try:
             self._set_state(State.LOADING)
-            await asyncio.to_thread(self.db.create_schema)
+            await self._prepare_database()
             predictor = await self.models.load_initial()
             self._set_state(State.WARMING_UP)
             await self.models.serve_initial(predictor)
             self._set_state(State.READY)
             self._poller = asyncio.create_task(self.models.poll_database(), name="maskrcnn-poll")
         except Exception as e:
-            self._set_state(State.FAILED, f"{type(e).__name__}: {e}")
-            log.critical("cannot serve model %r: %s", self.settings.model, e)
+            what = f"serve model {self.settings.model!r}"
+            if isinstance(e, DatabaseUnavailableError):
+                what = "start"
+            self._set_state(State.FAILED, f"cannot {what}: {type(e).__name__}: {e}")
+            log.critical("%s", self.error)
             if predictor is not None and self.predictor is None:
                 await asyncio.to_thread(predictor.close)
             if self.on_fatal is not None:
                 self.on_fatal(e)
+
+    async def _prepare_database(self) -> None:
+        """Its tables; a database that cannot be reached is said to be one."""
+        try:
+            await asyncio.to_thread(self.db.create_schema)
+        except SQLAlchemyError as e:
+            url = self.db.engine.url.render_as_string(hide_password=True)
+            raise DatabaseUnavailableError(
+                f"the database at {url} (MASKRCNN_DATABASE_URL) cannot be used: "
+                f"{getattr(e, 'orig', None) or e}"
+            ) from None
 
     def _model_exited(self, predictor: ServedPredictor) -> None:
         """A model in a process of its own may exit (killed, crashed): when the

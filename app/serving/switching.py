@@ -68,7 +68,7 @@ class ModelSwitcher:
     async def load_initial(self) -> ServedPredictor:
         """The database's active model when there is one (a replica restarted after
         an activation serves it), else ``MASKRCNN_MODEL``."""
-        self._seen = await asyncio.to_thread(registry.read_activation, self.db)
+        self._seen = await self.db.run(registry.read_activation, self.db)
         wanted = self._seen.model_id if self._seen else None
         if wanted is not None and wanted != registry.startup_model_id(self.settings.model):
             log.info(
@@ -77,7 +77,7 @@ class ModelSwitcher:
                 self.settings.model,
             )
             try:
-                settings = await asyncio.to_thread(self._settings_for, wanted)
+                settings = await self.db.run(self._settings_for, wanted)
                 predictor = await self._load(settings)
             except Exception as e:
                 log.error(
@@ -159,12 +159,12 @@ class ModelSwitcher:
 
         ``NotFoundError`` for an unknown id, ``ActivationError`` when it cannot be
         loaded or warmed up (nothing changes then)."""
-        settings = await asyncio.to_thread(self._settings_for, model_id)
+        settings = await self.db.run(self._settings_for, model_id)
         async with self._swap_lock:
             self._check_ready()
 
             async def record() -> None:
-                self._seen = await asyncio.to_thread(registry.write_activation, self.db, model_id)
+                self._seen = await self.db.run(registry.write_activation, self.db, model_id)
 
             if self.predictor.info.id == model_id:
                 await record()
@@ -246,18 +246,21 @@ class ModelSwitcher:
             try:
                 await self.refresh_from_database()
             except Exception as e:  # a database hiccup must not stop the polling
+                self.metrics.database_up.set(0)
                 log.warning("cannot read the database: %s", e)
+            else:
+                self.metrics.database_up.set(1)
 
     async def refresh_from_database(self) -> None:
         """One poll: the jobs gauge, then a switch if another activation was recorded
         since the last one this replica acted on."""
-        counts = await asyncio.to_thread(registry.count_jobs, self.db)
+        counts = await self.db.run(registry.count_jobs, self.db)
         for state, count in counts.items():
             self.metrics.training_jobs.labels(state=state).set(count)
-        if await asyncio.to_thread(registry.read_activation, self.db) == self._seen:
+        if await self.db.run(registry.read_activation, self.db) == self._seen:
             return
         async with self._swap_lock:
-            activation = await asyncio.to_thread(registry.read_activation, self.db)
+            activation = await self.db.run(registry.read_activation, self.db)
             if activation is None or activation == self._seen or not self._ready():
                 return
             self._seen = activation  # a failed load is retried at the next activation only
@@ -265,7 +268,7 @@ class ModelSwitcher:
                 return
             log.info("model %r was activated; switching to it", activation.model_id)
             try:
-                settings = await asyncio.to_thread(self._settings_for, activation.model_id)
+                settings = await self.db.run(self._settings_for, activation.model_id)
                 await self._switch(settings)
             except Exception as e:
                 self.metrics.model_switches.labels(result="failed").inc()

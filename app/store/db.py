@@ -13,10 +13,14 @@ Times are timezone-aware UTC. Ids carry a prefix saying what they name:
 ``ds-…`` datasets, ``job-…`` training jobs, ``model-…`` trained model versions.
 """
 
+import asyncio
 import contextlib
 import fcntl
+import functools
+import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +40,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from app.errors import DatabaseUnavailableError
+
 SCHEMA_VERSION = 1
+DEFAULT_TIMEOUT_S = 5.0  # DATABASE_TIMEOUT_S
+THREADS = 4  # the database's own threads in one process
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -129,13 +137,36 @@ class SchemaError(RuntimeError):
 
 
 class Database:
-    """An engine and a session factory for one ``DATABASE_URL``."""
+    """An engine and a session factory for one ``DATABASE_URL``.
 
-    def __init__(self, url: str, *, data_dir: Path):
+    ``timeout_s`` bounds connecting, waiting for a pooled connection and each
+    statement on PostgreSQL, and every call made through
+    ``run``, which the server uses so that a slow or stalled database holds
+    none of the threads anything else needs."""
+
+    def __init__(self, url: str, *, data_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.url = url
         self.data_dir = Path(data_dir)
-        self.engine: Engine = _make_engine(url)
+        self.timeout_s = timeout_s
+        self.engine: Engine = _make_engine(url, timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._threads: ThreadPoolExecutor | None = None
+
+    async def run(self, call: Callable, /, *args, **kwargs):
+        """``call(*args, **kwargs)`` in the database's own threads (``THREADS``), or
+        ``DatabaseUnavailableError`` when it takes longer than ``timeout_s``: the
+        caller is answered in time, and a thread stuck on a stalled connection
+        stays the database's (calls queued behind it time out too)."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="maskrcnn-db")
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._threads, functools.partial(call, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except TimeoutError:
+            raise DatabaseUnavailableError(
+                f"the database did not answer within {self.timeout_s:g} s (DATABASE_TIMEOUT_S)"
+            ) from None
 
     @property
     def is_sqlite(self) -> bool:
@@ -156,6 +187,7 @@ class Database:
         safe when several processes start at once)."""
         with self._creation_lock(), Session(self.engine) as session, session.begin():
             if self.is_postgresql:  # serialise concurrent start-ups on one database
+                session.execute(text("SET LOCAL statement_timeout = 0"))  # the lock may wait
                 session.execute(text("SELECT pg_advisory_xact_lock(724513)"))
             Base.metadata.create_all(session.connection())
             row = session.get(Meta, "schema_version")
@@ -194,11 +226,16 @@ class Database:
         return self.data_dir / relative
 
     def dispose(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, timeout_s: float) -> Engine:
     if url.startswith("sqlite"):
+        # a writer waits up to 30 s for another process's lock (the worker and a
+        # training process write progress); the server's calls are still answered
+        # within timeout_s, by Database.run
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -212,4 +249,15 @@ def _make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, not psycopg2
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    connect_args = {
+        "connect_timeout": max(1, math.ceil(timeout_s)),
+        "options": f"-c statement_timeout={int(timeout_s * 1000)}",
+    }
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=timeout_s,
+        connect_args=connect_args,
+    )

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from app.api.auth import AdminToken
-from app.api.deps import DatabaseDep, SettingsDep
+from app.api.deps import DatabaseDep, SettingsDep, within_database_timeout
 from app.api.schemas import ClassPublic, DatasetPublic, DatasetsPublic, error_responses
 from app.store.db import DatasetRecord
 from app.training import datasets
@@ -73,6 +73,7 @@ def create_dataset(
 
 
 @router.get("", name="list_datasets", response_model=DatasetsPublic)
+@within_database_timeout
 def list_datasets(
     db: DatabaseDep,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -89,6 +90,7 @@ def list_datasets(
     response_model=DatasetPublic,
     responses=error_responses(404),
 )
+@within_database_timeout
 def get_dataset(dataset_id: str, db: DatabaseDep) -> DatasetPublic:
     """One dataset by id."""
     return to_public(datasets.get_dataset(db, dataset_id))
@@ -101,6 +103,7 @@ def get_dataset(dataset_id: str, db: DatabaseDep) -> DatasetPublic:
     response_class=Response,
     responses=error_responses(404, 409),
 )
+@within_database_timeout
 def delete_dataset(dataset_id: str, db: DatabaseDep) -> Response:
     """Delete a dataset and its files; 409 while a queued or running training job uses it."""
     datasets.delete_dataset(db, dataset_id)

@@ -25,7 +25,7 @@ async def readyz(service: ServiceDep) -> ReadinessPublic:
     """200 only when the model is loaded, warmed up, and the server is not draining."""
     if not service.ready or service.predictor is None:
         reason = {
-            State.FAILED: f"the model failed to load ({service.error})",
+            State.FAILED: f"the service failed to start ({service.error})",
             State.DRAINING: "the server is shutting down",
         }.get(service.state, f"the model is not ready yet ({service.state})")
         raise NotReadyError(reason, retry_after=5)

@@ -1,7 +1,6 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
 start-up model, the served one) and activation."""
 
-import asyncio
 
 from fastapi import APIRouter
 
@@ -80,7 +79,7 @@ def known_models(service: Service, predictor: ServedPredictor) -> list[ModelPubl
 async def list_models(service: ServiceDep, predictor: PredictorDep) -> ModelsPublic:
     """Models this deployment knows; `active` marks the one this replica serves. The
     built-in ids `demo`, `coco` and `coco-v2` can be activated even when not listed."""
-    models = await asyncio.to_thread(known_models, service, predictor)
+    models = await service.db.run(known_models, service, predictor)
     return ModelsPublic(data=models, count=len(models))
 
 
@@ -89,7 +88,7 @@ async def list_models(service: ServiceDep, predictor: PredictorDep) -> ModelsPub
 )
 async def get_model(model_id: str, service: ServiceDep, predictor: PredictorDep) -> ModelPublic:
     """One model by id, with its class table."""
-    for model in await asyncio.to_thread(known_models, service, predictor):
+    for model in await service.db.run(known_models, service, predictor):
         if model.id == model_id:
             return model
     raise NotFoundError(f"no model with id {model_id!r}; GET /v1/models lists them")

@@ -23,7 +23,7 @@ from app.api.schemas import (
     error_responses,
 )
 from app.errors import BadRequestError
-from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
+from app.inputs.decoding import EncodedJpeg, decode_image, decode_images, in_decoder_threads
 from app.inputs.urlfetch import ByteBudget
 from app.serving.predictors import ServedPredictor
 from app.serving.visualize import render_png
@@ -127,9 +127,9 @@ async def segment_json(
         if source.url is not None:
             data = await fetcher.fetch(source.url, name=name, budget=budget)
         else:
-            data = await asyncio.to_thread(decode_base64, source.data, f"{name}.data")
+            data = await in_decoder_threads(decode_base64, source.data, f"{name}.data")
         max_pixels = settings.max_image_pixels
-        return await asyncio.to_thread(
+        return await in_decoder_threads(
             decode_image, data, max_pixels=max_pixels, name=name, **target
         )
 
@@ -175,14 +175,14 @@ async def segment_visualize(
         blob = await image.read()
         name = image.filename or "image"
         decoded.append(
-            await asyncio.to_thread(
+            await in_decoder_threads(
                 decode_image, blob, max_pixels=settings.max_image_pixels, name=name
             )
         )
         return decoded
 
     [result] = await run_images(request, batcher, settings, decode, [opts])
-    png = await asyncio.to_thread(render_png, decoded[0], result.result.detections)
+    png = await in_decoder_threads(render_png, decoded[0], result.result.detections)
     return Response(png, media_type=png_media_type(request.headers.get("accept", "")))
 
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.auth import AdminToken
-from app.api.deps import DatabaseDep, ServiceDep
+from app.api.deps import DatabaseDep, ServiceDep, within_database_timeout
 from app.api.schemas import (
     JobState,
     TrainingJobCreate,
@@ -63,6 +63,7 @@ def job_public(job: TrainingJobRecord) -> TrainingJobPublic:
     response_model=TrainingJobPublic,
     responses=error_responses(400, 422),
 )
+@within_database_timeout
 def create_training_job(body: TrainingJobCreate, db: DatabaseDep) -> TrainingJobPublic:
     """Queue a training job on an uploaded dataset; a worker picks it up.
 
@@ -73,6 +74,7 @@ def create_training_job(body: TrainingJobCreate, db: DatabaseDep) -> TrainingJob
 
 
 @router.get("", name="list_training_jobs", response_model=TrainingJobsPublic)
+@within_database_timeout
 def list_training_jobs(
     db: DatabaseDep,
     state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
@@ -89,6 +91,7 @@ def list_training_jobs(
     response_model=TrainingJobPublic,
     responses=error_responses(404),
 )
+@within_database_timeout
 def get_training_job(job_id: str, db: DatabaseDep) -> TrainingJobPublic:
     """One job: state, progress, per-epoch metrics, the model it produced or its error."""
     return job_public(jobs.get_job(db, job_id))
@@ -101,6 +104,7 @@ def get_training_job(job_id: str, db: DatabaseDep) -> TrainingJobPublic:
     response_model=TrainingJobPublic,
     responses=error_responses(404, 409),
 )
+@within_database_timeout
 def cancel_training_job(job_id: str, db: DatabaseDep) -> TrainingJobPublic:
     """A queued job is `cancelled` at once; a running one gets `cancel_requested` and
     its worker stops it (then `cancelled`); a finished one is a 409."""
@@ -143,7 +147,7 @@ async def stream_training_job_events(
     Every event's `id` says what the client has had of the job, so a reconnect
     with `Last-Event-ID` (or `?last_event_id=`; the header wins), to any replica,
     gets only what it missed; an id that is not one of this job's replays all."""
-    job = await asyncio.to_thread(jobs.get_job, db, job_id)  # a 404 before streaming
+    job = await db.run(jobs.get_job, db, job_id)  # a 404 before streaming
     had = Cursor.parse(last_event_id or last_event_id_query, job_public(job))
     if had.stage == DONE:  # 204 tells an EventSource to stop reconnecting
         return Response(status_code=204)
@@ -176,7 +180,7 @@ async def job_events(
         if service.state in ("draining", "stopped") or await request.is_disconnected():
             return
         await asyncio.sleep(POLL_S)
-        job = await asyncio.to_thread(jobs.get_job, db, job_id)
+        job = await db.run(jobs.get_job, db, job_id)
 
 
 STAGES = {"queued": 1, "running": 2}  # 0: no state sent yet; 3: a final state

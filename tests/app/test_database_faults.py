@@ -1,0 +1,184 @@
+"""A database that refuses, stalls or is locked never takes inference down: with
+PostgreSQL behind a TCP proxy that refuses, stalls and recovers, and with a
+SQLite file another process holds locked, ``/v1/segment`` keeps answering in its
+usual time and ``/readyz`` stays 200, while the routes that need the database
+answer 503 ``database_unavailable`` within ``DATABASE_TIMEOUT_S`` and work again
+once the database is back."""
+
+import concurrent.futures
+import contextlib
+import socket
+import sqlite3
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.app.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
+    add_dataset,
+    job_store,
+    running_server,
+    throwaway_database,
+    wait_for,
+)
+from tests.app.test_server import PNGS
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 2.0  # MASKRCNN_DATABASE_TIMEOUT_S of these servers
+
+
+class FaultyProxy:
+    """TCP to PostgreSQL, in one of three modes: ``pass`` forwards; ``refuse``
+    closes each new connection at once; ``stall`` accepts and forwards nothing,
+    on new and open connections alike (a database that hangs). ``heal`` drops
+    the stalled connections and passes again."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.mode = "pass"
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode == "refuse":
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                while self.mode == "stall":  # hold what came until healed (or dropped)
+                    time.sleep(0.05)
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def drop_connections(self) -> None:
+        with self.lock:
+            dropped, self.open = self.open, []
+        for end in dropped:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+    def heal(self) -> None:
+        self.drop_connections()
+        self.mode = "pass"
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_connections()
+
+
+def segment(url: str) -> tuple[int, float]:
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=30) as client:
+        files = [("images", ("a.png", PNGS[0], "image/png"))]
+        response = client.post("/v1/segment", files=files)
+    return response.status_code, time.monotonic() - started
+
+
+def database_call(url: str, path: str, method: str = "GET") -> tuple[int, str, float]:
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        response = client.request(method, path, headers=AS_ADMIN)
+    code = response.json()["error"]["code"] if response.status_code >= 400 else ""
+    return response.status_code, code, time.monotonic() - started
+
+
+def inference_holds_while(server, calls: list[tuple[str, str]]) -> list[tuple[int, str, float]]:
+    """Send the database ``calls`` at once, and segment requests one after the
+    other meanwhile: each segment must be answered in its usual time."""
+    usual = max(segment(server.url)[1] for _ in range(3))
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        waiting = [pool.submit(database_call, server.url, path, method) for method, path in calls]
+        time.sleep(0.2)  # the database calls are in
+        while not all(w.done() for w in waiting):
+            status, seconds = segment(server.url)
+            assert status == 200
+            assert seconds < max(2.0, 5 * usual), f"segment took {seconds:.1f} s"
+            assert server.client.get("/readyz").status_code == 200
+        return [w.result() for w in waiting]
+
+
+def assert_unavailable_in_time(answers: list[tuple[int, str, float]]) -> None:
+    for status, code, seconds in answers:
+        assert (status, code) == (503, "database_unavailable")
+        assert seconds < TIMEOUT_S + 3, f"answered after {seconds:.1f} s"
+
+
+@pytest.fixture
+def proxied(checkpoint, tmp_path):
+    with throwaway_database("faults") as url:
+        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])
+        proxy = FaultyProxy((host, port))
+        database_url = url.replace(f":{port}/", f":{proxy.port}/")
+        settings = {
+            "database_url": database_url,
+            "database_timeout_s": TIMEOUT_S,
+            "model_poll_s": 0.5,
+            "run_worker": False,
+            "admin_token": ADMIN_TOKEN,
+        }
+        try:
+            with running_server(checkpoint, tmp_path, **settings) as server:
+                server.wait_ready()
+                yield server, proxy
+        finally:
+            proxy.close()
+
+
+def test_a_stalled_or_refusing_postgresql_never_stops_inference(proxied):
+    server, proxy = proxied
+    calls = [("GET", "/v1/models")] * 8 + [("GET", "/v1/datasets"), ("GET", "/v1/training-jobs")]
+    assert all(status == 200 for status, _, _ in inference_holds_while(server, calls[:2]))
+
+    proxy.mode = "stall"
+    assert_unavailable_in_time(inference_holds_while(server, calls))
+    wait_for(lambda: server.metric("maskrcnn_database_up") == 0, 10, "the database gauge")
+
+    proxy.mode = "refuse"
+    proxy.drop_connections()  # what the stall left open fails now
+    assert_unavailable_in_time(inference_holds_while(server, calls))
+
+    proxy.heal()
+    wait_for(lambda: database_call(server.url, "/v1/models")[0] == 200, 30, "the database is back")
+    assert all(status == 200 for status, _, _ in inference_holds_while(server, calls))
+    wait_for(lambda: server.metric("maskrcnn_database_up") == 1, 10, "the database gauge")
+
+
+def test_a_sqlite_file_locked_by_another_process_never_stops_inference(checkpoint, tmp_path):
+    data_dir = tmp_path / "data"
+    db = job_store(data_dir)
+    dataset_id = add_dataset(db, num_images=2)
+    db.dispose()
+    settings = {"database_timeout_s": TIMEOUT_S, "run_worker": False, "admin_token": ADMIN_TOKEN}
+    with running_server(checkpoint, tmp_path, data_dir=data_dir, **settings) as server:
+        server.wait_ready()
+        holder = sqlite3.connect(data_dir / "maskrcnn.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # as another process writing would
+        try:
+            calls = [("DELETE", f"/v1/datasets/{dataset_id}")] * 2
+            assert_unavailable_in_time(inference_holds_while(server, calls))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert database_call(server.url, f"/v1/datasets/{dataset_id}", "DELETE")[0] == 204
