@@ -8,14 +8,23 @@ from dataclasses import dataclass
 
 import torch
 
+from model.errors import InvalidImageError
+
+
+def resized_size(height: int, width: int, *, min_size: float, max_size: float) -> tuple[int, int]:
+    """The size torchvision's ``GeneralizedRCNNTransform`` resizes one image to
+    (its ``_resize_image_and_masks``): the shorter side to ``min_size``, unless
+    the longer would pass ``max_size``."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
 
 def padded_input_size(
     height: int, width: int, *, min_size: float, max_size: float, size_divisible: int
 ) -> tuple[int, int]:
     """The padded size torchvision's ``GeneralizedRCNNTransform`` gives one image
     (same arithmetic as its ``_resize_image_and_masks`` and ``batch_images``)."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    resized = (math.floor(height * scale), math.floor(width * scale))
+    resized = resized_size(height, width, min_size=min_size, max_size=max_size)
     return tuple(padded_side(s, size_divisible) for s in resized)
 
 
@@ -34,6 +43,20 @@ class InputGeometry:
     max_size: float
     size_divisible: int
     fixed: bool = False
+
+    def check(self, height: int, width: int, name: str = "image") -> None:
+        """``InvalidImageError`` for an image so thin that the resize would leave
+        less than a pixel across (the network cannot run it)."""
+        if self.fixed:
+            return
+        resized = resized_size(height, width, min_size=self.min_size, max_size=self.max_size)
+        if min(resized) < 1:
+            raise InvalidImageError(
+                f"{name}: a {width}x{height} image is too thin for this model: resized "
+                f"(shorter side to {self.min_size:g} px, longer at most {self.max_size:g} px) "
+                f"it would be less than a pixel across; the longer side may be at most "
+                f"{math.floor(self.max_size):d} times the shorter"
+            )
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         return padded_input_size(

@@ -111,6 +111,9 @@ async def run_images(
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
         images = await decode(ticket.predictor)
+        if (geometry := ticket.predictor.input_geometry) is not None:
+            for i, image in enumerate(images):  # before the queue: a batch never fails on it
+                geometry.check(int(image.shape[-2]), int(image.shape[-1]), f"images[{i}]")
         try:
             return await await_or_abort(
                 request, ticket.submit(images, resolved, deadline=deadline), deadline

@@ -4,6 +4,7 @@ in-flight count (graceful drain waits for it) and request metrics."""
 import re
 import time
 import uuid
+from urllib.parse import unquote
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -13,6 +14,8 @@ from app.api.error_handlers import error_response, internal_error_response
 from app.serving.service import Service
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# in no id, name or parameter of ours; PostgreSQL refuses NUL in text outright
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RequestContextMiddleware:
@@ -64,6 +67,11 @@ class RequestContextMiddleware:
             if _declared_length(headers) > limit:
                 message = _too_large(limit, setting)
                 response = error_response(413, "payload_too_large", message, request_id)
+                await response(scope, receive, send_with_id)
+                return
+            if _CONTROL.search(scope["path"]) or _CONTROL.search(unquote(_query(scope))):
+                message = "the URL holds control characters (NUL, newlines, ...)"
+                response = error_response(400, "bad_request", message, request_id)
                 await response(scope, receive, send_with_id)
                 return
             await self.app(scope, self._limited(receive, limit, setting), send_with_id)
@@ -119,3 +127,7 @@ def route_label(scope: Scope) -> str:
     if scope.get("endpoint") is not None and not scope.get("path_params"):
         return scope["path"]
     return "unmatched"
+
+
+def _query(scope: Scope) -> str:
+    return scope.get("query_string", b"").decode("latin-1")

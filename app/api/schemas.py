@@ -3,9 +3,19 @@
 
 import enum
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, model_validator
+
+
+def printable(text: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError("control characters (NUL, newlines, ...) are not allowed")
+    return text
+
+
+# a string that is stored: no control characters (PostgreSQL refuses NUL in text)
+Printable = Annotated[str, AfterValidator(printable)]
 
 
 class MaskFormat(enum.StrEnum):
@@ -191,6 +201,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
 
 # -- training jobs ----------------------------------------------------
 
+
 class JobState(enum.StrEnum):
     """A training job's state; ``succeeded``, ``failed`` and ``cancelled`` are final."""
 
@@ -210,7 +221,7 @@ class TrainingJobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(
+    base_model: Printable = Field(
         "demo",
         min_length=1,
         max_length=64,
@@ -240,7 +251,7 @@ class TrainingJobConfig(BaseModel):
 
 
 class TrainingJobCreate(TrainingJobConfig):
-    dataset_id: str = Field(min_length=1, max_length=64, description="from POST /v1/datasets")
+    dataset_id: Printable = Field(min_length=1, max_length=64, description="from POST /v1/datasets")
 
 
 class TrainingProgressPublic(BaseModel):

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import DatabaseUnavailableError, NotReadyError
@@ -125,7 +126,7 @@ class Service:
         try:
             await asyncio.to_thread(self.db.create_schema)
         except SQLAlchemyError as e:
-            url = self.db.engine.url.render_as_string(hide_password=True)
+            url = make_url(self.db.url).render_as_string(hide_password=True)  # as configured
             raise DatabaseUnavailableError(
                 f"the database at {url} (MASKRCNN_DATABASE_URL) cannot be used: "
                 f"{getattr(e, 'orig', None) or e}"

@@ -164,6 +164,8 @@ class Predictor:
             check_options(opts)
         for image in images:
             check_image(image)
+            if self.input_geometry is not None:
+                self.input_geometry.check(int(image.shape[1]), int(image.shape[2]))
         batch = [image.to(self.device, non_blocking=True) for image in images]  # as uint8
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
         if not batch:

@@ -182,3 +182,57 @@ def test_a_sqlite_file_locked_by_another_process_never_stops_inference(checkpoin
             holder.execute("ROLLBACK")
             holder.close()
         assert database_call(server.url, f"/v1/datasets/{dataset_id}", "DELETE")[0] == 204
+
+
+@pytest.fixture
+def on_postgresql(checkpoint, tmp_path):
+    with throwaway_database("inputs") as url:
+        settings = {"database_url": url, "run_worker": False, "admin_token": ADMIN_TOKEN}
+        with running_server(checkpoint, tmp_path, **settings) as server:
+            server.wait_ready()
+            yield server
+
+
+def test_control_characters_in_ids_and_stored_strings_are_4xx_on_postgresql(on_postgresql):
+    client = on_postgresql.client
+    for path in ("/v1/datasets/ds-%00x", "/v1/training-jobs/job-%0A", "/v1/models/m%00"):
+        response = client.get(path, headers=AS_ADMIN)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["code"] == "bad_request"
+    job = client.post("/v1/training-jobs", json={"dataset_id": "ds-\x00"}, headers=AS_ADMIN)
+    assert job.status_code == 422 and "control characters" in job.json()["error"]["message"]
+    upload = client.post(
+        "/v1/datasets",
+        files={"file": ("d.zip", b"PK\x05\x06" + b"\x00" * 18, "application/zip")},
+        data={"name": "bad\x00name"},
+        headers=AS_ADMIN,
+    )
+    assert upload.status_code == 422 and "name: control characters" in upload.text
+    assert client.get("/v1/datasets", headers=AS_ADMIN).status_code == 200  # still serving
+    assert segment(on_postgresql.url)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://bob:s3cret@db/x", "postgresql+psycopg2://bob:s3cret@db/x", "postgresql://db:port/x"],
+)
+def test_a_database_url_that_cannot_be_used_stops_start_up_naming_the_variable(tmp_path, url):
+    from tests.app.test_serve_command import serve
+
+    result = serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
+    assert result.returncode == 2
+    assert "MASKRCNN_DATABASE_URL" in result.stderr and "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_database_at_start_up_is_reported_as_one(tmp_path):
+    from tests.app.test_serve_command import serve
+
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    url = f"postgresql://bob:s3cret@127.0.0.1:{port}/x"
+    result = serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
+    assert result.returncode == 1
+    assert "the database at postgresql://bob:***@127.0.0.1" in result.stderr
+    assert "cannot serve model" not in result.stderr and "s3cret" not in result.stderr

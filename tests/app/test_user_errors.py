@@ -2,9 +2,11 @@
 ``maskrcnn serve``: the field that was wrong in one path style (``images[0]``),
 what was expected, and a hint for the usual mistakes."""
 
+import base64
 import struct
 import zlib
 
+import numpy as np
 import pytest
 
 from tests.app.conftest import AS_ADMIN, png_bytes, running_server, scene
@@ -119,3 +121,30 @@ def test_half_precision_on_the_cpu_is_reported_and_fp32_is_served(tmp_path):
         (served,) = [m for m in server.client.get("/v1/models").json()["data"] if m["active"]]
         assert served["precision"] == "fp32"
         assert "MASKRCNN_PRECISION=fp16 has no effect on cpu: serving fp32" in server.log()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    with running_server("demo", tmp_path_factory.mktemp("thin")) as server:
+        server.wait_ready()
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(385, 1), (10000, 1), (1, 10000), (4000, 8), (3, 2000)]
+)
+def test_an_image_too_thin_for_the_network_is_a_400_naming_the_limit(demo_server, width, height):
+    png = png_bytes(np.full((height, width, 3), 128, dtype=np.uint8))
+    b64 = base64.b64encode(png).decode()
+    client = demo_server.client
+    for response in (
+        client.post("/v1/segment", files=[("images", ("thin.png", png, "image/png"))]),
+        client.post("/v1/segment/json", json={"images": [{"data": b64}]}),
+        client.post("/v1/segment/visualize", files=[("image", ("thin.png", png, "image/png"))]),
+    ):
+        message = error_of(response, 400)
+        assert response.json()["error"]["code"] == "invalid_image"
+        assert f"a {width}x{height} image is too thin for this model" in message
+        assert "the longer side may be at most 384 times the shorter" in message
+    fine = png_bytes(np.full((2, 384, 3), 128, dtype=np.uint8))  # just inside the limit
+    assert client.post("/v1/segment", files=[("images", ("ok.png", fine, "image/png"))]).is_success

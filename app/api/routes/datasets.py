@@ -11,7 +11,13 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from app.api.auth import AdminToken
 from app.api.deps import DatabaseDep, SettingsDep, within_database_timeout
-from app.api.schemas import ClassPublic, DatasetPublic, DatasetsPublic, error_responses
+from app.api.schemas import (
+    ClassPublic,
+    DatasetPublic,
+    DatasetsPublic,
+    Printable,
+    error_responses,
+)
 from app.store.db import DatasetRecord
 from app.training import datasets
 
@@ -60,7 +66,8 @@ def create_dataset(
     db: DatabaseDep,
     settings: SettingsDep,
     name: Annotated[
-        str | None, Form(min_length=1, max_length=200, description="default: the zip's name")
+        Printable | None,
+        Form(min_length=1, max_length=200, description="default: the zip's name"),
     ] = None,
 ) -> DatasetPublic:
     """Upload a COCO dataset zip. It is checked in full (paths, sizes, every image
