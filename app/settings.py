@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     max_dataset_mb: float = Field(2048.0, gt=0)
     max_dataset_unpacked_mb: float = Field(8192.0, gt=0)
     max_dataset_files: int = Field(50_000, ge=1)
+    # what its annotations.json may list
+    max_dataset_images: int = Field(50_000, ge=1)
+    max_dataset_annotations: int = Field(1_000_000, ge=1)
+    max_dataset_categories: int = Field(1_000, ge=1)
 
     # storage, jobs and auth
     data_dir: Path = Path("data")

@@ -171,8 +171,8 @@ class ModelPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
-    data: list[ModelPublic]
-    count: int
+    data: list[ModelPublic] = Field(description="one page of `count`")
+    count: int = Field(description="models in all")
 
 
 class HealthPublic(BaseModel):
@@ -291,8 +291,8 @@ class TrainingJobPublic(BaseModel):
 
 
 class TrainingJobsPublic(BaseModel):
-    data: list[TrainingJobPublic] = Field(description="newest first")
-    count: int
+    data: list[TrainingJobPublic] = Field(description="newest first; one page of `count`")
+    count: int = Field(description="jobs (in the asked state) in all")
 
 
 # -- datasets -------------------------------------------------------------

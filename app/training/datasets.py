@@ -86,6 +86,7 @@ def check_upload(upload: BinaryIO, staging: Path, settings: Settings) -> tuple[E
     """Extract into ``staging`` and check every file and annotation."""
     extracted = extract_zip(upload, staging, archive_limits(settings))
     coco = read_annotations(extracted)
+    check_counts(coco, settings)
     problems = validate_coco(
         coco,
         extracted,
@@ -96,6 +97,23 @@ def check_upload(upload: BinaryIO, staging: Path, settings: Settings) -> tuple[E
     if problems:
         raise DatasetError("the dataset was rejected", problems)
     return extracted, coco
+
+
+def check_counts(coco: dict, settings: Settings) -> None:
+    """Images, annotations and categories within their settings, before anything
+    looks at them one by one."""
+    limits = (
+        ("images", settings.max_dataset_images, "MAX_DATASET_IMAGES"),
+        ("annotations", settings.max_dataset_annotations, "MAX_DATASET_ANNOTATIONS"),
+        ("categories", settings.max_dataset_categories, "MAX_DATASET_CATEGORIES"),
+    )
+    problems = [
+        f"{ANNOTATIONS_FILE} lists {len(coco[key])} {key}; at most {limit} ({setting})"
+        for key, limit, setting in limits
+        if len(coco[key]) > limit
+    ]
+    if problems:
+        raise DatasetError("the dataset was rejected", problems)
 
 
 def read_annotations(extracted: Extracted) -> dict:

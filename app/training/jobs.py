@@ -93,16 +93,16 @@ def get_job(db: Database, job_id: str) -> TrainingJobRecord:
 
 
 def list_jobs(
-    db: Database, *, state: str | None = None, limit: int = 50
-) -> list[TrainingJobRecord]:
-    """Newest first."""
-    query = select(TrainingJobRecord).order_by(
-        TrainingJobRecord.created_at.desc(), TrainingJobRecord.id.desc()
-    )
+    db: Database, *, state: str | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[TrainingJobRecord], int]:
+    """One page, newest first, and how many jobs (in ``state``) there are in all."""
+    query = select(TrainingJobRecord)
     if state is not None:
         query = query.where(TrainingJobRecord.state == state)
+    newest = query.order_by(TrainingJobRecord.created_at.desc(), TrainingJobRecord.id.desc())
     with db.session() as session:
-        return list(session.scalars(query.limit(limit)))
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+        return list(session.scalars(newest.offset(offset).limit(limit))), total
 
 
 def request_cancel(db: Database, job_id: str) -> TrainingJobRecord:

@@ -22,6 +22,7 @@ from model.training.synthetic import SHAPE_CLASSES, generate_dataset
 from tests.app.conftest import (
     ADMIN_TOKEN,
     AS_ADMIN,
+    add_dataset,
     fake_client,
     job_store,
     png_bytes,
@@ -488,3 +489,39 @@ def test_start_up_sweeps_what_a_crashed_upload_left_but_not_a_fresh_one(tmp_path
     with fake_client(admin_token=ADMIN_TOKEN, data_dir=data_dir, run_worker=False):
         assert not stale.exists()
         assert (fresh / "images" / "a.png").read_bytes() == b"half written"
+
+
+def test_counts_past_their_settings_are_refused_naming_each(tmp_path):
+    def many(coco):
+        coco["categories"] += [{"id": 100 + i, "name": f"c{i}"} for i in range(5)]
+        coco["annotations"] += [{**coco["annotations"][0], "id": 10 + i} for i in range(3)]
+
+    limits = {"max_dataset_categories": 5, "max_dataset_annotations": 4}
+    with fake_client(admin_token=ADMIN_TOKEN, data_dir=tmp_path / "data", **limits) as client:
+        response = upload(client, with_coco(many))
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_dataset"
+        message = response.json()["error"]["message"]
+        for expected in (
+            "annotations.json lists 6 categories; at most 5 (MAX_DATASET_CATEGORIES)",
+            "annotations.json lists 5 annotations; at most 4 (MAX_DATASET_ANNOTATIONS)",
+        ):
+            assert expected in message, message
+        assert "MAX_DATASET_IMAGES" not in message
+        assert client.get("/v1/datasets", headers=AS_ADMIN).json()["count"] == 0
+        assert upload(client, with_coco(lambda coco: None)).status_code == 201  # still served
+
+
+def test_training_jobs_and_models_are_listed_a_page_at_a_time(tmp_path):
+    with fake_client(admin_token=ADMIN_TOKEN, data_dir=tmp_path / "data") as client:
+        db = client.app.state.service.db
+        dataset_id = add_dataset(db, num_images=2)
+        made = [add_job(db, dataset_id, "succeeded") for _ in range(5)]
+        pages = [
+            client.get(f"/v1/training-jobs?offset={offset}&limit=2", headers=AS_ADMIN).json()
+            for offset in (0, 2, 4)
+        ]
+        assert [page["count"] for page in pages] == [5, 5, 5]
+        listed = [job["id"] for page in pages for job in page["data"]]
+        assert sorted(listed) == sorted(made) and len(set(listed)) == 5
+        first = client.get("/v1/models?limit=1").json()
+        assert len(first["data"]) == 1 and first["data"][0]["active"] and first["count"] >= 1

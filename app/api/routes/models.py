@@ -2,7 +2,9 @@
 start-up model, the served one) and activation."""
 
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from app.api.auth import AdminToken, ApiToken
 from app.api.deps import PredictorDep, ServiceDep
@@ -76,11 +78,16 @@ def known_models(service: Service, predictor: ServedPredictor) -> list[ModelPubl
 
 
 @router.get("", name="list_models", response_model=ModelsPublic)
-async def list_models(service: ServiceDep, predictor: PredictorDep) -> ModelsPublic:
+async def list_models(
+    service: ServiceDep,
+    predictor: PredictorDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ModelsPublic:
     """Models this deployment knows; `active` marks the one this replica serves. The
     built-in ids `demo`, `coco` and `coco-v2` can be activated even when not listed."""
     models = await service.db.run(known_models, service, predictor)
-    return ModelsPublic(data=models, count=len(models))
+    return ModelsPublic(data=models[offset : offset + limit], count=len(models))
 
 
 @router.get(

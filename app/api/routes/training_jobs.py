@@ -78,11 +78,12 @@ def create_training_job(body: TrainingJobCreate, db: DatabaseDep) -> TrainingJob
 def list_training_jobs(
     db: DatabaseDep,
     state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> TrainingJobsPublic:
-    """Training jobs, newest first."""
-    found = [job_public(job) for job in jobs.list_jobs(db, state=state, limit=limit)]
-    return TrainingJobsPublic(data=found, count=len(found))
+    """Training jobs, newest first, a page at a time (`offset`, `limit`)."""
+    found, total = jobs.list_jobs(db, state=state, limit=limit, offset=offset)
+    return TrainingJobsPublic(data=[job_public(job) for job in found], count=total)
 
 
 @router.get(
