@@ -49,6 +49,7 @@ def create_app(
         RequestContextMiddleware,
         service=service,
         max_body_bytes=settings.max_upload_bytes,
+        body_timeout_s=settings.body_timeout_s,
         body_limits={datasets.router.prefix: (settings.max_dataset_bytes, "MAX_DATASET_MB")},
     )
     for module in (segment, models, datasets, training_jobs, health):

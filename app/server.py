@@ -20,6 +20,7 @@ import logging
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.connections import guarded
 from app.main import create_app
 from app.serving.service import Service, State
 from app.settings import Settings
@@ -44,6 +45,8 @@ def run_server(settings: Settings, host: str, port: int) -> str | None:
         log_config=None,
         timeout_graceful_shutdown=int(settings.request_timeout_s + DRAIN_MARGIN_S),
         lifespan="on",
+        http=guarded(settings.header_timeout_s, int(settings.max_header_kb * 1024)),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     server = DrainingServer(config, service)
     server.run()

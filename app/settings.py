@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(64, ge=1, le=100_000)
+    # what a client may hold of the server (app.api.connections): its headers in all,
+    # their arrival, the gap between two chunks of a body, an idle keep-alive
+    max_header_kb: float = Field(16.0, gt=0, le=1024)
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    keep_alive_s: float = Field(5.0, gt=0, le=600)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     # input limits

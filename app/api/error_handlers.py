@@ -45,6 +45,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     406: "not_acceptable",
     413: "payload_too_large",
     415: "unsupported_media_type",

@@ -1,6 +1,7 @@
 """The ASGI middleware every request passes: request id, early body-size check,
 in-flight count (graceful drain waits for it) and request metrics."""
 
+import asyncio
 import re
 import time
 import uuid
@@ -33,12 +34,14 @@ class RequestContextMiddleware:
         service: Service,
         max_body_bytes: int,
         body_limits: dict[str, tuple[int, str]] | None = None,
+        body_timeout_s: float = 30.0,
     ):
         self.app = app
         self.service = service  # its in_flight count is what a graceful drain waits for
         self.metrics = service.metrics
         self.max_body_bytes = max_body_bytes
         self.body_limits = dict(body_limits or {})
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,15 +94,25 @@ class RequestContextMiddleware:
             )
 
     def _limited(self, receive: Receive, limit: int, setting: str) -> Receive:
-        """``receive`` that raises 413 once the streamed body passes the limit
-        (FastAPI re-raises ``HTTPException`` from body parsing)."""
-        received = 0
+        """``receive`` that raises 413 once the streamed body passes the limit, and
+        408 when its next chunk takes longer than ``body_timeout_s`` (FastAPI
+        re-raises ``HTTPException`` from body parsing). Once the body is in,
+        ``receive`` waits as long as it needs (a disconnect, for a stream)."""
+        received, complete = 0, False
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body stalled for {self.body_timeout_s:g} s (BODY_TIMEOUT_S)"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > limit:
                     raise HTTPException(413, _too_large(limit, setting))
             return message
