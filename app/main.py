@@ -12,6 +12,7 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.responses import OrjsonResponse
 from app.api.routes import datasets, health, models, segment, training_jobs
+from app.inputs.pixels import PixelBudget
 from app.lifespan import lifespan
 from app.serving.service import PredictorLoader, Service
 from app.settings import Settings, load_settings
@@ -41,6 +42,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
+    app.state.pixel_budget = PixelBudget(
+        per_request=settings.max_request_pixels, in_flight=settings.max_pixels_in_flight
+    )
     install_error_handlers(app)
     install_openapi(app)
     install_docs(app)

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # input limits
     max_upload_mb: float = Field(50.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # decoded pixels (3 bytes each as RGB), counted from the images' headers: in one
+    # request (413) and across the server at once (503), app.inputs.pixels
+    max_request_pixels: int = Field(120_000_000, ge=1)
+    max_pixels_in_flight: int = Field(400_000_000, ge=1)
     max_images_per_request: int = Field(32, ge=1)
     url_fetch: bool = True
     url_allow_private: bool = False

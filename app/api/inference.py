@@ -16,11 +16,16 @@ from app.errors import (
     DeadlineExceededError,
     PayloadTooLargeError,
 )
-from app.inputs.decoding import EncodedJpeg
+from app.inputs.decoding import EncodedJpeg, in_decoder_threads
+from app.inputs.pixels import PixelBudget, RequestPixels
 from app.serving.batching import Batcher, ItemResult
+from app.serving.device import release_host_memory
 from app.serving.predictors import ServedPredictor
 from app.settings import Settings
 from model import ModelInfo, PredictOptions
+
+# after a request that decoded this many pixels, freed memory goes back to the system
+RELEASE_AFTER_PIXELS = 20_000_000
 
 T = TypeVar("T")
 
@@ -98,19 +103,40 @@ async def run_images(
     request: Request,
     batcher: Batcher,
     settings: Settings,
-    decode: Callable[[ServedPredictor], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]],
+    decode: Callable[
+        [ServedPredictor, RequestPixels], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]
+    ],
     options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
     """Admit ``len(options)`` images, decode them for the predictor that will run
-    them (``decode``), queue them and wait.
+    them (``decode``, counting their pixels against the app's ``PixelBudget``),
+    queue them and wait.
 
     The ticket pins that predictor, the one served at admission, even if another
-    is activated meanwhile; the options are resolved against its classes."""
+    is activated meanwhile; the options are resolved against its classes. After
+    a request of many pixels, freed memory is given back to the system."""
+    budget: PixelBudget = request.app.state.pixel_budget
+    with budget.request() as pixels:
+        try:
+            return await queue_images(request, batcher, settings, decode, options, pixels)
+        finally:
+            if pixels.taken >= RELEASE_AFTER_PIXELS:
+                await in_decoder_threads(release_host_memory)
+
+
+async def queue_images(
+    request: Request,
+    batcher: Batcher,
+    settings: Settings,
+    decode: Callable,
+    options: Sequence[SegmentOptions],
+    pixels: RequestPixels,
+) -> list[ItemResult]:
     deadline = request_deadline(request, settings)
     with batcher.admit(len(options)) as ticket:
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
-        images = await decode(ticket.predictor)
+        images = await decode(ticket.predictor, pixels)
         if (geometry := ticket.predictor.input_geometry) is not None:
             for i, image in enumerate(images):  # before the queue: a batch never fails on it
                 geometry.check(int(image.shape[-2]), int(image.shape[-1]), f"images[{i}]")

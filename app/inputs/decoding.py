@@ -35,6 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from app.inputs.pixels import RequestPixels
 from model import pil_to_tensor
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ def decode_image(
     name: str = "image",
     device: torch.device | None = None,
     keep_jpeg: bool = False,
+    pixels: RequestPixels | None = None,
 ) -> torch.Tensor | EncodedJpeg:
     """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
 
@@ -93,6 +95,8 @@ def decode_image(
             image = Image.open(io.BytesIO(data), formats=(fmt,))
         with image:
             check_pixels(image.size, max_pixels, name)
+            if pixels is not None:  # the memory budget, before anything is decoded
+                pixels.take(image.size[0] * image.size[1], name)
             if getattr(image, "n_frames", 1) > 1:
                 raise BadRequestError(
                     f"{name}: animated or multi-frame images are not supported",
@@ -226,13 +230,13 @@ async def decode_images(
     names: Sequence[str] | None = None,
     device: torch.device | None = None,
     keep_jpeg: bool = False,
+    pixels: RequestPixels | None = None,
 ) -> list[torch.Tensor | EncodedJpeg]:
     """``decode_image`` for each blob, in threads; the first error wins."""
     names = names or [f"images[{i}]" for i in range(len(blobs))]
+    options = {"max_pixels": max_pixels, "device": device, "keep_jpeg": keep_jpeg, "pixels": pixels}
     tasks = [
-        in_decoder_threads(
-            decode_image, blob, max_pixels=max_pixels, name=name, device=device, keep_jpeg=keep_jpeg
-        )
+        in_decoder_threads(decode_image, blob, name=name, **options)
         for blob, name in zip(blobs, names, strict=True)
     ]
     return list(await asyncio.gather(*tasks))

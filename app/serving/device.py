@@ -1,7 +1,9 @@
-"""The model device's memory: recognising an out-of-memory error (the queue
-splits the batch and retries) and giving cached memory back (after such an
-error, and after a model is retired)."""
+"""Memory: the model device's (recognising an out-of-memory error, on which the
+queue splits the batch and retries, and giving cached memory back after one and
+after a model is retired), and the host's (after large images)."""
 
+import contextlib
+import ctypes
 import gc
 
 import torch
@@ -22,3 +24,11 @@ def free_memory() -> None:
     """Return a retired model's memory: cycles first, then the CUDA cache."""
     gc.collect()
     release_device_memory()
+
+
+def release_host_memory() -> None:
+    """Give freed heap memory back to the system: glibc keeps the blocks of large
+    decoded images in its arenas after they are freed, so the process's RSS would
+    stay at its peak."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

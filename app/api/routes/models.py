@@ -1,7 +1,6 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
 start-up model, the served one) and activation."""
 
-
 from typing import Annotated
 
 from fastapi import APIRouter, Query

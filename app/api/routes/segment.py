@@ -24,6 +24,7 @@ from app.api.schemas import (
 )
 from app.errors import BadRequestError
 from app.inputs.decoding import EncodedJpeg, decode_image, decode_images, in_decoder_threads
+from app.inputs.pixels import RequestPixels
 from app.inputs.urlfetch import ByteBudget
 from app.serving.predictors import ServedPredictor
 from app.serving.visualize import render_png
@@ -86,11 +87,12 @@ async def segment(
     check_image_count(len(images), settings)
     opts = [options] * len(images)
 
-    async def decode(predictor: ServedPredictor):
+    async def decode(predictor: ServedPredictor, pixels: RequestPixels):
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
+        target = decode_target(predictor)
         return await decode_images(
-            blobs, max_pixels=settings.max_image_pixels, names=names, **decode_target(predictor)
+            blobs, max_pixels=settings.max_image_pixels, names=names, pixels=pixels, **target
         )
 
     results = await run_images(request, batcher, settings, decode, opts)
@@ -122,7 +124,9 @@ async def segment_json(
     opts = [body] * len(body.images)
     budget = ByteBudget(settings.max_upload_bytes)  # all URL images together
 
-    async def one(i: int, source: ImageSource, target: dict) -> torch.Tensor | EncodedJpeg:
+    async def one(
+        i: int, source: ImageSource, target: dict, pixels: RequestPixels
+    ) -> torch.Tensor | EncodedJpeg:
         name = f"images[{i}]"
         if source.url is not None:
             data = await fetcher.fetch(source.url, name=name, budget=budget)
@@ -130,12 +134,13 @@ async def segment_json(
             data = await in_decoder_threads(decode_base64, source.data, f"{name}.data")
         max_pixels = settings.max_image_pixels
         return await in_decoder_threads(
-            decode_image, data, max_pixels=max_pixels, name=name, **target
+            decode_image, data, max_pixels=max_pixels, name=name, pixels=pixels, **target
         )
 
-    async def decode(predictor: ServedPredictor):
+    async def decode(predictor: ServedPredictor, pixels: RequestPixels):
         target = decode_target(predictor)
-        return await gather_or_cancel([one(i, s, target) for i, s in enumerate(body.images)])
+        sources = enumerate(body.images)
+        return await gather_or_cancel([one(i, s, target, pixels) for i, s in sources])
 
     results = await run_images(request, batcher, settings, decode, opts)
     started_at = request.scope["state"]["started_at"]
@@ -171,12 +176,12 @@ async def segment_visualize(
     opts = options.model_copy(update={"mask_format": drawn_as})
     decoded = []
 
-    async def decode(predictor: ServedPredictor):  # decoded here, for the drawing too
+    async def decode(predictor: ServedPredictor, pixels: RequestPixels):  # here, for the drawing
         blob = await image.read()
         name = image.filename or "image"
         decoded.append(
             await in_decoder_threads(
-                decode_image, blob, max_pixels=settings.max_image_pixels, name=name
+                decode_image, blob, max_pixels=settings.max_image_pixels, name=name, pixels=pixels
             )
         )
         return decoded
