@@ -88,6 +88,16 @@ def add_security(schema: dict[str, Any], app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def add_bad_request(schema: dict[str, Any]) -> dict[str, Any]:
+    """A 400 on every operation: any request whose URL holds control characters is
+    refused before its route (``app.api.middleware``)."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("400", _error("a malformed request, or control characters in it"))
+    return schema
+
+
 def use_error_shape(schema: dict[str, Any]) -> dict[str, Any]:
     """422s are answered in the one error shape (``app.errors``), not FastAPI's
     default ``HTTPValidationError`` body: document what is sent."""
@@ -129,7 +139,7 @@ def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = name_schemas(mark_binary_fields(FastAPI.openapi(app)))
-            app.openapi_schema = use_error_shape(add_security(schema, app))
+            app.openapi_schema = use_error_shape(add_bad_request(add_security(schema, app)))
         return app.openapi_schema
 
     app.openapi = openapi

@@ -25,7 +25,7 @@ router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
     dependencies=[AdminToken],
-    responses=error_responses(401, 403),
+    responses=error_responses(401, 403, 503),
 )
 
 

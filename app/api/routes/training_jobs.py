@@ -30,7 +30,7 @@ router = APIRouter(
     prefix="/v1/training-jobs",
     tags=["training"],
     dependencies=[AdminToken],
-    responses=error_responses(401, 403),
+    responses=error_responses(401, 403, 503),
 )
 
 POLL_S = 0.5  # how often an event stream looks at the job
