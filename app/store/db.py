@@ -44,6 +44,7 @@ from app.errors import DatabaseUnavailableError
 
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT_S = 5.0  # DATABASE_TIMEOUT_S
+BACKGROUND_TIMEOUT_S = 30.0  # the training worker and training processes may wait longer
 THREADS = 4  # the database's own threads in one process
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -139,8 +140,8 @@ class SchemaError(RuntimeError):
 class Database:
     """An engine and a session factory for one ``DATABASE_URL``.
 
-    ``timeout_s`` bounds connecting, waiting for a pooled connection and each
-    statement on PostgreSQL, and every call made through
+    ``timeout_s`` bounds connecting, waiting for a pooled connection, each
+    statement on PostgreSQL, waiting for a lock on SQLite, and every call made through
     ``run``, which the server uses so that a slow or stalled database holds
     none of the threads anything else needs."""
 
@@ -233,16 +234,16 @@ class Database:
 
 def _make_engine(url: str, timeout_s: float) -> Engine:
     if url.startswith("sqlite"):
-        # a writer waits up to 30 s for another process's lock (the worker and a
-        # training process write progress); the server's calls are still answered
-        # within timeout_s, by Database.run
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # a writer waits at most timeout_s for another process's lock, so a call that
+        # Database.run gave up on does not complete later behind its caller's back
+        connect_args = {"check_same_thread": False, "timeout": timeout_s}
+        engine = create_engine(url, connect_args=connect_args)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record) -> None:
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")  # readers don't block the writer
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 

@@ -25,7 +25,7 @@ from typing import Any
 from app.errors import AppError
 from app.logs import configure_logging
 from app.settings import Settings, load_settings
-from app.store.db import Database, DatasetRecord, ModelRecord
+from app.store.db import BACKGROUND_TIMEOUT_S, Database, DatasetRecord, ModelRecord
 from app.training import jobs
 from model import ModelError
 
@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(job_threads(settings))
-    db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    db = Database(
+        settings.database_url_or_default,
+        data_dir=settings.data_dir,
+        timeout_s=BACKGROUND_TIMEOUT_S,
+    )
     try:
         run_job(db, settings, args.job_id, args.worker_id)
         return 0
