@@ -17,10 +17,6 @@ def bucket_key_for(network: torch.nn.Module | None) -> Callable[[torch.Tensor], 
     return bucket_key_from(input_geometry(network))
 
 
-def predictor_bucket_key(predictor) -> Callable[[torch.Tensor], Hashable]:
-    return bucket_key_from(predictor.input_geometry)
-
-
 def bucket_key_from(geometry: InputGeometry | None) -> Callable[[torch.Tensor], Hashable]:
     if geometry is None:
         return image_size_key

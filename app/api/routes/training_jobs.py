@@ -22,7 +22,7 @@ from app.api.schemas import (
     TrainingJobsPublic,
     error_responses,
 )
-from app.serving.service import Service
+from app.serving.service import Service, State
 from app.store.db import FINAL_STATES, Database, TrainingJobRecord
 from app.training import jobs
 
@@ -178,7 +178,7 @@ async def job_events(
             yield b": keep-alive\n\n"
             quiet_since = time.monotonic()
         # a draining server ends its streams: the client reconnects to another replica
-        if service.state in ("draining", "stopped") or await request.is_disconnected():
+        if service.state in (State.DRAINING, State.STOPPED) or await request.is_disconnected():
             return
         await asyncio.sleep(POLL_S)
         job = await db.run(jobs.get_job, db, job_id)
