@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # how often a replica checks the database for a newly activated model (and
     # refreshes the training-jobs gauge)
     model_poll_s: float = Field(2.0, gt=0, le=3600)
+    # models besides the served one kept loaded for the `model` option of
+    # /v1/segment* (app.serving.ondemand); 0 refuses the option for other models
+    model_cache_size: int = Field(2, ge=0, le=16)
 
     # batching queue
     max_batch_size: int = Field(8, ge=1, le=256)

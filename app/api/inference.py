@@ -113,7 +113,8 @@ async def run_images(
     queue them and wait.
 
     The ticket pins that predictor, the one served at admission, even if another
-    is activated meanwhile; the options are resolved against its classes. After
+    is activated meanwhile, or the model the options name (``model``, see
+    ``app.serving.ondemand``); the options are resolved against its classes. After
     a request of many pixels, freed memory is given back to the system."""
     budget: PixelBudget = request.app.state.pixel_budget
     with budget.request() as pixels:
@@ -133,7 +134,12 @@ async def queue_images(
     pixels: RequestPixels,
 ) -> list[ItemResult]:
     deadline = request_deadline(request, settings)
-    with batcher.admit(len(options)) as ticket:
+    model = options[0].model if options else None  # one model per request
+    predictor = None
+    if model is not None:  # loaded on first use, within the request's deadline
+        on_demand = request.app.state.service.on_demand
+        predictor = await await_or_abort(request, on_demand.get(model), deadline)
+    with batcher.admit(len(options), predictor) as ticket:
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
         images = await decode(ticket.predictor, pixels)

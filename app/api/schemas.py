@@ -39,6 +39,14 @@ class SegmentOptions(BaseModel):
     mask_format: MaskFormat = Field(
         MaskFormat.RLE, description="`rle` (COCO compressed RLE), `polygon` or `none`"
     )
+    model: Printable | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="run on this model (an id from GET /v1/models, or a built-in) instead "
+        "of the active one; loaded on first use and kept among the last "
+        "MODEL_CACHE_SIZE used",
+    )
 
 
 # The two shapes of an ``ImageSource``, named in the OpenAPI document (added to its

@@ -41,18 +41,15 @@ from app.errors import (
     PayloadTooLargeError,
     QueueFullError,
 )
+from app.serving.buckets import bucket_key_from, image_size_key
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor
 from app.serving.stages import BatchRunner, ItemResult, WorkItem, fail
 from model import PredictOptions
 
-__all__ = ["Batcher", "ItemResult", "Ticket", "image_size_key"]
+__all__ = ["Batcher", "ItemResult", "Ticket"]
 
 log = logging.getLogger(__name__)
-
-
-def image_size_key(image: torch.Tensor) -> Hashable:
-    return tuple(image.shape[-2:])
 
 
 class Batcher:
@@ -164,8 +161,10 @@ class Batcher:
 
     # -- admission --------------------------------------------------------------
 
-    def admit(self, n: int) -> "Ticket":
-        """Reserve ``n`` queue places (``QueueFullError`` when they are not free)."""
+    def admit(self, n: int, predictor: ServedPredictor | None = None) -> "Ticket":
+        """Reserve ``n`` queue places (``QueueFullError`` when they are not free) for
+        images to run on ``predictor``: by default the served model; another one
+        (``app.serving.ondemand``) is batched apart, by its own size buckets."""
         if self._closing or self._task is None:
             raise NotReadyError("the server is shutting down", retry_after=5)
         if n > self.max_queue_size:
@@ -179,9 +178,14 @@ class Batcher:
                 "retry later",
                 retry_after=self.estimate_wait_s(n),
             )
+        bucket_key = self.bucket_key
+        if predictor is None:
+            predictor = self.predictor
+        elif predictor is not self.predictor:
+            bucket_key = bucket_key_from(predictor.input_geometry)
         self._reserved += n
-        self._use(self.predictor, +1)
-        return Ticket(self, n, self.predictor, self.bucket_key)
+        self._use(predictor, +1)
+        return Ticket(self, n, predictor, bucket_key)
 
     def _enqueue(
         self,

@@ -7,8 +7,11 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from app.serving.batching import image_size_key
 from model import InputGeometry, input_geometry
+
+
+def image_size_key(image: torch.Tensor) -> Hashable:
+    return tuple(image.shape[-2:])
 
 
 def bucket_key_for(network: torch.nn.Module | None) -> Callable[[torch.Tensor], Hashable]:

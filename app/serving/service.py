@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.errors import DatabaseUnavailableError, NotReadyError
 from app.serving.batching import Batcher
 from app.serving.metrics import Metrics
+from app.serving.ondemand import OnDemandModels
 from app.serving.predictors import ServedPredictor, build_predictor
 from app.serving.switching import ModelSwitcher, PredictorLoader
 from app.settings import Settings
@@ -60,6 +61,7 @@ class Service:
             check_ready=self.check_ready,
             on_exit=self._model_exited,
         )
+        self.on_demand = OnDemandModels(self.models, settings.model_cache_size)
         self.state = State.STARTING
         self.error: str | None = None
         self.in_flight = 0  # HTTP requests being handled (RequestContextMiddleware)
@@ -174,6 +176,7 @@ class Service:
             self.begin_drain()
         await _cancel(self._poller)
         await self.models.stop()
+        await self.on_demand.stop()
         self._set_state(State.STOPPED)
         self.db.dispose()
 

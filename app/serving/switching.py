@@ -77,7 +77,7 @@ class ModelSwitcher:
                 self.settings.model,
             )
             try:
-                settings = await self.db.run(self._settings_for, wanted)
+                settings = await self.db.run(self.settings_for, wanted)
                 predictor = await self._load(settings)
             except Exception as e:
                 log.error(
@@ -139,7 +139,7 @@ class ModelSwitcher:
             return self.startup_info.id
         return registry.startup_model_id(self.settings.model)
 
-    def _settings_for(self, model_id: str) -> Settings:
+    def settings_for(self, model_id: str) -> Settings:
         """Settings that load ``model_id`` (blocking: may read the database);
         ``NotFoundError`` for an id this replica cannot serve."""
         by_name = self.settings.model_copy(update={"model": model_id, "classes_file": None})
@@ -159,7 +159,7 @@ class ModelSwitcher:
 
         ``NotFoundError`` for an unknown id, ``ActivationError`` when it cannot be
         loaded or warmed up (nothing changes then)."""
-        settings = await self.db.run(self._settings_for, model_id)
+        settings = await self.db.run(self.settings_for, model_id)
         async with self._swap_lock:
             self._check_ready()
 
@@ -268,7 +268,7 @@ class ModelSwitcher:
                 return
             log.info("model %r was activated; switching to it", activation.model_id)
             try:
-                settings = await self.db.run(self._settings_for, activation.model_id)
+                settings = await self.db.run(self.settings_for, activation.model_id)
                 await self._switch(settings)
             except Exception as e:
                 self.metrics.model_switches.labels(result="failed").inc()

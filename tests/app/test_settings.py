@@ -72,3 +72,15 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value):
 def test_more_images_per_request_than_the_queue_holds_is_refused():
     with pytest.raises(SettingsError, match="MASKRCNN_MAX_IMAGES_PER_REQUEST"):
         load_settings(max_queue_size=4, max_images_per_request=8)
+
+
+def test_every_setting_is_documented_in_configuration_md():
+    from pathlib import Path
+
+    from app.settings import ENV_PREFIX, Settings
+
+    text = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    missing = [
+        name for name in Settings.model_fields if f"`{ENV_PREFIX}{name.upper()}`" not in text
+    ]
+    assert missing == [], f"settings missing from docs/configuration.md: {missing}"

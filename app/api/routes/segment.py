@@ -17,6 +17,7 @@ from app.api.responses import OrjsonResponse
 from app.api.schemas import (
     ImageSource,
     MaskFormat,
+    Printable,
     SegmentationPublic,
     SegmentOptions,
     SegmentRequest,
@@ -49,6 +50,15 @@ async def form_options(
         Form(description="class names or ids: repeat the field or separate with commas"),
     ] = None,
     mask_format: Annotated[MaskFormat, Form()] = MaskFormat.RLE,
+    model: Annotated[
+        Printable | None,
+        Form(
+            min_length=1,
+            max_length=64,
+            description="a model id from GET /v1/models (or a built-in) to run instead of "
+            "the active one; loaded on first use",
+        ),
+    ] = None,
 ) -> SegmentOptions:
     wanted = [c.strip() for field in classes or [] for c in field.split(",") if c.strip()]
     return SegmentOptions(
@@ -58,6 +68,7 @@ async def form_options(
         max_detections=max_detections,
         classes=wanted or None,
         mask_format=mask_format,
+        model=model,
     )
 
 

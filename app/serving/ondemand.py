@@ -1,0 +1,124 @@
+"""Models run on request: the ``model`` option of ``/v1/segment*`` names a
+registry model (or a built-in) to answer instead of the active one.
+
+Such a model is loaded into this process on first use, warmed up, and kept in a
+least-recently-used cache of ``MODEL_CACHE_SIZE`` models. It shares the served
+model's queue (``Batcher.admit(predictor=...)``: its requests batch together,
+never with another model's, under the same queue limit and deadlines). An
+evicted model is closed after its last batch, as a retired model is. Requests
+that name no model, or the active one, never come here: the default path reads
+no database and loads nothing.
+"""
+
+import asyncio
+import logging
+import time
+import traceback
+from collections import OrderedDict
+
+from app.errors import BadRequestError, NotFoundError
+from app.serving.batching import Batcher
+from app.serving.device import free_memory
+from app.serving.loading import load_predictor
+from app.serving.predictors import InProcessPredictor, ServedPredictor, warm_up
+from app.serving.switching import ModelSwitcher
+
+log = logging.getLogger(__name__)
+
+
+class OnDemandModels:
+    """At most ``size`` models besides the served one, least recently used evicted."""
+
+    def __init__(self, switcher: ModelSwitcher, size: int):
+        self.switcher = switcher
+        self.size = size
+        self._loaded: OrderedDict[str, ServedPredictor] = OrderedDict()
+        self._loading: dict[str, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def predictor_for(self, model_id: str | None) -> ServedPredictor | None:
+        """The cached model ``model_id`` (``None`` for the served one, or one not loaded)."""
+        if model_id is None or self._served(model_id):
+            return None
+        predictor = self._loaded.get(model_id)
+        if predictor is not None:
+            self._loaded.move_to_end(model_id)
+        return predictor
+
+    async def get(self, model_id: str | None) -> ServedPredictor | None:
+        """The model to run a request on: ``None`` means the served one.
+
+        ``BadRequestError`` (``unknown_model``) for an id nothing answers to, or when
+        ``MODEL_CACHE_SIZE`` is 0; a load that fails raises its error, and the next
+        request tries again."""
+        if model_id is None or self._served(model_id):
+            return None
+        if (predictor := self.predictor_for(model_id)) is not None:
+            return predictor
+        if self.size == 0:
+            raise BadRequestError(
+                f"model {model_id!r} is not the served model, and models are not loaded "
+                "on request on this server (MASKRCNN_MODEL_CACHE_SIZE=0)",
+                code="unknown_model",
+            )
+        task = self._loading.get(model_id)
+        if task is None:  # one load per model, whoever asks meanwhile
+            task = asyncio.create_task(self._load(model_id), name=f"maskrcnn-load-{model_id}")
+            self._loading[model_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+        # shielded: a request that gives up leaves the load to finish for the next one
+        return await asyncio.shield(task)
+
+    def _served(self, model_id: str) -> bool:
+        predictor = self.switcher.predictor
+        return predictor is not None and predictor.info.id == model_id
+
+    async def _load(self, model_id: str) -> ServedPredictor:
+        started = time.perf_counter()
+        try:
+            settings = await self.switcher.db.run(self.switcher.settings_for, model_id)
+        except NotFoundError as e:
+            raise BadRequestError(str(e), code="unknown_model") from None
+        # in this process whatever MODEL_PROCESSES says: one copy per cached model
+        predictor = InProcessPredictor(await asyncio.to_thread(load_predictor, settings))
+        try:
+            await asyncio.to_thread(warm_up, predictor)
+        except Exception as e:
+            traceback.clear_frames(e.__traceback__)  # its frames hold the model
+            raise
+        self._loaded[model_id] = predictor
+        log.info(
+            "loaded model %r on request in %.1f s (%d of MODEL_CACHE_SIZE=%d)",
+            model_id,
+            time.perf_counter() - started,
+            len(self._loaded),
+            self.size,
+        )
+        while len(self._loaded) > self.size:
+            self._evict(*self._loaded.popitem(last=False))
+        return predictor
+
+    def _evict(self, model_id: str, predictor: ServedPredictor) -> None:
+        batcher = self.switcher.batcher
+        task = asyncio.create_task(self._close_after_last_batch(model_id, predictor, batcher))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_after_last_batch(
+        self, model_id: str, predictor: ServedPredictor, batcher: Batcher | None
+    ) -> None:
+        if batcher is not None:
+            await batcher.retire(predictor)
+        await asyncio.to_thread(predictor.close)
+        del predictor
+        await asyncio.to_thread(free_memory)
+        log.info("closed model %r, the least recently used of the on-request models", model_id)
+
+    async def stop(self) -> None:
+        """Close every cached model (after the queue has drained)."""
+        for task in list(self._loading.values()):
+            task.cancel()
+        while self._loaded:
+            self._evict(*self._loaded.popitem(last=False))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
