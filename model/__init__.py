@@ -36,6 +36,7 @@ _MODULES = {
     "to_coco_results": "model.training.coco",
     "ANNOTATIONS_FILE": "model.training.dataset",
     "CocoDataset": "model.training.dataset",
+    "split_dataset": "model.training.dataset",
     "gpus_for_ddp": "model.training.distributed",
     "is_main_rank": "model.training.distributed",
     "evaluate_predictor": "model.training.evaluation",
@@ -86,6 +87,7 @@ __all__ = [
     "read_classes_file",
     "read_image",
     "run_training",
+    "split_dataset",
     "to_coco_results",
     "unsafe_path_reason",
     "validate_coco",
@@ -121,7 +123,7 @@ if TYPE_CHECKING:
     from model.info import ModelInfo, class_table_from_metadata, read_classes_file
     from model.loading import DEMO_CHECKPOINT, load_model
     from model.training.coco import to_coco_results
-    from model.training.dataset import ANNOTATIONS_FILE, CocoDataset
+    from model.training.dataset import ANNOTATIONS_FILE, CocoDataset, split_dataset
     from model.training.distributed import gpus_for_ddp, is_main_rank
     from model.training.evaluation import evaluate_predictor, format_metrics
     from model.training.loop import TrainConfig

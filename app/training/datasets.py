@@ -23,7 +23,14 @@ from app.errors import ConflictError, NotFoundError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
-from model import ANNOTATIONS_FILE, DatasetError, load_coco, validate_coco
+from model import (
+    ANNOTATIONS_FILE,
+    CocoDataset,
+    DatasetError,
+    load_coco,
+    split_dataset,
+    validate_coco,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,17 @@ def delete_dataset(db: Database, dataset_id: str) -> None:
             )
         session.delete(record)
     _remove_folder(db, record.path)
+
+
+def validation_image(path: Path, val_fraction: float, seed: int, index: int) -> bytes:
+    """The file of the ``index``-th image (wrapping around) of the validation split
+    that a job with this ``val_fraction`` and ``seed`` holds out of the dataset at
+    ``path`` (the same ``split_dataset`` call as training), or of the whole dataset
+    when the job holds nothing out. Blocking: reads the annotations."""
+    dataset = CocoDataset(path)  # checked again: a file name cannot leave ``path``
+    _, held_out = split_dataset(dataset, val_fraction, seed=seed)
+    images = (held_out or dataset).images
+    return (path / images[index % len(images)]["file_name"]).read_bytes()
 
 
 def _remove_folder(db: Database, relative: str) -> None:

@@ -54,6 +54,7 @@ def create(client, **body):
         ("GET", "/v1/training-jobs"),
         ("GET", "/v1/training-jobs/job-1"),
         ("GET", "/v1/training-jobs/job-1/events"),
+        ("GET", "/v1/training-jobs/job-1/validation-image"),
         ("POST", "/v1/training-jobs/job-1/cancel"),
     ],
 )
@@ -172,6 +173,42 @@ def test_a_registered_model_can_be_the_base(api):
     assert response.status_code == 202 and response.json()["config"]["base_model"] == "model-abc"
     for builtin in ("coco", "coco-v2", "scratch"):
         assert create(api, base_model=builtin).status_code == 202
+
+
+@pytest.mark.parametrize("val_fraction", [0.5, 0.0])
+def test_a_jobs_validation_image_is_one_the_job_holds_out(api, val_fraction):
+    """The same split as training (``split_dataset`` with the job's fraction and
+    seed); the whole dataset when it holds nothing out. Indices wrap around."""
+    from model import CocoDataset, split_dataset
+
+    db = api.db
+    dataset_id = add_dataset(db, num_images=6, image_size=48, seed=3)
+    job = create(api, dataset_id=dataset_id, val_fraction=val_fraction, seed=7).json()
+    root = db.resolve(db_dataset_path(db, dataset_id))
+    full = CocoDataset(root)
+    _, held_out = split_dataset(full, val_fraction, seed=7)
+    expected = [(root / im["file_name"]).read_bytes() for im in (held_out or full).images]
+    assert len(expected) == (3 if val_fraction else 6)
+
+    url = f"/v1/training-jobs/{job['id']}/validation-image"
+    for index in range(len(expected) + 1):
+        response = api.get(url, params={"index": index}, headers=AS_ADMIN)
+        assert response.status_code == 200, response.text
+        assert response.content == expected[index % len(expected)]
+        assert response.headers["content-type"] == "image/jpeg"  # the generator writes JPEGs
+
+    assert api.get(url, params={"index": -1}, headers=AS_ADMIN).status_code == 422
+    missing = api.get("/v1/training-jobs/job-000000000000/validation-image", headers=AS_ADMIN)
+    assert missing.status_code == 404
+    api.post(f"/v1/training-jobs/{job['id']}/cancel", headers=AS_ADMIN)
+    assert api.delete(f"/v1/datasets/{dataset_id}", headers=AS_ADMIN).status_code == 204
+    gone = api.get(url, headers=AS_ADMIN)
+    assert gone.status_code == 404 and dataset_id in gone.json()["error"]["message"]
+
+
+def db_dataset_path(db, dataset_id: str) -> str:
+    with db.session() as session:
+        return session.get(DatasetRecord, dataset_id).path
 
 
 def test_cancel_a_queued_job_then_nothing_more(api):

@@ -22,9 +22,11 @@ from app.api.schemas import (
     TrainingJobsPublic,
     error_responses,
 )
+from app.inputs.decoding import sniff_format
 from app.serving.service import Service, State
 from app.store.db import FINAL_STATES, Database, TrainingJobRecord
 from app.training import jobs
+from app.training.datasets import get_dataset, validation_image
 
 router = APIRouter(
     prefix="/v1/training-jobs",
@@ -110,6 +112,41 @@ def cancel_training_job(job_id: str, db: DatabaseDep) -> TrainingJobPublic:
     """A queued job is `cancelled` at once; a running one gets `cancel_requested` and
     its worker stops it (then `cancelled`); a finished one is a 409."""
     return job_public(jobs.request_cancel(db, job_id))
+
+
+@router.get(
+    "/{job_id}/validation-image",
+    name="get_training_job_validation_image",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "description": "the image file as uploaded (JPEG, PNG, WebP or BMP; Content-Type "
+            "says which)",
+        },
+        **error_responses(404),
+    },
+)
+async def get_training_job_validation_image(
+    job_id: str,
+    db: DatabaseDep,
+    index: Annotated[int, Query(ge=0, description="which image (wraps around)")] = 0,
+) -> Response:
+    """An image of the job's validation split (of its whole dataset when the job
+    holds none out): what to try a trained model on. 404 when the job or its
+    dataset is gone."""
+    job = await db.run(jobs.get_job, db, job_id)
+    dataset = await db.run(get_dataset, db, job.dataset_id)
+    config = job.config
+    data = await asyncio.to_thread(
+        validation_image, db.resolve(dataset.path), config["val_fraction"], config["seed"], index
+    )
+    found = sniff_format(data)  # one of the four: every image was checked at upload
+    return Response(
+        data, media_type=f"image/{found.lower()}" if found else "application/octet-stream"
+    )
 
 
 @router.get(
