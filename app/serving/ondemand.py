@@ -36,24 +36,20 @@ class OnDemandModels:
         self._loading: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
 
-    def predictor_for(self, model_id: str | None) -> ServedPredictor | None:
-        """The cached model ``model_id`` (``None`` for the served one, or one not loaded)."""
-        if model_id is None or self._served(model_id):
-            return None
-        predictor = self._loaded.get(model_id)
-        if predictor is not None:
-            self._loaded.move_to_end(model_id)
-        return predictor
-
     async def get(self, model_id: str | None) -> ServedPredictor | None:
         """The model to run a request on: ``None`` means the served one.
 
         ``BadRequestError`` (``unknown_model``) for an id nothing answers to, or when
         ``MODEL_CACHE_SIZE`` is 0; a load that fails raises its error, and the next
         request tries again."""
-        if model_id is None or self._served(model_id):
+        if model_id is None:
             return None
-        if (predictor := self.predictor_for(model_id)) is not None:
+        if self._served(model_id):  # activated since it was loaded: one copy is enough
+            if model_id in self._loaded:
+                self._evict(model_id, self._loaded.pop(model_id))
+            return None
+        if (predictor := self._loaded.get(model_id)) is not None:
+            self._loaded.move_to_end(model_id)
             return predictor
         if self.size == 0:
             raise BadRequestError(
@@ -65,9 +61,14 @@ class OnDemandModels:
         if task is None:  # one load per model, whoever asks meanwhile
             task = asyncio.create_task(self._load(model_id), name=f"maskrcnn-load-{model_id}")
             self._loading[model_id] = task
-            task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+            task.add_done_callback(lambda done: self._loaded_or_failed(model_id, done))
         # shielded: a request that gives up leaves the load to finish for the next one
         return await asyncio.shield(task)
+
+    def _loaded_or_failed(self, model_id: str, task: asyncio.Task) -> None:
+        self._loading.pop(model_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cannot load model %r on request: %s", model_id, task.exception())
 
     def _served(self, model_id: str) -> bool:
         predictor = self.switcher.predictor

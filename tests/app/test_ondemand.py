@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.app.conftest import (
+    ADMIN_TOKEN,
+    AS_ADMIN,
     detections_by,
     job_store,
     make_checkpoint,
@@ -88,7 +90,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     root, startup, _, _ = models
-    with running_server(startup, root, model_cache_size="1") as s:
+    with running_server(startup, root, model_cache_size="1", admin_token=ADMIN_TOKEN) as s:
         s.wait_ready()
         yield s
 
@@ -177,3 +179,23 @@ def test_a_cache_of_zero_serves_only_the_active_model(models, tmp_path):
         assert response.json()["error"]["code"] == "unknown_model"
         assert "MODEL_CACHE_SIZE=0" in response.json()["error"]["message"]
         assert segment(s.client, "seed0").json()["model"]["id"] == "seed0"
+
+
+def test_a_model_activated_after_its_load_on_request_is_kept_once(server, models):
+    _, _, (first, _), references = models
+    assert segment(server.client, first).json()["model"]["id"] == first  # in the cache
+    activated = server.client.post(f"/v1/models/{first}/activate", headers=AS_ADMIN)
+    assert activated.status_code == 200, activated.text
+    try:
+        closed = server.log().count(f"closed model {first!r}")
+        response = segment(server.client, first)  # the served path now
+        assert response.json()["model"]["id"] == first
+        assert same_detections(detections(response), references[first])
+        wait_for(
+            lambda: server.log().count(f"closed model {first!r}") == closed + 1,
+            10,
+            "the cached copy closed",
+        )
+    finally:
+        server.client.post("/v1/models/seed0/activate", headers=AS_ADMIN)
+    assert served_model_id(server.client, PNG) == "seed0"
