@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api.auth import AuthGate
+from app.api.console import install_console
 from app.api.docs import install_docs
 from app.api.error_handlers import install_error_handlers
 from app.api.middleware import RequestContextMiddleware
@@ -48,6 +49,7 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app)
     install_docs(app)
+    install_console(app)
     app.add_middleware(AuthGate)  # inside RequestContextMiddleware: ids and size caps first
     app.add_middleware(
         RequestContextMiddleware,

@@ -1,6 +1,7 @@
 """The wheel is what users get (the Dockerfile installs the project with ``pip
 install .``): built from the checkout, installed into a folder of its own, and
-run from outside the checkout, it holds every module and serves ``/v1/segment``."""
+run from outside the checkout, it holds every module and serves ``/v1/segment``
+and the console."""
 
 import os
 import shutil
@@ -61,8 +62,11 @@ def test_the_wheel_holds_every_module_and_the_demo_weights(wheel):
     tracked = subprocess.run(
         ["git", "ls-files", "app", "model"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
+    # the modules, the demo weights and the console's files: everything but tests' data
     wanted = {f for f in tracked if f.endswith(".py") or f.endswith(".safetensors")}
+    wanted |= {f for f in tracked if f.startswith("app/console/")}
     assert "app/api/routes/segment.py" in wanted and "model/weights/demo.safetensors" in wanted
+    assert "app/console/index.html" in wanted
     names = set(zipfile.ZipFile(wheel).namelist())
     assert sorted(wanted - names) == []
 
@@ -98,5 +102,9 @@ def test_the_installed_wheel_serves_segment_from_outside_the_checkout(installed,
         (result,) = response.json()["results"]
         assert (result["width"], result["height"]) == (128, 96)
         assert response.json()["model"]["id"] == "demo"
+        page = server.client.get("/")  # the console, from the installed package
+        assert page.status_code == 200 and "console/" in page.text
+        for name in ("main.js", "style.css"):
+            assert server.client.get(f"/console/{name}").status_code == 200
     finally:
         server.stop()
