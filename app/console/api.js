@@ -26,7 +26,14 @@ export const hasAdmin = () => tokens.admin !== "";
 /** True when an inference request (segment, models) can be sent without a 401. */
 export const canInfer = () => inferenceOpen || tokens.api !== "" || tokens.admin !== "";
 
-/** The Authorization header for a route that takes the `api` or `admin` token. */
+/** What to tell the user when `canInfer()` is false. */
+export const NEEDS_API_TOKEN = "This server needs the API token: type it above and save.";
+
+/**
+ * The Authorization header for a route that takes the `api` or `admin` token.
+ * Inference routes get the API token, or the admin token when no API token was
+ * typed (the server accepts it there too).
+ */
 export function authHeaders(kind = "api") {
   const token = kind === "admin" ? tokens.admin : tokens.api || tokens.admin;
   return token ? { Authorization: `Bearer ${token}` } : {};
@@ -130,10 +137,42 @@ let modelsCache = null;
 export async function getModels(force = false) {
   if (!canInfer()) return [];
   if (!modelsCache || force) {
-    modelsCache = api("v1/models?limit=100").then((r) => r.data);
-    modelsCache.catch(() => (modelsCache = null));
+    const request = api("v1/models?limit=1000").then((r) => r.data);
+    modelsCache = request;
+    // a failure is not cached (unless a newer request replaced it already)
+    request.catch(() => modelsCache === request && (modelsCache = null));
   }
   return modelsCache;
+}
+
+// -- segmentation, shared by the segment and compare pages --------------------------
+
+// The server is asked once with a low threshold; the score sliders filter in the page.
+export const REQUEST_SCORE_THRESHOLD = 0.05;
+
+/** The options every console segment request sends (form fields or JSON keys). */
+function segmentOptions({ maskThreshold = 0.5, model = "" }) {
+  const options = {
+    score_threshold: REQUEST_SCORE_THRESHOLD,
+    mask_threshold: maskThreshold,
+    mask_format: "rle",
+    max_detections: 100,
+  };
+  if (model) options.model = model; // empty: the active model
+  return options;
+}
+
+/** POST v1/segment: `files` ([{blob, name}]) with the console's options. */
+export function segmentFiles(files, options = {}) {
+  const form = new FormData();
+  for (const { blob, name } of files) form.append("images", blob, name);
+  for (const [key, value] of Object.entries(segmentOptions(options))) form.append(key, String(value));
+  return api("v1/segment", { form });
+}
+
+/** POST v1/segment/json: one image the server fetches from `url`. */
+export function segmentUrl(url, options = {}) {
+  return api("v1/segment/json", { json: { images: [{ url }], ...segmentOptions(options) } });
 }
 
 /** Tell every page that the models changed (activation, new version). */

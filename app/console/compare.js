@@ -1,7 +1,7 @@
 // The compare page: one image, two models, side by side.
 
-import { api, canInfer, getModels } from "./api.js";
-import { drawDetections, formatTiming, loadImage } from "./draw.js";
+import { NEEDS_API_TOKEN, canInfer, getModels, segmentFiles } from "./api.js";
+import { drawDetections, formatTiming, loadImage, withScoreAtLeast } from "./draw.js";
 import { $, fillModelSelect, setStatus } from "./ui.js";
 
 const page = $("#page-compare");
@@ -12,22 +12,30 @@ const runButton = $("#compare-run");
 const slider = $("#compare-score-threshold");
 const status = $("#compare-status");
 
-const sides = {
-  left: { canvas: $("#compare-canvas-left"), model: $("#compare-left-model"), timing: $("#compare-left-timing"), result: null },
-  right: { canvas: $("#compare-canvas-right"), model: $("#compare-right-model"), timing: $("#compare-right-timing"), result: null },
-};
+const SIDES = ["left", "right"];
+const sides = Object.fromEntries(
+  SIDES.map((side) => [
+    side,
+    {
+      canvas: $(`#compare-canvas-${side}`),
+      model: $(`#compare-${side}-model`),
+      timing: $(`#compare-${side}-timing`),
+      result: null, // its image result: {width, height, detections}
+    },
+  ]),
+);
 
 const state = {
   blob: null, // the image to send: the chosen file, or one handed over by the train page
   name: "image",
-  img: null,
-  seq: 0,
+  image: null, // a promise of its HTMLImageElement (object URL), or of null when the browser cannot read it
+  seq: 0, // bumped by each run and each new image: only the latest answers are shown
 };
 
+/** Fill both model choosers. left/right: a model id to select ("active": the active one). */
 export async function refreshModels({ left = null, right = null, force = false } = {}) {
-  // left: a model id, or "active" for whichever model is active now
   if (!canInfer()) {
-    setStatus(status, "Comparing needs the API token (or the admin token) when the server asks for one.");
+    setStatus(status, NEEDS_API_TOKEN);
     return;
   }
   try {
@@ -37,29 +45,37 @@ export async function refreshModels({ left = null, right = null, force = false }
     const wantLeft = left === "active" ? active : left;
     fillModelSelect(leftSelect, models, { preferred: wantLeft ?? (leftSelect.value || active) });
     fillModelSelect(rightSelect, models, { preferred: right ?? (rightSelect.value || other) });
-    if (status.textContent.startsWith("Comparing needs")) setStatus(status, "");
+    if (status.textContent === NEEDS_API_TOKEN) setStatus(status, "");
   } catch (err) {
     setStatus(status, `models: ${err}`, "error");
   }
 }
 
-function drawSide(side) {
+function drawSide(side, img) {
   const s = sides[side];
-  if (!s.result || !state.img) return;
-  const min = Number(slider.value);
-  const dets = s.result.detections.filter((d) => d.score >= min);
-  drawDetections(s.canvas, state.img, dets, { maxVh: 65 });
+  if (!s.result) return;
+  const dets = withScoreAtLeast(s.result.detections, Number(slider.value));
+  drawDetections(s.canvas, img, dets, { size: s.result, maxVh: 65 });
 }
 
-async function segmentWith(model) {
-  const form = new FormData();
-  form.append("images", state.blob, state.name);
-  form.append("score_threshold", "0.05");
-  form.append("mask_threshold", "0.5");
-  form.append("mask_format", "rle");
-  form.append("max_detections", "100");
-  if (model) form.append("model", model);
-  return api("v1/segment", { form });
+async function redraw() {
+  const img = await state.image;
+  for (const side of SIDES) drawSide(side, img);
+}
+
+/** Show one side's answer (or its failure); returns an error line or null. */
+function showAnswer(side, answer, picked) {
+  const s = sides[side];
+  if (answer.status === "fulfilled") {
+    s.result = answer.value.results[0];
+    s.model.textContent = answer.value.model.id;
+    s.timing.textContent = formatTiming(answer.value.timing_ms);
+    return null;
+  }
+  s.result = null;
+  s.model.textContent = picked || "–";
+  s.timing.textContent = "";
+  return `${side}: ${answer.reason}`;
 }
 
 export async function run() {
@@ -67,64 +83,60 @@ export async function run() {
     setStatus(status, "Choose an image first.", "error");
     return;
   }
+  if (!canInfer()) {
+    setStatus(status, NEEDS_API_TOKEN, "error");
+    return;
+  }
   const seq = ++state.seq;
   page.dataset.state = "loading";
   runButton.disabled = true;
   setStatus(status, "segmenting with both models…");
   try {
-    if (!state.img) state.img = await loadImage(state.blob);
     const picks = { left: leftSelect.value, right: rightSelect.value };
-    const answers = await Promise.allSettled([segmentWith(picks.left), segmentWith(picks.right)]);
-    if (seq !== state.seq) return;
-    const errors = [];
-    ["left", "right"].forEach((side, i) => {
-      const s = sides[side];
-      const answer = answers[i];
-      if (answer.status === "fulfilled") {
-        s.result = answer.value.results[0];
-        s.model.textContent = answer.value.model.id;
-        s.timing.textContent = formatTiming(answer.value.timing_ms);
-        drawSide(side);
-      } else {
-        s.result = null;
-        s.model.textContent = picks[side] || "–";
-        s.timing.textContent = "";
-        errors.push(`${side}: ${answer.reason}`);
-      }
-    });
-    if (errors.length) throw new Error(errors.join("\n"));
-    setStatus(status, "");
-    page.dataset.state = "done";
+    const files = [{ blob: state.blob, name: state.name }];
+    const answers = await Promise.allSettled(SIDES.map((side) => segmentFiles(files, { model: picks[side] })));
+    const img = await state.image;
+    if (seq !== state.seq) return; // a newer run or image came meanwhile
+    const errors = SIDES.map((side, i) => showAnswer(side, answers[i], picks[side])).filter(Boolean);
+    for (const side of SIDES) drawSide(side, img);
+    setStatus(status, errors.join("\n"), errors.length ? "error" : "");
+    page.dataset.state = errors.length ? "error" : "done";
   } catch (err) {
     if (seq !== state.seq) return;
-    setStatus(status, String(err.message ?? err), "error");
+    setStatus(status, String(err), "error"); // a bug, not an answer: never left "loading"
     page.dataset.state = "error";
   } finally {
     if (seq === state.seq) runButton.disabled = false;
   }
 }
 
-async function setImage(blob, name) {
-  if (state.img) URL.revokeObjectURL(state.img.src);
+/** Use a new image: the previous one's object URL is revoked and a run still on its way is dropped. */
+function setImage(blob, name) {
+  state.image?.then((img) => img && URL.revokeObjectURL(img.src));
   state.blob = blob;
   state.name = name || "image";
-  state.img = null;
+  state.image = loadImage(blob).catch(() => null); // null: drawn on grey at the answer's size
+  state.seq++;
+  runButton.disabled = false;
   for (const s of Object.values(sides)) s.result = null;
 }
 
 /**
  * Open a comparison from elsewhere (the train page): two model ids (left may be
- * "active") and an image
- * (a Blob, or a promise of one, e.g. still being fetched); then run it.
+ * "active") and an image (a Blob, or a promise of one, e.g. still being fetched);
+ * then run it.
  */
 export async function compareWith({ left, right, blob, name }) {
+  const seq = ++state.seq;
   page.dataset.state = "loading";
   setStatus(status, "fetching the image…");
   try {
     const [image] = await Promise.all([blob, refreshModels({ left, right, force: true })]);
+    if (seq !== state.seq) return; // the user chose another image meanwhile
     fileInput.value = "";
-    await setImage(image, name);
+    setImage(image, name);
   } catch (err) {
+    if (seq !== state.seq) return;
     setStatus(status, String(err), "error");
     page.dataset.state = "error";
     return;
@@ -135,12 +147,14 @@ export async function compareWith({ left, right, blob, name }) {
 export function init() {
   fileInput.addEventListener("change", () => {
     const file = fileInput.files[0];
-    if (file) setImage(file, file.name);
+    if (!file) return;
+    setImage(file, file.name);
+    page.dataset.state = "idle";
+    setStatus(status, "");
   });
   runButton.addEventListener("click", run);
   slider.addEventListener("input", () => {
     $("#compare-score-threshold-value").textContent = Number(slider.value).toFixed(2);
-    drawSide("left");
-    drawSide("right");
+    redraw();
   });
 }

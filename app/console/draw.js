@@ -22,6 +22,26 @@ function hash(text) {
 
 const rgb = ([r, g, b], a = 1) => `rgba(${r}, ${g}, ${b}, ${a})`;
 
+/** A small square in a detection's class colour (for tables and the class filter). */
+export function swatch(det) {
+  const node = document.createElement("span");
+  node.className = "swatch";
+  node.style.background = rgb(classColor(det)); // CSSOM, which the CSP allows
+  return node;
+}
+
+/** Keep the detections scoring at least `min`. */
+export const withScoreAtLeast = (detections, min) => detections.filter((d) => d.score >= min);
+
+/** A canvas's text alternative: how many detections of which classes ("3 detections: 2 cat, 1 dog"). */
+function describe(detections) {
+  const byClass = new Map();
+  for (const d of detections) byClass.set(d.class_name, (byClass.get(d.class_name) ?? 0) + 1);
+  const parts = [...byClass].map(([name, n]) => `${n} ${name}`);
+  const count = `${detections.length} detection${detections.length === 1 ? "" : "s"}`;
+  return `${count}${parts.length ? `: ${parts.join(", ")}` : ""}`;
+}
+
 // Decoded masks, per detection object: the row-major data, its area, its bounds
 // and (lazily) a small canvas of the mask in its class colour.
 const masks = new WeakMap();
@@ -85,8 +105,8 @@ export function maskArea(det) {
 }
 
 /**
- * Draw `image` (an HTMLImageElement, or null: a grey background of `size`) at its
- * natural size, then each of `detections`. `highlight` is one of them or null:
+ * Draw `image` (an HTMLImageElement, or null: a grey background of `size`, e.g. an
+ * image result's {width, height}) at its natural size, then each of `detections`. `highlight` is one of them or null:
  * it gets a thicker outline and the others are dimmed.
  */
 export function drawDetections(canvas, image, detections, { size, highlight = null, maxVh = 75 } = {}) {
@@ -138,15 +158,17 @@ export function drawDetections(canvas, image, detections, { size, highlight = nu
   }
   ctx.globalAlpha = 1;
   canvas.dataset.drawn = String(detections.length);
+  const label = canvas.dataset.label; // e.g. which side of the compare page
+  canvas.setAttribute("aria-label", label ? `${label}: ${describe(detections)}` : `Image with ${describe(detections)}`);
 }
 
 /** The detection under canvas pixel (x, y): the smallest mask holding it, else the smallest box. */
 export function detectionAt(detections, x, y) {
   let best = null;
   let bestArea = Infinity;
+  const xi = Math.floor(x), yi = Math.floor(y);
   for (const det of detections) {
     const m = maskOf(det);
-    const xi = Math.floor(x), yi = Math.floor(y);
     if (m && xi >= 0 && yi >= 0 && xi < m.width && yi < m.height && m.data[yi * m.width + xi]) {
       if (m.area < bestArea) [best, bestArea] = [det, m.area];
     }

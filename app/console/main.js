@@ -31,6 +31,8 @@ export function goTo(name) {
   showPage(name);
 }
 
+let statusTimer = 0;
+
 function initTokens() {
   const apiInput = $("#api-token");
   const adminInput = $("#admin-token");
@@ -39,9 +41,10 @@ function initTokens() {
   const save = () => {
     saveTokens(apiInput.value, adminInput.value);
     setStatus($("#tokens-status"), "saved for this tab");
-    setTimeout(() => setStatus($("#tokens-status"), ""), 2500);
+    clearTimeout(statusTimer);
+    statusTimer = setTimeout(() => setStatus($("#tokens-status"), ""), 2500);
   };
-  $("#save-tokens").addEventListener("click", save);
+  // the Save button (type=submit) and Enter in either field
   $("#tokens-form").addEventListener("submit", (e) => {
     e.preventDefault(); // nothing is ever submitted (form-action 'none')
     save();
@@ -74,9 +77,12 @@ async function main() {
   for (const button of document.querySelectorAll("button[data-page]")) {
     button.addEventListener("click", () => goTo(button.dataset.page));
   }
+  // back/forward and typed hashes (showPage ignores the page already shown)
   window.addEventListener("hashchange", () => showPage(location.hash.slice(1)));
   window.addEventListener("popstate", () => showPage(location.hash.slice(1)));
+  // the job's event stream stops with the page, and resumes if it comes back from the cache
   window.addEventListener("pagehide", () => train.onHide());
+  window.addEventListener("pageshow", (e) => e.persisted && current === "train" && train.onShow());
 
   await probeServer(); // whether inference needs a token, so no request is sent to fail
   showPage(location.hash.slice(1));
@@ -86,6 +92,7 @@ async function main() {
     segment.refreshModels();
     compare.refreshModels();
     models.refresh({ force: false });
+    train.onModelsChanged();
   });
   document.documentElement.dataset.ready = "true";
 }

@@ -1,13 +1,15 @@
 // The models page: what the deployment knows, and activation (admin token).
 
-import { api, canInfer, getModels, hasAdmin, modelsChanged } from "./api.js";
+import { NEEDS_API_TOKEN, api, canInfer, getModels, hasAdmin, modelsChanged } from "./api.js";
 import { $, el, formatDate, setStatus } from "./ui.js";
 
 const tbody = $("#models-table tbody");
 const status = $("#models-status");
 const note = $("#models-admin-note");
 const refreshButton = $("#models-refresh");
+const ADMIN_NOTE = "Activating a model needs the admin token (type it above and save).";
 let visible = false;
+let seq = 0; // only the latest listing is shown
 
 /** COCO AP (stats[0]) of a model's `bbox` or `segm` metrics, formatted; "–" if absent. */
 export function formatAp(metrics, kind) {
@@ -59,22 +61,25 @@ async function activate(id) {
 
 /** Reload the table (when the page is shown). */
 export async function refresh({ force = true } = {}) {
-  note.textContent = hasAdmin() ? "" : "Activating a model needs the admin token (type it above and save).";
+  note.textContent = hasAdmin() ? "" : ADMIN_NOTE;
   if (!visible) return;
+  const mine = ++seq;
   if (!canInfer()) {
     tbody.replaceChildren();
-    setStatus(status, "Listing models needs the API token (or the admin token): type it above and save.");
+    setStatus(status, NEEDS_API_TOKEN);
+    refreshButton.disabled = false;
     return;
   }
   refreshButton.disabled = true;
   try {
     const models = await getModels(force);
+    if (mine !== seq) return;
     tbody.replaceChildren(...models.map(row));
     if (!status.classList.contains("ok")) setStatus(status, `${models.length} model(s)`);
   } catch (err) {
-    setStatus(status, String(err), "error");
+    if (mine === seq) setStatus(status, String(err), "error");
   } finally {
-    refreshButton.disabled = false;
+    if (mine === seq) refreshButton.disabled = false;
   }
 }
 
@@ -93,5 +98,5 @@ export function init() {
     setStatus(status, "");
     refresh();
   });
-  note.textContent = hasAdmin() ? "" : "Activating a model needs the admin token (type it above and save).";
+  note.textContent = hasAdmin() ? "" : ADMIN_NOTE;
 }

@@ -1,13 +1,10 @@
-// The segment page: upload or URL images, draw their detections, filter them client-side.
+// The segment page: upload or URL images, draw their detections, filter them in the page.
 
-import { api, getModels } from "./api.js";
+import { NEEDS_API_TOKEN, REQUEST_SCORE_THRESHOLD, canInfer, getModels, segmentFiles, segmentUrl } from "./api.js";
 import {
-  canvasPoint, classColor, detectionAt, drawDetections, formatBox, formatTiming, loadImage, maskArea,
+  canvasPoint, detectionAt, drawDetections, formatBox, formatTiming, loadImage, maskArea, swatch, withScoreAtLeast,
 } from "./draw.js";
 import { $, download, el, fillModelSelect, setStatus } from "./ui.js";
-
-// The server is asked once with a low threshold; the slider filters client-side.
-const REQUEST_SCORE_THRESHOLD = 0.05;
 
 const page = $("#page-segment");
 const canvas = $("#segment-canvas");
@@ -22,61 +19,68 @@ const classFilter = $("#class-filter");
 const status = $("#segment-status");
 const tbody = $("#detections tbody");
 const info = $("#detection-info");
+const thumbs = $("#segment-images");
+const jsonButton = $("#download-json");
+const pngButton = $("#download-png");
+
+const HOVER_HINT = "Hover a detection or a row to see it.";
 
 const state = {
   source: null, // {kind: "files", files} | {kind: "url", url}: what to (re-)send
-  images: [], // per input image: {name, img (HTMLImageElement or null), thumb (object URL or null)}
+  images: [], // per input image: {name, img (HTMLImageElement or null)}; img.src is an object URL
   response: null,
-  current: 0,
+  current: 0, // index of the image shown
   hidden: new Set(), // class names unchecked in the filter
   hover: null, // detection under the mouse (row or canvas)
-  pinned: null, // detection clicked on the canvas
-  seq: 0, // only the latest request's answer is shown
+  pinned: null, // detection clicked on
+  pick: 0, // bumped by each new input: images still loading for an older one are dropped
+  seq: 0, // bumped by each request (and new input): only the latest answer is shown
 };
 
 /** The detections of the shown image that pass the score slider and the class filter. */
 export function visibleDetections() {
   const result = state.response?.results?.[state.current];
   if (!result) return [];
-  const min = Number(scoreSlider.value);
-  return result.detections.filter((d) => d.score >= min && !state.hidden.has(d.class_name));
+  return withScoreAtLeast(result.detections, Number(scoreSlider.value)).filter((d) => !state.hidden.has(d.class_name));
 }
 
 export const lastResponse = () => state.response;
 
-// -- requests ------------------------------------------------------------------
+// -- input and requests ------------------------------------------------------------
 
-function options() {
-  return {
-    score_threshold: REQUEST_SCORE_THRESHOLD,
-    mask_threshold: Number(maskSlider.value),
-    mask_format: "rle",
-    max_detections: 100,
-  };
+/** Forget the current input (revoking its object URLs) and clear what shows it. */
+function clearInput() {
+  for (const im of state.images) if (im.img) URL.revokeObjectURL(im.img.src);
+  Object.assign(state, { source: null, images: [], response: null, current: 0, hover: null, pinned: null });
+  state.hidden.clear();
+  state.seq++; // an answer still on its way is for the old input
+  urlButton.disabled = false;
+  tbody.replaceChildren();
+  thumbs.replaceChildren();
+  renderClassFilter();
+  showInfo(null);
+  jsonButton.disabled = pngButton.disabled = true;
 }
 
 async function send() {
   if (!state.source) return;
+  if (!canInfer()) {
+    setStatus(status, NEEDS_API_TOKEN, "error");
+    page.dataset.state = "error";
+    return;
+  }
   const seq = ++state.seq;
-  const opts = options();
-  const model = modelSelect.value;
+  const options = { maskThreshold: Number(maskSlider.value), model: modelSelect.value };
+  const source = state.source;
   page.dataset.state = "loading";
   urlButton.disabled = true;
   setStatus(status, "segmenting…");
   try {
-    let response;
-    if (state.source.kind === "files") {
-      const form = new FormData();
-      for (const file of state.source.files) form.append("images", file, file.name);
-      for (const [k, v] of Object.entries(opts)) form.append(k, String(v));
-      if (model) form.append("model", model);
-      response = await api("v1/segment", { form });
-    } else {
-      const body = { images: [{ url: state.source.url }], ...opts };
-      if (model) body.model = model;
-      response = await api("v1/segment/json", { json: body });
-    }
-    if (seq !== state.seq) return; // a newer request was sent meanwhile
+    const response =
+      source.kind === "files"
+        ? await segmentFiles(source.files.map((f) => ({ blob: f, name: f.name })), options)
+        : await segmentUrl(source.url, options);
+    if (seq !== state.seq) return; // a newer request or input came meanwhile
     state.response = response;
     state.hover = state.pinned = null;
     if (state.current >= response.results.length) state.current = 0;
@@ -84,7 +88,9 @@ async function send() {
     $("#timing").textContent = formatTiming(response.timing_ms);
     const count = response.results.reduce((n, r) => n + r.detections.length, 0);
     setStatus(status, `${response.results.length} image(s), ${count} detection(s) at score ≥ ${REQUEST_SCORE_THRESHOLD}`);
-    renderAll();
+    renderThumbs();
+    renderClassFilter();
+    show();
     page.dataset.state = "done";
   } catch (err) {
     if (seq !== state.seq) return;
@@ -95,26 +101,33 @@ async function send() {
   }
 }
 
+/** An image the browser can read, or {img: null} (the server may still read it: drawn on grey). */
+async function readImage(file) {
+  try {
+    return { name: file.name, img: await loadImage(file) };
+  } catch {
+    return { name: file.name, img: null };
+  }
+}
+
 async function useFiles(files) {
   files = [...files].filter((f) => !f.type || f.type.startsWith("image/"));
-  if (!files.length) return;
+  if (!files.length) {
+    setStatus(status, "Choose image files (JPEG, PNG, WebP or BMP).", "error");
+    return;
+  }
+  const pick = ++state.pick;
+  clearInput();
   page.dataset.state = "loading"; // at once: the images are read before they are sent
   setStatus(status, "segmenting…");
-  for (const im of state.images) if (im.thumb) URL.revokeObjectURL(im.thumb);
+  const images = await Promise.all(files.map(readImage));
+  if (pick !== state.pick) {
+    // another input was chosen while these loaded
+    for (const im of images) if (im.img) URL.revokeObjectURL(im.img.src);
+    return;
+  }
   state.source = { kind: "files", files };
-  state.hidden.clear();
-  state.current = 0;
-  state.response = null;
-  state.images = await Promise.all(
-    files.map(async (file) => {
-      try {
-        const img = await loadImage(file);
-        return { name: file.name, img, thumb: img.src };
-      } catch {
-        return { name: file.name, img: null, thumb: null }; // the server may still read it
-      }
-    }),
-  );
+  state.images = images;
   renderThumbs();
   await send();
 }
@@ -125,115 +138,93 @@ function useUrl() {
     setStatus(status, "Type an http(s) image URL first.", "error");
     return;
   }
-  for (const im of state.images) if (im.thumb) URL.revokeObjectURL(im.thumb);
+  state.pick++;
+  clearInput();
   // the page may not load other hosts' images (CSP): the server fetches it, we draw on grey
   state.source = { kind: "url", url };
-  state.images = [{ name: url, img: null, thumb: null }];
-  state.hidden.clear();
-  state.current = 0;
-  state.response = null;
-  renderThumbs();
+  state.images = [{ name: url, img: null }];
   send();
 }
 
 // -- rendering -----------------------------------------------------------------
 
-function renderAll() {
-  renderThumbs();
-  renderClassFilter();
-  show();
-}
-
 function renderThumbs() {
-  const box = $("#segment-images");
-  box.replaceChildren();
+  thumbs.replaceChildren();
   if (state.images.length < 2) return;
   state.images.forEach((im, i) => {
     const count = state.response?.results?.[i]?.detections.length;
     const label = `${im.name}${count === undefined ? "" : ` (${count})`}`;
-    const content = im.thumb ? el("img", { src: im.thumb, alt: label }) : el("span", {}, im.name);
+    const content = im.img ? el("img", { src: im.img.src, alt: label }) : el("span", {}, label);
     const button = el("button", { type: "button", title: label, dataset: { index: i } }, content);
     button.setAttribute("aria-pressed", String(i === state.current));
     button.addEventListener("click", () => {
       state.current = i;
       state.hover = state.pinned = null;
-      for (const b of box.children) b.setAttribute("aria-pressed", String(b === button));
+      for (const b of thumbs.children) b.setAttribute("aria-pressed", String(b === button));
       show();
     });
-    box.append(button);
+    thumbs.append(button);
   });
 }
 
 function renderClassFilter() {
-  const names = new Map();
-  for (const r of state.response?.results ?? []) for (const d of r.detections) names.set(d.class_name, d);
+  const byName = new Map(); // class name -> one of its detections (for its colour)
+  for (const r of state.response?.results ?? []) for (const d of r.detections) byName.set(d.class_name, d);
   classFilter.replaceChildren(el("legend", {}, "Classes"));
-  if (!names.size) classFilter.append(el("span", { className: "muted" }, "no detections"));
-  for (const [name, det] of [...names].sort((a, b) => a[0].localeCompare(b[0]))) {
+  if (!byName.size) classFilter.append(el("span", { className: "muted" }, state.response ? "no detections" : "none yet"));
+  for (const [name, det] of [...byName].sort((a, b) => a[0].localeCompare(b[0]))) {
     const box = el("input", { type: "checkbox", checked: !state.hidden.has(name), dataset: { class: name } });
     box.addEventListener("change", () => {
       if (box.checked) state.hidden.delete(name);
       else state.hidden.add(name);
       show();
     });
-    const swatch = el("span", { className: "swatch" });
-    swatch.style.background = `rgb(${classColor(det).join(",")})`;
-    classFilter.append(el("label", {}, box, swatch, name));
+    classFilter.append(el("label", {}, box, swatch(det), name));
   }
+}
+
+function detectionRow(det, index) {
+  const row = el(
+    "tr",
+    { dataset: { index } },
+    el("td", {}, index),
+    el("td", {}, swatch(det), det.class_name),
+    el("td", {}, det.score.toFixed(2)),
+    el("td", {}, formatBox(det.box)),
+    el("td", {}, maskArea(det) ?? "–"),
+  );
+  row.addEventListener("mouseenter", () => setHover(det));
+  row.addEventListener("mouseleave", () => setHover(null));
+  row.addEventListener("click", () => setPinned(state.pinned === det ? null : det));
+  return row;
 }
 
 /** Draw the shown image with its visible detections and fill the table. */
 function show() {
   const result = state.response?.results?.[state.current];
-  const image = state.images[state.current];
-  if (!result || !image) return;
+  if (!result || !state.images[state.current]) return;
   const dets = visibleDetections();
   if (state.pinned && !dets.includes(state.pinned)) state.pinned = null;
   if (state.hover && !dets.includes(state.hover)) state.hover = null;
   draw(dets);
-  const all = result.detections;
-  tbody.replaceChildren(
-    ...dets.map((d) => {
-      const swatch = el("span", { className: "swatch" });
-      swatch.style.background = `rgb(${classColor(d).join(",")})`;
-      const area = maskArea(d);
-      const row = el(
-        "tr",
-        { dataset: { index: all.indexOf(d) } },
-        el("td", {}, all.indexOf(d)),
-        el("td", {}, swatch, d.class_name),
-        el("td", {}, d.score.toFixed(2)),
-        el("td", {}, formatBox(d.box)),
-        el("td", {}, area ?? "–"),
-      );
-      row.addEventListener("mouseenter", () => setHover(d));
-      row.addEventListener("mouseleave", () => setHover(null));
-      row.addEventListener("click", () => setPinned(state.pinned === d ? null : d));
-      return row;
-    }),
-  );
+  tbody.replaceChildren(...dets.map((d) => detectionRow(d, result.detections.indexOf(d))));
   markRows();
-  $("#download-json").disabled = false;
-  $("#download-png").disabled = false;
+  jsonButton.disabled = pngButton.disabled = false;
 }
 
 function draw(dets = visibleDetections()) {
   const result = state.response.results[state.current];
-  const image = state.images[state.current];
   const highlight = state.hover ?? state.pinned;
-  drawDetections(canvas, image.img, dets, { size: result, highlight });
+  drawDetections(canvas, state.images[state.current].img, dets, { size: result, highlight });
   canvas.dataset.image = String(state.current);
   showInfo(highlight);
 }
 
 function showInfo(det) {
-  if (!det) {
-    info.textContent = "Hover a detection or a row to see it.";
-    info.classList.add("muted");
-    return;
-  }
-  info.classList.remove("muted");
-  info.textContent = `${det.class_name} · score ${det.score.toFixed(2)} · box ${formatBox(det.box)} · mask area ${maskArea(det) ?? "–"} px`;
+  info.classList.toggle("muted", !det);
+  info.textContent = det
+    ? `${det.class_name} · score ${det.score.toFixed(2)} · box ${formatBox(det.box)} · mask area ${maskArea(det) ?? "–"} px`
+    : HOVER_HINT;
 }
 
 function markRows() {
@@ -267,12 +258,16 @@ export async function refreshModels() {
 
 // -- wiring --------------------------------------------------------------------
 
-export function init() {
-  fileInput.addEventListener("change", () => {
-    const files = [...fileInput.files];
-    fileInput.value = ""; // so choosing the same file again sends it again
-    useFiles(files);
-  });
+function downloadPng() {
+  const base = (state.images[state.current]?.name || "image").replace(/\.[^./]*$/, "").replace(/[^\w.-]+/g, "_");
+  canvas.toBlob((blob) => blob && download(blob, `${base.slice(0, 80)}-segmented.png`), "image/png");
+}
+
+function downloadJson() {
+  download(new Blob([JSON.stringify(state.response, null, 2)], { type: "application/json" }), "segmentation.json");
+}
+
+function initDrop() {
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
     drop.classList.add("over");
@@ -286,9 +281,33 @@ export function init() {
   // a file dropped next to the zone must not navigate away from the console
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
+}
 
+function initCanvas() {
+  const under = (e) => {
+    const p = canvasPoint(canvas, e);
+    return detectionAt(visibleDetections(), p.x, p.y);
+  };
+  canvas.addEventListener("mousemove", (e) => state.response && setHover(under(e)));
+  canvas.addEventListener("mouseleave", () => state.response && setHover(null));
+  canvas.addEventListener("click", (e) => {
+    if (!state.response) return;
+    const det = under(e);
+    setPinned(det === state.pinned ? null : det);
+  });
+}
+
+export function init() {
+  fileInput.addEventListener("change", () => {
+    const files = [...fileInput.files];
+    fileInput.value = ""; // so choosing the same file again sends it again
+    if (files.length) useFiles(files);
+  });
+  initDrop();
   urlButton.addEventListener("click", useUrl);
-  urlInput.addEventListener("keydown", (e) => e.key === "Enter" && useUrl());
+  urlInput.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !urlButton.disabled) useUrl();
+  });
 
   scoreSlider.addEventListener("input", () => {
     $("#score-threshold-value").textContent = Number(scoreSlider.value).toFixed(2);
@@ -297,29 +316,11 @@ export function init() {
   maskSlider.addEventListener("input", () => {
     $("#mask-threshold-value").textContent = Number(maskSlider.value).toFixed(2);
   });
-  maskSlider.addEventListener("change", () => send());
+  // masks are binarised by the server, and the chosen model runs there: both re-send
+  maskSlider.addEventListener("change", send);
+  modelSelect.addEventListener("change", send);
 
-  canvas.addEventListener("mousemove", (e) => {
-    if (!state.response) return;
-    const p = canvasPoint(canvas, e);
-    setHover(detectionAt(visibleDetections(), p.x, p.y));
-  });
-  canvas.addEventListener("mouseleave", () => state.response && setHover(null));
-  canvas.addEventListener("click", (e) => {
-    if (!state.response) return;
-    const p = canvasPoint(canvas, e);
-    const det = detectionAt(visibleDetections(), p.x, p.y);
-    setPinned(det === state.pinned ? null : det);
-  });
-
-  $("#download-json").addEventListener("click", () => {
-    if (!state.response) return;
-    const blob = new Blob([JSON.stringify(state.response, null, 2)], { type: "application/json" });
-    download(blob, "segmentation.json");
-  });
-  $("#download-png").addEventListener("click", () => {
-    if (!state.response) return;
-    const base = (state.images[state.current]?.name || "image").replace(/\.[^.\/]*$/, "").replace(/[^\w.-]+/g, "_");
-    canvas.toBlob((blob) => blob && download(blob, `${base.slice(0, 80)}-segmented.png`), "image/png");
-  });
+  initCanvas();
+  jsonButton.addEventListener("click", () => state.response && downloadJson());
+  pngButton.addEventListener("click", () => state.response && downloadPng());
 }

@@ -2,13 +2,16 @@
 
 const RECONNECT_MS = 2000;
 
+/** Wait `ms`, or less if `signal` aborts (its listener is removed either way). */
 const sleep = (ms, signal) =>
   new Promise((resolve) => {
-    const t = setTimeout(resolve, ms);
-    signal?.addEventListener("abort", () => {
-      clearTimeout(t);
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
       resolve();
-    });
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
   });
 
 /**
@@ -37,6 +40,7 @@ export async function followEvents(
       }
       onStatus("");
       done = await readStream(response.body, (name, data, id) => {
+        if (signal?.aborted) return true; // a chunk read just before the abort
         if (id !== null) lastId = id;
         onEvent(name, data, id);
         return name === "done";

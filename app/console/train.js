@@ -93,13 +93,18 @@ async function loadBaseModels() {
 function jobRow(job) {
   const row = el(
     "tr",
-    { dataset: { jobId: job.id }, className: job.id === watch.id ? "selected" : "" },
+    { dataset: { jobId: job.id }, className: job.id === watch.id ? "selected" : "", tabIndex: 0 },
     el("td", {}, job.id),
     el("td", {}, el("span", { className: `badge ${job.state}` }, job.state)),
     el("td", {}, job.dataset_id),
     el("td", {}, formatDate(job.created_at)),
   );
   row.addEventListener("click", () => watchJob(job.id));
+  row.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" && e.key !== " ") return;
+    e.preventDefault();
+    watchJob(job.id);
+  });
   return row;
 }
 
@@ -182,14 +187,19 @@ function render() {
   mapChart.draw();
   $("#loss-chart").dataset.points = String(lossChart.count(0));
   $("#map-chart").dataset.points = String(watch.job.metrics?.length ?? 0);
-  const row = document.querySelector(`#jobs-table tr[data-job-id="${CSS.escape(job.id)}"]`);
-  if (row) row.replaceWith(jobRow(job));
+  // the job's row in the table: its state badge, updated in place (keeps keyboard focus)
+  const badge = document.querySelector(`#jobs-table tr[data-job-id="${CSS.escape(job.id)}"] .badge`);
+  if (badge) {
+    badge.textContent = job.state;
+    badge.className = `badge ${job.state}`;
+  }
   for (const r of document.querySelectorAll("#jobs-table tbody tr")) r.classList.toggle("selected", r.dataset.jobId === job.id);
 }
 
 function onEvent(name, data, id) {
   if (id !== null) watch.lastEventId = id;
   const job = watch.job;
+  if (!job) return;
   if (name === "state") {
     Object.assign(job, { state: data.state, error: data.error, model_id: data.model_id });
   } else if (name === "progress") {
@@ -208,19 +218,24 @@ function onEvent(name, data, id) {
 /** Follow the watched job's events from where we were (none: from the start). */
 function follow() {
   stopFollowing();
-  if (!watch.id || FINAL.has(watch.job?.state) && watch.lastEventId?.startsWith("4")) return;
+  if (!watch.id || !watch.job) return;
+  // a final job needs no stream once read whole (no event had yet) or once its `done` came
+  // (event ids are `<stage>.<step>.<epochs>`, stage 4 after `done`)
+  const complete = watch.lastEventId === null || watch.lastEventId.startsWith("4.");
+  if (FINAL.has(watch.job.state) && complete) return;
   const controller = new AbortController();
   watch.controller = controller;
   const status = $("#job-watch-status");
   followEvents(`v1/training-jobs/${encodeURIComponent(watch.id)}/events`, {
     headers: () => authHeaders("admin"),
-    onEvent,
+    // only this follower's events, for the job it follows (never a previous job's)
+    onEvent: (...event) => watch.controller === controller && onEvent(...event),
     onStatus: (text) => setStatus(status, text),
     signal: controller.signal,
     makeError: (code, text) => errorFrom(code, text),
     lastEventId: watch.lastEventId,
   })
-    .catch((err) => setStatus(status, `events: ${err}`, "error"))
+    .catch((err) => watch.controller === controller && setStatus(status, `events: ${err}`, "error"))
     .finally(() => {
       if (watch.controller === controller) watch.controller = null;
     });
@@ -231,6 +246,18 @@ function stopFollowing() {
   watch.controller = null;
 }
 
+/** Empty the watch panel while a job is being read (no button acts on the previous one). */
+function clearWatch(id) {
+  watch.job = null;
+  $("#job-id").textContent = id;
+  $("#job-state").textContent = "…";
+  $("#job-state").className = "badge";
+  for (const field of ["#job-progress", "#job-eta"]) $(field).textContent = "–";
+  $("#job-error").textContent = "";
+  $("#job-cancel").disabled = true;
+  $("#job-compare").hidden = $("#job-activate").hidden = true;
+}
+
 /** Watch a job: its fields now, then its events. */
 export async function watchJob(id, job = null) {
   stopFollowing();
@@ -238,14 +265,17 @@ export async function watchJob(id, job = null) {
   watch.lastEventId = null;
   lossChart.clear();
   mapChart.clear();
+  clearWatch(id);
   setStatus($("#job-watch-status"), "");
+  let found = job;
   try {
-    watch.job = job ?? (await api(`v1/training-jobs/${encodeURIComponent(id)}`, { auth: "admin" }));
+    found ??= await api(`v1/training-jobs/${encodeURIComponent(id)}`, { auth: "admin" });
   } catch (err) {
-    setStatus($("#job-watch-status"), String(err), "error");
+    if (watch.id === id) setStatus($("#job-watch-status"), String(err), "error");
     return;
   }
   if (watch.id !== id) return; // another job was picked meanwhile
+  watch.job = found;
   watch.job.metrics = [...(watch.job.metrics || [])];
   addProgress(watch.job.progress || {});
   for (const entry of watch.job.metrics) addEpoch(entry);
@@ -255,9 +285,11 @@ export async function watchJob(id, job = null) {
 
 async function cancelJob() {
   const status = $("#job-watch-status");
+  const id = watch.id;
   await busy($("#job-cancel"), async () => {
     try {
-      const job = await api(`v1/training-jobs/${encodeURIComponent(watch.id)}/cancel`, { method: "POST", auth: "admin" });
+      const job = await api(`v1/training-jobs/${encodeURIComponent(id)}/cancel`, { method: "POST", auth: "admin" });
+      if (watch.job?.id !== id) return; // another job is watched now
       Object.assign(watch.job, { state: job.state, cancel_requested: job.cancel_requested });
       setStatus(status, job.state === "cancelled" ? "cancelled" : "cancel requested: the job stops at its next step", "ok");
     } catch (err) {
@@ -310,6 +342,7 @@ export async function refresh() {
     return;
   }
   if (!visible) return;
+  if (!watch.controller) follow(); // e.g. the admin token was typed again
   const results = await Promise.allSettled([loadDatasets(), loadJobs(), loadBaseModels()]);
   const failed = results.find((r) => r.status === "rejected");
   if (failed) setStatus($("#job-start-status"), String(failed.reason), "error");
@@ -317,10 +350,15 @@ export async function refresh() {
   mapChart.draw();
 }
 
+/** The models changed (a job's model, an activation): the base-model choices follow. */
+export function onModelsChanged() {
+  if (!visible || !hasAdmin()) return;
+  loadBaseModels().catch((err) => setStatus($("#job-start-status"), `models: ${err}`, "error"));
+}
+
 export function onShow() {
   visible = true;
-  refresh();
-  if (hasAdmin() && watch.id && watch.job && !FINAL.has(watch.job.state)) follow();
+  refresh(); // resumes following the watched job, with Last-Event-ID
 }
 
 export function onHide() {
