@@ -46,6 +46,7 @@ class GraphedForward:
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StaticInputs, dict]] = {}
         self._lock = threading.Lock()
+        self.replays = 0
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -85,6 +86,7 @@ class GraphedForward:
             with self._lock:
                 static.copy_(padded)
                 graph.replay()
+                self.replays += 1
                 return {name: value[:count].clone() for name, value in outputs.items()}
         return None
 
@@ -98,13 +100,19 @@ class Uploader:
         self.stream = torch.cuda.Stream(device=device)
 
     def upload(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        pinned = [image if image.is_pinned() else image.pin_memory() for image in images]
+        """``images`` on the device; those already on a GPU (decoded there) as they are."""
+        on_host = [i for i, image in enumerate(images) if image.device.type == "cpu"]
+        if not on_host:
+            return images
+        pinned = [images[i] if images[i].is_pinned() else images[i].pin_memory() for i in on_host]
         with torch.cuda.stream(self.stream):
             moved = [image.to(self.device, non_blocking=True) for image in pinned]
             done = torch.cuda.Event()
             done.record(self.stream)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(done)
-        for tensor in moved:  # allocated on the copy stream, used on the current one
-            tensor.record_stream(current)
-        return moved
+        result = list(images)
+        for i, tensor in zip(on_host, moved, strict=True):
+            tensor.record_stream(current)  # made on the copy stream, used on this one
+            result[i] = tensor
+        return result

@@ -179,7 +179,10 @@ class Predictor:
             check_image(image)
             if self.input_geometry is not None:
                 self.input_geometry.check(int(image.shape[1]), int(image.shape[2]))
-        batch = [image.to(self.device, non_blocking=True) for image in images]  # as uint8
+        if self.static is not None:  # from pinned memory on a copy stream once graphed
+            batch = self.static.upload(images, self.device)
+        else:
+            batch = [image.to(self.device, non_blocking=True) for image in images]  # uint8
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
         if not batch:
             return PendingBatch([], [], [], [], [], [], [])

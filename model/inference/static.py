@@ -259,6 +259,7 @@ class StaticDetector:
         self.anchors = AnchorCache()
         self.constants = Constants()
         self.graphs = None  # a model.inference.graphs.GraphedForward, once captured
+        self.uploader = None  # and its model.inference.graphs.Uploader
         self.runs = 0
         self.fallbacks = 0
         self._lock = threading.Lock()
@@ -302,13 +303,21 @@ class StaticDetector:
                 for i, length in enumerate(host)
             ]
 
+    def upload(self, images: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        """The images on ``device``: once graphs are captured, host images go through
+        the graphs' pinned-memory ``Uploader``."""
+        if self.uploader is None:
+            return [image.to(device, non_blocking=True) for image in images]
+        return self.uploader.upload(list(images))
+
     def capture(self, images: ImageList, original_sizes: Sequence[tuple[int, int]]) -> None:
         """Capture a CUDA graph for this batch's shapes (and ``sizes.detections``
         slots), after warm-up runs; the first call creates the graphs' owner."""
-        from model.inference.graphs import GraphedForward  # CUDA only
+        from model.inference.graphs import GraphedForward, Uploader  # CUDA only
 
         if self.graphs is None:
             self.graphs = GraphedForward(self.forward)
+            self.uploader = Uploader(images.tensors.device)
         options = [PredictOptions()] * len(original_sizes)
         inputs = static_inputs(images, original_sizes, options, self.num_labels)
         with self._lock:
