@@ -72,3 +72,18 @@ def test_invalid_values_name_the_variable(monkeypatch, name, value):
 def test_more_images_per_request_than_the_queue_holds_is_refused():
     with pytest.raises(SettingsError, match="MASKRCNN_MAX_IMAGES_PER_REQUEST"):
         load_settings(max_queue_size=4, max_images_per_request=8)
+
+
+def test_static_shapes_and_graph_sizes(monkeypatch):
+    assert load_settings().static_shapes == "auto" and load_settings().cuda_graphs == "auto"
+    monkeypatch.setenv("MASKRCNN_STATIC_SHAPES", "false")
+    monkeypatch.setenv("MASKRCNN_CUDA_GRAPHS", "true")
+    monkeypatch.setenv("MASKRCNN_GRAPH_BATCH_SIZES", "1, 8")
+    monkeypatch.setenv("MASKRCNN_GRAPH_IMAGE_SIZES", "640x480,480x640")
+    settings = load_settings()
+    assert (settings.static_shapes, settings.cuda_graphs) == (False, True)
+    assert settings.graph_batch_sizes == (1, 8)
+    assert settings.graph_image_sizes == ("640x480", "480x640")
+    monkeypatch.setenv("MASKRCNN_GRAPH_IMAGE_SIZES", "640*480")
+    with pytest.raises(SettingsError, match="MASKRCNN_GRAPH_IMAGE_SIZES"):
+        load_settings()
