@@ -155,8 +155,9 @@ class Settings(BaseSettings):
             raise ValueError("expected WIDTHxHEIGHT sizes, e.g. 640x480,480x640")
         return value
 
-    @field_validator("url_allowlist", "api_tokens", "graph_batch_sizes", "graph_image_sizes",
-                     mode="before")
+    @field_validator(
+        "url_allowlist", "api_tokens", "graph_batch_sizes", "graph_image_sizes", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_list(value)
