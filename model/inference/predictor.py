@@ -179,10 +179,10 @@ class Predictor:
             check_image(image)
             if self.input_geometry is not None:
                 self.input_geometry.check(int(image.shape[1]), int(image.shape[2]))
-        if self.static is not None:  # from pinned memory on a copy stream once graphed
-            batch = self.static.upload(images, self.device)
-        else:
+        if self.static is None:
             batch = [image.to(self.device, non_blocking=True) for image in images]  # uint8
+        else:  # from pinned memory on a copy stream once graphed
+            batch = self.static.upload(images, self.device)
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
         if not batch:
             return PendingBatch([], [], [], [], [], [], [])
@@ -216,10 +216,10 @@ class Predictor:
             results.append(ImageResult(width=width, height=height, detections=detections))
         return results
 
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
         dtype = _AUTOCAST_DTYPES[self.precision]
         enabled = dtype is not None and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=cache)
 
     def _detect(self, batch: list[torch.Tensor], options: list[PredictOptions]) -> list[dict]:
         """Transform, backbone, RPN and box head as torchvision does, then per-image
@@ -261,9 +261,9 @@ class Predictor:
         if self.static is None or self.device.type != "cuda":
             raise InvalidOptionError("CUDA graphs need static=True on a CUDA device")
         for height, width in image_sizes:
+            blank = [torch.zeros((3, height, width), dtype=torch.uint8, device=self.device)]
             for size in sorted(set(batch_sizes)):
-                blank = [torch.zeros((3, height, width), dtype=torch.uint8, device=self.device)]
-                with self._autocast():
+                with self._autocast(cache=False):  # a graph outlives cached casts
                     self.static.capture(self._transform(blank * size), [(height, width)] * size)
 
     def _transform(self, batch: list[torch.Tensor]) -> ImageList:
