@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from model.geometry import input_geometry
+from model.inference.fixed import run_suppression
+from model.inference.nms import Suppression, greedy_nms
 from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
-from model.inference.static import StaticSizes
+from model.inference.static import StaticSizes, static_inputs
 from model.loading import DEMO_CHECKPOINT, load_model
 from tests.model.conftest import DEVICES, random_image, shapes_images
 from tests.model.test_predictor import MAX_MASK_MISMATCH, decode, torchvision_reference
@@ -203,3 +205,38 @@ def test_cuda_graphs_equal_eager_and_torchvision(network, info, precision):
                                           score=0.05, top=50)
         reference = [{k: v.cpu() for k, v in ref.items()} for ref in reference]
         assert assert_matches(ours, reference, info) == 150
+
+
+@pytest.mark.parametrize("rounds", [2, 3, 6])
+def test_the_decided_prefix_is_greedy_nms(rounds):
+    """After any number of rounds, the boxes ahead of the first one the last round
+    changed are decided as greedy NMS decides them."""
+    g = torch.Generator().manual_seed(rounds)
+    corners = torch.rand(6, 300, 2, generator=g) * 100
+    boxes = torch.cat([corners, corners + 5 + torch.rand(6, 300, 2, generator=g) * 30], 2)
+    valid = torch.rand(6, 300, generator=g) > 0.1
+    suppression = Suppression(boxes, valid, 0.3)
+    keep, decided = run_suppression(suppression, rounds)
+    expected = greedy_nms(boxes, valid, 0.3)
+    assert (decided < 300).any(), "some group should still be undecided"
+    for group, prefix in enumerate(decided.tolist()):
+        assert torch.equal(keep[group, :prefix], expected[group, :prefix])
+
+
+def test_blank_padding_leaves_the_real_images_alone(demo):
+    """What a graph of a larger batch runs: the batch padded with blank images that
+    want nothing gives the real images the same detections and exactness."""
+    predictor = demo[2]
+    static = predictor.static
+    sizes = DEMO_SIZES[:2]
+    images = [scene[:, :h, :w] for scene, (h, w) in zip(shapes_images(288, 2), sizes, strict=True)]
+    image_list = predictor._transform(images)
+    inputs = static_inputs(image_list, [tuple(i.shape[1:]) for i in images],
+                           [PredictOptions()] * 2, static.num_labels)
+    with torch.inference_mode():
+        alone = static.forward(inputs, 100)
+        padded = static.forward(inputs.padded(4), 100)
+    assert padded["counts"][2:].tolist() == [0, 0] and padded["exact"].all()
+    assert torch.equal(alone["counts"], padded["counts"][:2]) and alone["counts"].sum() > 0
+    for name in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(alone[name], padded[name][:2], atol=1e-4, rtol=0)
