@@ -76,19 +76,8 @@ def fixed_proposals(
     taken = [min(rpn.pre_nms_top_n(), count) for count in per_level]
     top = rpn._get_top_n_idx(objectness, per_level)
     n, levels = max(taken), len(taken)
-
-    def make_slots() -> torch.Tensor:
-        position, lengths = np.arange(n), np.array(taken)[:, None]
-        starts = np.cumsum([0, *taken[:-1]])[:, None]
-        slots = starts + np.minimum(position, lengths - 1)
-        return device_tensor(slots.ravel(), device, torch.int64)
-
-    def make_present() -> torch.Tensor:
-        return device_tensor(np.arange(n) < np.array(taken)[:, None], device, torch.bool)
-
-    shape_key = (tuple(taken), device)
-    index = top[:, constants.get(("slots", *shape_key), make_slots)]
-    present = constants.get(("present", *shape_key), make_present)
+    slots, present = level_slots(taken, device, constants)
+    index = top[:, slots]
     scores = objectness.gather(1, index).sigmoid().view(num_images, levels, n)
     boxes = proposals.gather(1, index[:, :, None].expand(-1, -1, 4))
     boxes = clip_boxes(boxes, limits).view(num_images, levels, n, 4)
@@ -114,14 +103,39 @@ def fixed_proposals(
     ranked, order = ranked.sort(dim=1, descending=True, stable=True)
     order, last = order[:, :kept], ranked[:, kept - 1]
     boxes = boxes.view(num_images, -1, 4).gather(1, order[:, :, None].expand(-1, -1, 4))
-    # a level's boxes are in descending score order: its first undecided one
-    # scores highest of its undecided ones
-    first = decided.view(num_images, levels, 1).clamp(max=n - 1)
-    undecided = torch.where(
-        decided.view(num_images, levels) < n, scores.gather(2, first)[:, :, 0], -torch.inf
-    ).amax(1)
+    undecided = best_undecided(scores, decided.view(num_images, levels))
     exact = (undecided == -torch.inf) | (last > undecided)
     return boxes, keep.gather(1, order), exact
+
+
+def level_slots(
+    taken: list[int], device: torch.device, constants: Constants
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L * n]`` indices into the levels' concatenated top-k (each level's padded
+    to the longest, ``n``, by repeating its last) and ``[L, n]`` which are real."""
+    n = max(taken)
+
+    def make_slots() -> torch.Tensor:
+        position, lengths = np.arange(n), np.array(taken)[:, None]
+        starts = np.cumsum([0, *taken[:-1]])[:, None]
+        slots = starts + np.minimum(position, lengths - 1)
+        return device_tensor(slots.ravel(), device, torch.int64)
+
+    def make_present() -> torch.Tensor:
+        return device_tensor(np.arange(n) < np.array(taken)[:, None], device, torch.bool)
+
+    key = (tuple(taken), device)
+    slots = constants.get(("slots", *key), make_slots)
+    return slots, constants.get(("present", *key), make_present)
+
+
+def best_undecided(scores: torch.Tensor, decided: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the highest score of a box NMS has not decided yet (``-inf`` if
+    none), from ``scores`` ``[B, L, n]`` (each level in descending order, so its
+    first undecided box is its best) and the levels' decided prefixes ``[B, L]``."""
+    n = scores.shape[2]
+    first = scores.gather(2, decided.clamp(max=n - 1)[:, :, None])[:, :, 0]
+    return torch.where(decided < n, first, -torch.inf).amax(1)
 
 
 def roi_rows(boxes: torch.Tensor) -> torch.Tensor:
@@ -187,11 +201,7 @@ def select_fixed(
     boxes, scores = boxes.flatten(1, 2), scores.flatten(1)
     candidate = candidate.flatten(1)
     count = candidate.sum(1)
-    # torchvision's batched_nms moves each class into a range of its own when the
-    # image has few enough candidates: the offsets only move float32 rounding
-    limit = COORDINATE_TRICK_LIMIT.get(boxes.device.type, COORDINATE_TRICK_LIMIT["cuda"])
-    largest = torch.where(candidate[:, :, None], boxes, -torch.inf).amax(dim=(1, 2))
-    step = torch.where((count > 0) & (count * 4 <= limit), largest + 1, 0)
+    step = class_step(boxes, candidate, count)
     width = min(candidates, scores.shape[1])
     ranked = torch.where(candidate, scores, -torch.inf)
     order = ranked.sort(dim=1, descending=True, stable=True).indices[:, :width]
@@ -220,3 +230,12 @@ def select_fixed(
         "counts": counts,
         "exact": exact,
     }
+
+
+def class_step(boxes: torch.Tensor, candidate: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``[B]``: how far torchvision's ``batched_nms`` moves each class apart (label
+    times the largest candidate coordinate + 1) when the image has few enough
+    candidates for that, else 0; the offsets only move float32 rounding."""
+    limit = COORDINATE_TRICK_LIMIT.get(boxes.device.type, COORDINATE_TRICK_LIMIT["cuda"])
+    largest = torch.where(candidate[:, :, None], boxes, -torch.inf).amax(dim=(1, 2))
+    return torch.where((count > 0) & (count * 4 <= limit), largest + 1, 0)
