@@ -16,7 +16,7 @@ from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
 from model.inference.static import StaticSizes, static_inputs
 from model.loading import DEMO_CHECKPOINT, load_model
-from tests.model.conftest import DEVICES, random_image, shapes_images
+from tests.model.conftest import random_image, shapes_images
 from tests.model.test_predictor import MAX_MASK_MISMATCH, decode, torchvision_reference
 
 BOX_TOLERANCE, SCORE_TOLERANCE = 0.05, 1e-3
@@ -169,8 +169,7 @@ def test_static_is_off_on_the_cpu_by_default(network, info):
     assert Predictor(network, info).static is None
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_static_sizes_come_from_the_network(network, device):
+def test_static_sizes_come_from_the_network(network):
     sizes = StaticSizes.for_network(network)
     assert sizes.post_nms_top_n == network.rpn.post_nms_top_n() == sizes.candidates
     assert sizes.detections == network.roi_heads.detections_per_img
