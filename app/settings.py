@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     # models besides the served one kept loaded for the `model` option of
     # /v1/segment* (app.serving.ondemand); 0 refuses the option for other models
     model_cache_size: int = Field(2, ge=0, le=16)
+    # the fixed-shape forward (model.inference.static) and its CUDA graphs, captured
+    # at start-up for batches of GRAPH_BATCH_SIZES images of GRAPH_IMAGE_SIZES
+    # (WIDTHxHEIGHT, each standing for its padded size bucket); auto: on a GPU
+    static_shapes: bool | Literal["auto"] = "auto"
+    cuda_graphs: bool | Literal["auto"] = "auto"
+    graph_batch_sizes: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8)
+    graph_image_sizes: Annotated[tuple[str, ...], NoDecode] = ("640x480",)
 
     # batching queue
     max_batch_size: int = Field(8, ge=1, le=256)
@@ -137,7 +144,23 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least twice MASKRCNN_JOB_HEARTBEAT_S ({beat})")
         return value
 
-    @field_validator("url_allowlist", "api_tokens", mode="before")
+    @field_validator("graph_batch_sizes")
+    @classmethod
+    def _check_graph_batches(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or not all(1 <= size <= 256 for size in value):
+            raise ValueError("expected batch sizes from 1 to 256, e.g. 1,2,4,8")
+        return value
+
+    @field_validator("graph_image_sizes")
+    @classmethod
+    def _check_graph_sizes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(re.fullmatch(r"[1-9]\d{0,4}x[1-9]\d{0,4}", size) for size in value):
+            raise ValueError("expected WIDTHxHEIGHT sizes, e.g. 640x480,480x640")
+        return value
+
+    @field_validator(
+        "url_allowlist", "api_tokens", "graph_batch_sizes", "graph_image_sizes", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_list(value)

@@ -3,16 +3,19 @@
 
     python bench/bare.py --model demo --device cpu --batch-sizes 1,2,4,8 --seconds 10
     python bench/bare.py --model r50 --device cuda --precision fp16
+    python bench/bare.py --model r50 --device cuda --precision fp16 --graphs
 
 ``--model demo`` is the bundled demo model. ``--model r50`` is torchvision's
 ``maskrcnn_resnet50_fpn`` (91 classes, its default 800/1333 resize unless
 ``--min-size/--max-size`` say otherwise) with random weights, its classifier's
 logits scaled down so that it keeps a realistic number of detections at the
 default score threshold (about 10-40 per image instead of 100; the table reports
-the count). Images are synthetic shapes scenes saved as JPEG and decoded with
-Pillow, the same bytes ``bench/served.py`` posts. Each point warms up, then runs
-batches for ``--seconds`` (at least one). Writes the table as its own section of
-``bench/RESULTS.md``.
+the count). ``--static on|off`` picks the forward (``Predictor(static=...)``; auto:
+the fixed-shape one on CUDA), ``--graphs`` captures it in CUDA graphs for the bench
+images' size and the batch sizes first. Images are synthetic shapes scenes saved
+as JPEG and decoded with Pillow, the same bytes ``bench/served.py`` posts. Each
+point warms up, then runs batches for ``--seconds`` (at least one). Writes the
+table as its own section of ``bench/RESULTS.md``.
 """
 
 import argparse
@@ -107,6 +110,7 @@ def load_predictor(
     *,
     fused: bool | None = None,
     vectorized: bool | None = None,
+    static: str = "auto",
 ) -> Predictor:
     """As ``maskrcnn serve`` builds it (``app.serving.loading.load_predictor``);
     ``fused=False`` turns ``model.inference.fusion``'s rewrites off (an experiment);
@@ -119,6 +123,26 @@ def load_predictor(
         precision=precision,
         fused=fused,
         vectorized=vectorized,
+        static={"auto": None, "on": True, "off": False}[static],
+    )
+
+
+def capture_graphs(predictor: Predictor, batch_sizes: list[int]) -> None:
+    """``--graphs``: the static forward captured for the bench images' size."""
+    start = time.perf_counter()
+    predictor.capture_graphs([IMAGE_SIZE], batch_sizes)
+    print(f"captured CUDA graphs in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def static_note(predictor: Predictor) -> str:
+    """How the forward ran: the static path's batches and fallbacks, graph replays."""
+    static = predictor.static
+    if static is None:
+        return "Forward: dynamic (no static shapes)."
+    replays = static.graphs.replays if static.graphs is not None else 0
+    return (
+        f"Forward: static shapes, {static.runs} batches, {static.fallbacks} fell back to the "
+        f"dynamic path, {replays} replayed CUDA graphs."
     )
 
 
@@ -206,6 +230,10 @@ def experiments(args: argparse.Namespace) -> str:
         for f in ("cudnn_benchmark", "unfused", "plain_blocks", "loop_selection", "graph_backbone")
         if getattr(args, f, False)
     ]
+    if getattr(args, "graphs", False):
+        flags.append("cuda graphs")
+    elif getattr(args, "static", "auto") != "auto":
+        flags.append({"on": "static shapes", "off": "dynamic shapes"}[args.static])
     return "".join(f", {flag}" for flag in flags)
 
 
@@ -233,6 +261,8 @@ def render(points: list[Point], args: argparse.Namespace, command: str) -> str:
         f"Best: {best.images_per_s:.2f} images/s at batch {best.batch_size}, "
         f"{best.images_per_s / base:.2f}x batch {points[0].batch_size}.",
         "",
+        getattr(args, "static_note", ""),
+        "",
         f"Machine: {machine(device)}.",
         "",
         f"Command: `{command}`",
@@ -247,6 +277,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--min-size", type=int, help="r50 only: the resize's shorter side")
     parser.add_argument("--max-size", type=int, help="r50 only: the resize's longer side cap")
+    parser.add_argument(
+        "--static",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the fixed-shape forward (model.inference.static); auto: on CUDA",
+    )
+    parser.add_argument(
+        "--graphs", action="store_true", help="capture the static forward in CUDA graphs"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[Point]:
@@ -275,8 +314,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
         "--graph-backbone", action="store_true", help="experiment: CUDA graphs, backbone + FPN"
     )
     args = parser.parse_args(argv)
-    if args.graph_backbone and torch.device(args.device).type != "cuda":
-        parser.error("--graph-backbone needs a CUDA device")
+    if (args.graph_backbone or args.graphs) and torch.device(args.device).type != "cuda":
+        parser.error("--graph-backbone and --graphs need a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     images = decode_jpegs(bench_jpegs())
@@ -285,21 +324,30 @@ def main(argv: list[str] | None = None) -> list[Point]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = prepare_model(args.model, Path(tmp), min_size=args.min_size, max_size=args.max_size)
         predictor = load_predictor(
-            spec, args.device, args.precision, fused=False if args.unfused else None
+            spec,
+            args.device,
+            args.precision,
+            fused=False if args.unfused else None,
+            static=args.static,
         )
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.loop_selection:
         predictor.vectorized = False
     if args.graph_backbone:
         predictor.network.backbone = GraphedBackbone(predictor.network.backbone)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    if args.graphs:
+        capture_graphs(predictor, sizes)
     points = []
-    for size in (int(s) for s in args.batch_sizes.split(",")):
+    for size in sizes:
         points.append(measure(predictor, images, size, args.seconds))
         p = points[-1]
         print(
             f"batch {size}: {p.images_per_s:.2f} images/s, {p.detections:.1f} detections/image",
             file=sys.stderr,
         )
+    args.static_note = static_note(predictor)
+    print(args.static_note, file=sys.stderr)
     text = render(points, args, command_line("bench/bare.py", argv))
     print(text)
     if not args.no_write:

@@ -14,7 +14,9 @@
 # everything lands in $OUT: suite.log (all output), RESULTS.md (the updated
 # tables, copied after every step), profile.txt, pytest.txt and servers.log (the
 # servers' logs). The steps run most important first; in all about 8 minutes on an
-# H200.
+# H200 before the static-shape / CUDA-graph steps, which add about 6 (STEPS=graphs
+# runs only those: bare and served images/s, fp16 and fp32, graphs on and off, the
+# dynamic forward for reference, host syncs per batch, and the GPU tests).
 set -u
 OUT=${OUT:-/tmp/gpu-suite}
 DEVICE=${DEVICE:-cuda}
@@ -53,15 +55,63 @@ BATCHES=${ONLY_BATCHES:-$BATCHES}; CONC=${ONLY_CONCURRENCY:-$CONC}  # for a shor
 R50=(--model r50 --device "$DEVICE" "${SIZE[@]}")
 SERVED=(--seconds "$((SECONDS_PER + 1))" --warmup 2 --processes "$PROCS")
 
+gpu_step() {  # a step that needs CUDA (--graphs): skipped in a CPU rehearsal
+  if [ "${DEVICE%%:*}" != cuda ]; then echo "=== $1: skipped (needs CUDA)" | tee -a "$LOG"; return 0; fi
+  step "$@"
+}
+# STEPS=graphs: the static-shape and CUDA-graph steps below only
+case ",$STEPS," in *",graphs,"*) STEPS="$STEPS,machine,bare-fp16,bare-fp16-graphs,\
+bare-fp16-dynamic,bare-fp32,bare-fp32-graphs,served-fp16,served-fp16-graphs,\
+served-fp16-graphs-processes2,served-fp32,served-fp32-graphs,syncs-dynamic,\
+syncs-static,syncs-graphs,pytest-static" ;; esac
+
 step machine 30 bash -c 'nvidia-smi || true; command -v nvidia-cuda-mps-control || \
 echo "no nvidia-cuda-mps-control"; python3 -c "import torch, torchvision; \
 print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
 python3 -c "import app.main, pycocotools, orjson, uvicorn; print(\"app imports ok\")"'
 step bare-fp16 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$BATCHES" --seconds "$SECONDS_PER"
+# the static forward (the CUDA default) captured in CUDA graphs, and the dynamic one
+gpu_step bare-fp16-graphs 100 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+  --batch-sizes "$BATCHES" --seconds "$SECONDS_PER" --graphs
+step bare-fp16-dynamic 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+  --batch-sizes "$BATCHES" --seconds "$SECONDS_PER" --static off
 step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" \
   --server-log "$OUT/server-fp16.log"
+gpu_step served-fp16-graphs 120 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" --graphs \
+  --server-log "$OUT/server-fp16-graphs.log"
+gpu_step served-fp16-graphs-processes2 120 python3 bench/served.py "${R50[@]}" --precision fp16 \
+  --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" --graphs --model-processes 2 \
+  --server-log "$OUT/server-fp16-graphs-processes2.log"
+case ",$STEPS," in *",all,"* | *",bare-fp32,"*)
+  step bare-fp32 60 python3 bench/bare.py "${R50[@]}" --precision fp32 \
+    --batch-sizes "$FEW" --seconds "$SECONDS_PER" ;;
+esac
+gpu_step bare-fp32-graphs 80 python3 bench/bare.py "${R50[@]}" --precision fp32 \
+  --batch-sizes "$FEW" --seconds "$SECONDS_PER" --graphs
+step served-fp32 90 python3 bench/served.py "${R50[@]}" --precision fp32 \
+  --concurrency "$HIGH" "${SERVED[@]}" --max-batch-size "$BATCH" \
+  --server-log "$OUT/server-fp32.log"
+gpu_step served-fp32-graphs 100 python3 bench/served.py "${R50[@]}" --precision fp32 \
+  --concurrency "$HIGH" "${SERVED[@]}" --max-batch-size "$BATCH" --graphs \
+  --server-log "$OUT/server-fp32-graphs.log"
+# host syncs per batch (bench/profile_batch.py): dynamic forward, static, static in graphs
+syncs() {  # syncs STEP FLAGS...: the sync count and the forward's note, into syncs.txt
+  local name=$1
+  shift
+  "$STEP_KIND" "$name" 90 bash -c "echo '=== $*' >> '$OUT/syncs.txt'; python3 \
+    bench/profile_batch.py ${R50[*]} --precision fp16 --batch-size $BATCH --rows 5 $* \
+    > '$OUT/syncs-last.txt' 2>&1; status=\$?; grep -E 'host syncs|Forward:' '$OUT/syncs-last.txt' \
+    | tee -a '$OUT/syncs.txt'; rm -f '$OUT/syncs-last.txt'; exit \$status"
+}
+STEP_KIND=step syncs syncs-dynamic --static off
+STEP_KIND=step syncs syncs-static --static on
+STEP_KIND=gpu_step syncs syncs-graphs --graphs
+step pytest-static 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+  tests/model/test_static.py > '$OUT/pytest-static.txt' 2>&1; status=\$?; \
+  tail -5 '$OUT/pytest-static.txt'; exit \$status"
 step served-fp16-b32 70 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) \
   --server-log "$OUT/server-fp16-b32.log"
@@ -76,7 +126,8 @@ served_processes served-fp16-processes3 100 3 "$BATCH" "$HIGH"
 served_processes served-fp16-processes4 80 4 "$BATCH" "$SAT"
 step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/model/test_nms.py tests/model/test_precision.py tests/model/test_fusion.py \
-  tests/model/test_masks.py tests/model/test_rle.py tests/app/test_device_decode.py \
+  tests/model/test_masks.py tests/model/test_rle.py tests/model/test_static.py \
+  tests/app/test_device_decode.py \
   tests/app/test_modelprocess.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
   tail -5 '$OUT/pytest.txt'; exit \$status"
 step plain-blocks 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
@@ -94,10 +145,6 @@ for experiment in loop-selection graph-backbone; do
   step "$experiment" 60 python3 bench/bare.py "${R50[@]}" --precision fp16 \
     --batch-sizes "$FEW" --seconds "$SECONDS_PER" "--$experiment"
 done
-case ",$STEPS," in *",bare-fp32,"*)
-  step bare-fp32 50 python3 bench/bare.py "${R50[@]}" --precision fp32 \
-    --batch-sizes "$FEW" --seconds "$SECONDS_PER" ;;
-esac
 case ",$STEPS," in *",postprocess,"*)
   step postprocess 60 python3 bench/postprocess.py --device "$DEVICE" --repeats 10 ;;
 esac

@@ -6,6 +6,13 @@ one bench JPEG costs (Pillow on the host, nvJPEG on the device), to decide where
 uploads should be decoded.
 
     python bench/profile_batch.py --model r50 --device cuda --precision fp16 [--batch-size 8]
+    python bench/profile_batch.py --model r50 --device cuda --precision fp16 --graphs
+
+On a GPU it also counts the host syncs per batch: the CUDA runtime's synchronize
+calls the profiler records (each one a wait of the host for the device's queue:
+``.item()``, ``.tolist()``, ``nonzero``, a copy to pageable memory), for the whole
+``predict`` (forward and postprocessing); ``--static on|off`` and ``--graphs``
+compare the forwards (``bench/bare.py``).
 
 ``--cuda-path`` runs the CUDA code path (fused network, batched selection, masks
 pasted and run-length coded in a GPU's chunks) on the CPU, to count its operators
@@ -33,9 +40,11 @@ import model.inference.rle
 from bench.bare import (
     add_model_arguments,
     bench_jpegs,
+    capture_graphs,
     decode_jpegs,
     load_predictor,
     prepare_model,
+    static_note,
 )
 from bench.results import machine
 from model.inference.options import PredictOptions
@@ -54,12 +63,17 @@ def profile_batch(predictor, images, batch_size: int, rows: int, stacks: bool = 
         for _ in range(3):
             predictor.predict(batch, options)
     calls = len(python_calls(prof.events())) / 3
+    syncs = host_syncs(prof.events()) / 3
     keys = ["self_cpu_time_total"]
     if predictor.device.type == "cuda":  # the key's name depends on the torch version
         keys.insert(0, "self_device_time_total")
     what = f"3 batches of {batch_size}"
     tables = [top_ops(prof.key_averages(), key, rows, what) for key in keys]
     tables.append(f"operators called from Python per batch (views excluded): {calls:.0f}")
+    if predictor.device.type == "cuda":
+        tables.append(f"host syncs per batch (CUDA synchronize calls): {syncs:.1f}")
+    else:
+        tables.append("host syncs per batch: none to count on the CPU (no device queue)")
     if stacks:
         with profile(activities=activities, with_stack=True) as prof:
             for _ in range(3):
@@ -121,6 +135,15 @@ VIEWS = {
         "size detach alias lift_fresh empty result_type"
     ).split()
 }
+
+
+# the CUDA runtime calls that block the host until the device catches up
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
+
+
+def host_syncs(events) -> int:
+    """How many times the host waited for the device, by the runtime calls recorded."""
+    return sum(1 for event in events if event.name in SYNC_CALLS)
 
 
 def python_calls(events) -> list:
@@ -186,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--stacks", action="store_true", help="also top ops by calling line")
     args = parser.parse_args(argv)
+    if args.graphs and torch.device(args.device).type != "cuda":
+        parser.error("--graphs needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     jpegs = bench_jpegs()
@@ -195,10 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         path = {"fused": True, "vectorized": True} if args.cuda_path else {}
         if args.cuda_path:
             plan_memory_as_on_a_gpu()
-        predictor = load_predictor(spec, args.device, args.precision, **path)
+        predictor = load_predictor(spec, args.device, args.precision, static=args.static, **path)
+    if args.graphs:
+        capture_graphs(predictor, [args.batch_size])
     images = (images * args.batch_size)[: max(args.batch_size, len(images))]
     print(f"{args.model}, {args.precision}, batch {args.batch_size}; {machine(args.device)}\n")
     print(profile_batch(predictor, images, args.batch_size, args.rows, args.stacks))
+    print(static_note(predictor))
     print(time_decoders(jpegs, predictor.device))
 
 

@@ -6,12 +6,16 @@ against the bare model, in one run on one machine.
     python bench/served.py --model r50 --device cuda --precision fp16 --processes 4
     python bench/served.py --model r50 --device cuda --precision fp16 --processes 4 \
         --model-processes 2
+    python bench/served.py --model r50 --device cuda --precision fp16 --processes 4 --graphs
 
 1. The bare model (``bench/bare.py``'s ``measure``) at batch ``--max-batch-size``,
    in this process, on the same images;
 2. ``maskrcnn serve`` in a subprocess on the same model (``MAX_BATCH_SIZE`` as
    above, ``MODEL_PROCESSES`` from ``--model-processes``: 0, in process, unless
-   given; the other settings at their defaults), ready when ``/readyz`` says so;
+   given; ``STATIC_SHAPES`` from ``--static``; ``CUDA_GRAPHS`` true only with
+   ``--graphs``, then captured for batches of 1, 2, 4, ... up to
+   ``MAX_BATCH_SIZE`` of 640x480 images; the other settings at their defaults),
+   ready when ``/readyz`` says so;
 3. for each client concurrency, ``bench/loadgen.py`` in its own process posts
    the same 640x480 JPEGs to ``/v1/segment`` (one image a request), and the
    server's ``/metrics`` before and after tell the mean batch size and the time
@@ -44,7 +48,9 @@ from bench.bare import (
     Point,
     add_model_arguments,
     bench_jpegs,
+    capture_graphs,
     decode_jpegs,
+    experiments,
     load_predictor,
     measure,
     prepare_model,
@@ -132,9 +138,20 @@ def server_env(args: argparse.Namespace, data_dir: Path, max_concurrency: int) -
     if args.batch_delay_ms is not None:
         env["MASKRCNN_MAX_BATCH_DELAY_MS"] = str(args.batch_delay_ms)
     env["MASKRCNN_MODEL_PROCESSES"] = str(args.model_processes)
+    if args.static != "auto":
+        env["MASKRCNN_STATIC_SHAPES"] = "true" if args.static == "on" else "false"
+    env["MASKRCNN_CUDA_GRAPHS"] = "true" if args.graphs else "false"
+    env["MASKRCNN_GRAPH_BATCH_SIZES"] = ",".join(map(str, graph_batch_sizes(args.max_batch_size)))
+    env["MASKRCNN_GRAPH_IMAGE_SIZES"] = f"{IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, as in bare
     return env
+
+
+def graph_batch_sizes(largest: int) -> list[int]:
+    """1, 2, 4, ... and ``largest``: a batch pads to the next captured size."""
+    sizes = [1 << k for k in range(largest.bit_length()) if 1 << k < largest]
+    return [*sizes, largest]
 
 
 def run_point(server: Server, images_dir: Path, concurrency: int, args) -> dict:
@@ -163,7 +180,7 @@ def section(args: argparse.Namespace) -> str:
     device = torch.device(args.device).type
     return (
         f"## Served throughput: {args.model} on {device}, {args.precision}, "
-        f"MAX_BATCH_SIZE={args.max_batch_size}{model_processes(args)}"
+        f"MAX_BATCH_SIZE={args.max_batch_size}{model_processes(args)}{experiments(args)}"
     )
 
 
@@ -237,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--server-log", type=Path, help="keep the server's output here")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = parser.parse_args(argv)
+    if args.graphs and torch.device(args.device).type != "cuda":
+        parser.error("--graphs needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -244,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = prepare_model(args.model, tmp, min_size=args.min_size, max_size=args.max_size)
-        predictor = load_predictor(spec, args.device, args.precision)
+        predictor = load_predictor(spec, args.device, args.precision, static=args.static)
+        if args.graphs:
+            capture_graphs(predictor, [args.max_batch_size])
         bare = measure(
             predictor, decode_jpegs(jpegs), args.max_batch_size, args.bare_seconds or args.seconds
         )

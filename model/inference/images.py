@@ -49,3 +49,22 @@ def list_images(paths: list[str]) -> list[Path]:
         else:
             found.append(entry)
     return found
+
+
+def check_image(image: torch.Tensor) -> None:
+    """``InvalidImageError`` unless ``image`` is a non-empty uint8 ``[3, H, W]``."""
+    if not isinstance(image, torch.Tensor):
+        raise InvalidImageError(f"expected an image tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise InvalidImageError(
+            "expected a uint8 RGB image tensor of shape [3, H, W], "
+            f"got dtype {image.dtype} and shape {list(image.shape)}"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise InvalidImageError(f"image is empty: shape {list(image.shape)}")
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
+    the order of operations of the ``network(image.float() / 255)`` reference."""
+    return (images.float().div_(255) - mean) / std

@@ -92,13 +92,16 @@ def greedy_nms_top(
 
 class Suppression:
     """``greedy_nms``'s iteration, run a number of rounds at a time without waiting
-    for the device; see the module docstring and ``greedy_nms`` for the arguments."""
+    for the device; see the module docstring and ``greedy_nms`` for the arguments.
+    ``iou_threshold`` may also be a ``[G]`` device tensor of thresholds already
+    rounded by ``iou_threshold_for``: nothing is then copied from the host (a
+    CUDA graph can capture the whole iteration)."""
 
     def __init__(
         self,
         boxes: torch.Tensor,
         valid: torch.Tensor,
-        iou_threshold: float | Sequence[float],
+        iou_threshold: float | Sequence[float] | torch.Tensor,
         classes: torch.Tensor | None = None,
     ):
         groups, n = valid.shape
@@ -111,13 +114,16 @@ class Suppression:
         per_chunk = max(1, _CHUNK_ELEMENTS // (n * n))
         if classes is None:
             classes = torch.zeros_like(valid, dtype=torch.int8)
-        if isinstance(iou_threshold, int | float | np.floating):
-            iou_threshold = [iou_threshold] * groups
-        thresholds = device_tensor(
-            [iou_threshold_for(t, boxes.device) for t in iou_threshold],
-            boxes.device,
-            torch.float32,
-        )
+        if isinstance(iou_threshold, torch.Tensor):  # [G], already iou_threshold_for's
+            thresholds = iou_threshold.to(boxes.device, torch.float32)
+        else:
+            if isinstance(iou_threshold, int | float | np.floating):
+                iou_threshold = [iou_threshold] * groups
+            thresholds = device_tensor(
+                [iou_threshold_for(t, boxes.device) for t in iou_threshold],
+                boxes.device,
+                torch.float32,
+            )
         chunks = zip(
             boxes.split(per_chunk),
             valid.split(per_chunk),

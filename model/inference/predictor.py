@@ -24,15 +24,17 @@ import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.image_list import ImageList
 
-from model.errors import InvalidImageError, InvalidOptionError
+from model.errors import InvalidOptionError
 from model.geometry import input_geometry, padded_side
 from model.inference.fusion import fuse_network, to_backbone_input
 from model.inference.heads import predict_masks, select_boxes
+from model.inference.images import check_image, normalize
 from model.inference.masks import paste_masks
 from model.inference.nms import device_tensor
 from model.inference.options import MaskFormat, PredictOptions, check_options
 from model.inference.proposals import AnchorCache, propose
 from model.inference.rle import crop_masks, find_runs, pack_runs, polygons_at
+from model.inference.static import StaticDetector, StaticSizes
 from model.info import ModelInfo
 
 __all__ = ["Detection", "ImageResult", "MaskFormat", "PendingBatch", "PredictOptions", "Predictor"]
@@ -105,6 +107,11 @@ class Predictor:
             same detections up to float rounding. Default: with ``fp16`` / ``bf16`` on
             CUDA, where autocast would otherwise cast every weight and convert
             every activation's layout on every batch.
+        static: run the forward with fixed shapes and no host sync
+            (``model.inference.static``, sizes ``static_sizes`` or derived from the
+            network), falling back to the dynamic path for a batch whose static
+            result is not exact: the same detections. Default: on CUDA, where it
+            removes the forward's host syncs and is what ``capture_graphs`` needs.
 
     ``input_geometry`` is the network transform's resize-and-pad arithmetic
     (``model.geometry``; ``None`` without a torchvision transform).
@@ -124,6 +131,8 @@ class Predictor:
         precision: str = "fp32",
         vectorized: bool | None = None,
         fused: bool | None = None,
+        static: bool | None = None,
+        static_sizes: StaticSizes | None = None,
     ):
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
@@ -144,6 +153,10 @@ class Predictor:
         self._anchors = AnchorCache()
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
+        self.static = None  # a StaticDetector
+        if on_gpu if static is None else static:
+            sizes = static_sizes or StaticSizes.for_network(self.network)
+            self.static = StaticDetector(self.network, sizes, fused=self.fused)
 
     def predict(
         self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
@@ -166,7 +179,10 @@ class Predictor:
             check_image(image)
             if self.input_geometry is not None:
                 self.input_geometry.check(int(image.shape[1]), int(image.shape[2]))
-        batch = [image.to(self.device, non_blocking=True) for image in images]  # as uint8
+        if self.static is None:
+            batch = [image.to(self.device, non_blocking=True) for image in images]  # uint8
+        else:  # from pinned memory on a copy stream once graphed
+            batch = self.static.upload(images, self.device)
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
         if not batch:
             return PendingBatch([], [], [], [], [], [], [])
@@ -200,17 +216,21 @@ class Predictor:
             results.append(ImageResult(width=width, height=height, detections=detections))
         return results
 
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
         dtype = _AUTOCAST_DTYPES[self.precision]
         enabled = dtype is not None and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=cache)
 
     def _detect(self, batch: list[torch.Tensor], options: list[PredictOptions]) -> list[dict]:
         """Transform, backbone, RPN and box head as torchvision does, then per-image
         selection with each image's options, then the mask head on the kept boxes."""
-        net = self.network
         original_sizes = [tuple(image.shape[-2:]) for image in batch]
         image_list = self._transform(batch)
+        if self.static is not None:
+            found = self.static.detect(image_list, original_sizes, options)
+            if found is not None:  # None: not exact, the dynamic path decides
+                return found
+        net = self.network
         features = net.backbone(to_backbone_input(image_list.tensors, self.fused))
         if self.vectorized:
             proposals = propose(net.rpn, image_list, features, self._anchors)
@@ -232,6 +252,19 @@ class Predictor:
         for det, probs, image_boxes in zip(kept, mask_probs, scaled, strict=True):
             det["boxes"], det["mask_probs"] = image_boxes, probs.float()
         return kept
+
+    @torch.inference_mode()
+    def capture_graphs(self, image_sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]):
+        """Capture the static forward in CUDA graphs (``model.inference.graphs``) for
+        batches of ``batch_sizes`` images of each ``(height, width)`` in
+        ``image_sizes`` (each stands for its padded canvas); CUDA and ``static`` only."""
+        if self.static is None or self.device.type != "cuda":
+            raise InvalidOptionError("CUDA graphs need static=True on a CUDA device")
+        for height, width in image_sizes:
+            blank = [torch.zeros((3, height, width), dtype=torch.uint8, device=self.device)]
+            for size in sorted(set(batch_sizes)):
+                with self._autocast(cache=False):  # a graph outlives cached casts
+                    self.static.capture(self._transform(blank * size), [(height, width)] * size)
 
     def _transform(self, batch: list[torch.Tensor]) -> ImageList:
         """``network.transform`` of the uint8 images scaled to ``[0, 1]`` (normalise,
@@ -364,22 +397,3 @@ def group_by_size(
             chunks.append([])
         chunks[-1].append(i)
     return [chunk for chunks in groups.values() for chunk in chunks]
-
-
-def check_image(image: torch.Tensor) -> None:
-    """``InvalidImageError`` unless ``image`` is a non-empty uint8 ``[3, H, W]``."""
-    if not isinstance(image, torch.Tensor):
-        raise InvalidImageError(f"expected an image tensor, got {type(image).__name__}")
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise InvalidImageError(
-            "expected a uint8 RGB image tensor of shape [3, H, W], "
-            f"got dtype {image.dtype} and shape {list(image.shape)}"
-        )
-    if image.shape[1] < 1 or image.shape[2] < 1:
-        raise InvalidImageError(f"image is empty: shape {list(image.shape)}")
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
-    the order of operations of the ``network(image.float() / 255)`` reference."""
-    return (images.float().div_(255) - mean) / std

@@ -84,3 +84,18 @@ def test_every_setting_is_documented_in_configuration_md():
         name for name in Settings.model_fields if f"`{ENV_PREFIX}{name.upper()}`" not in text
     ]
     assert missing == [], f"settings missing from docs/configuration.md: {missing}"
+
+
+def test_static_shapes_and_graph_sizes(monkeypatch):
+    assert load_settings().static_shapes == "auto" and load_settings().cuda_graphs == "auto"
+    monkeypatch.setenv("MASKRCNN_STATIC_SHAPES", "false")
+    monkeypatch.setenv("MASKRCNN_CUDA_GRAPHS", "true")
+    monkeypatch.setenv("MASKRCNN_GRAPH_BATCH_SIZES", "1, 8")
+    monkeypatch.setenv("MASKRCNN_GRAPH_IMAGE_SIZES", "640x480,480x640")
+    settings = load_settings()
+    assert (settings.static_shapes, settings.cuda_graphs) == (False, True)
+    assert settings.graph_batch_sizes == (1, 8)
+    assert settings.graph_image_sizes == ("640x480", "480x640")
+    monkeypatch.setenv("MASKRCNN_GRAPH_IMAGE_SIZES", "640*480")
+    with pytest.raises(SettingsError, match="MASKRCNN_GRAPH_IMAGE_SIZES"):
+        load_settings()
