@@ -45,10 +45,11 @@ class Settings(BaseSettings):
     # models besides the served one kept loaded for the `model` option of
     # /v1/segment* (app.serving.ondemand); 0 refuses the option for other models
     model_cache_size: int = Field(2, ge=0, le=16)
-    # the fixed-shape forward (model.inference.static) and its CUDA graphs, captured
-    # at start-up for batches of GRAPH_BATCH_SIZES images of GRAPH_IMAGE_SIZES
-    # (WIDTHxHEIGHT, each standing for its padded size bucket); auto: on a GPU
-    static_shapes: bool | Literal["auto"] = "auto"
+    # the fixed-shape forward (model.inference.static; off until measured on a GPU)
+    # and its CUDA graphs, captured at start-up for batches of GRAPH_BATCH_SIZES
+    # images of GRAPH_IMAGE_SIZES (WIDTHxHEIGHT, each standing for its padded size
+    # bucket); auto: whenever the static forward runs on a GPU
+    static_shapes: bool = False
     cuda_graphs: bool | Literal["auto"] = "auto"
     graph_batch_sizes: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8)
     graph_image_sizes: Annotated[tuple[str, ...], NoDecode] = ("640x480",)

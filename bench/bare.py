@@ -10,9 +10,9 @@
 ``--min-size/--max-size`` say otherwise) with random weights, its classifier's
 logits scaled down so that it keeps a realistic number of detections at the
 default score threshold (about 10-40 per image instead of 100; the table reports
-the count). ``--static on|off`` picks the forward (``Predictor(static=...)``; auto:
-the fixed-shape one on CUDA), ``--graphs`` captures it in CUDA graphs for the bench
-images' size and the batch sizes first. Images are synthetic shapes scenes saved
+the count). ``--static on|off`` picks the forward (``Predictor(static=...)``, off by
+default), ``--graphs`` turns the fixed-shape one on and captures it in CUDA graphs
+for the bench images' size and the batch sizes first. Images are synthetic shapes scenes saved
 as JPEG and decoded with Pillow, the same bytes ``bench/served.py`` posts. Each
 point warms up, then runs batches for ``--seconds`` (at least one). Writes the
 table as its own section of ``bench/RESULTS.md``.
@@ -110,7 +110,7 @@ def load_predictor(
     *,
     fused: bool | None = None,
     vectorized: bool | None = None,
-    static: str = "auto",
+    static: str = "off",
 ) -> Predictor:
     """As ``maskrcnn serve`` builds it (``app.serving.loading.load_predictor``);
     ``fused=False`` turns ``model.inference.fusion``'s rewrites off (an experiment);
@@ -123,8 +123,13 @@ def load_predictor(
         precision=precision,
         fused=fused,
         vectorized=vectorized,
-        static={"auto": None, "on": True, "off": False}[static],
+        static=static == "on",
     )
+
+
+def static_wanted(args: argparse.Namespace) -> str:
+    """``--static``, turned on by ``--graphs`` (graphs capture the static forward)."""
+    return "on" if args.graphs else args.static
 
 
 def capture_graphs(predictor: Predictor, batch_sizes: list[int]) -> None:
@@ -232,8 +237,8 @@ def experiments(args: argparse.Namespace) -> str:
     ]
     if getattr(args, "graphs", False):
         flags.append("cuda graphs")
-    elif getattr(args, "static", "auto") != "auto":
-        flags.append({"on": "static shapes", "off": "dynamic shapes"}[args.static])
+    elif getattr(args, "static", "off") == "on":
+        flags.append("static shapes")
     return "".join(f", {flag}" for flag in flags)
 
 
@@ -279,9 +284,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-size", type=int, help="r50 only: the resize's longer side cap")
     parser.add_argument(
         "--static",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="the fixed-shape forward (model.inference.static); auto: on CUDA",
+        choices=("on", "off"),
+        default="off",
+        help="the fixed-shape forward (model.inference.static); --graphs turns it on",
     )
     parser.add_argument(
         "--graphs", action="store_true", help="capture the static forward in CUDA graphs"
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
             args.device,
             args.precision,
             fused=False if args.unfused else None,
-            static=args.static,
+            static=static_wanted(args),
         )
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.loop_selection:

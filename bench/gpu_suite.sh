@@ -15,8 +15,8 @@
 # tables, copied after every step), profile.txt, pytest.txt and servers.log (the
 # servers' logs). The steps run most important first; in all about 8 minutes on an
 # H200 before the static-shape / CUDA-graph steps, which add about 6 (STEPS=graphs
-# runs only those: bare and served images/s, fp16 and fp32, graphs on and off, the
-# dynamic forward for reference, host syncs per batch, and the GPU tests).
+# runs only those: bare and served images/s, fp16 and fp32, the dynamic forward and
+# the static one with graphs on and off, host syncs per batch, and the GPU tests).
 set -u
 OUT=${OUT:-/tmp/gpu-suite}
 DEVICE=${DEVICE:-cuda}
@@ -61,7 +61,7 @@ gpu_step() {  # a step that needs CUDA (--graphs): skipped in a CPU rehearsal
 }
 # STEPS=graphs: the static-shape and CUDA-graph steps below only
 case ",$STEPS," in *",graphs,"*) STEPS="$STEPS,machine,bare-fp16,bare-fp16-graphs,\
-bare-fp16-dynamic,bare-fp32,bare-fp32-graphs,served-fp16,served-fp16-graphs,\
+bare-fp16-static,bare-fp32,bare-fp32-graphs,served-fp16,served-fp16-graphs,\
 served-fp16-graphs-processes2,served-fp32,served-fp32-graphs,syncs-dynamic,\
 syncs-static,syncs-graphs,pytest-static" ;; esac
 
@@ -71,11 +71,11 @@ print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"; \
 python3 -c "import app.main, pycocotools, orjson, uvicorn; print(\"app imports ok\")"'
 step bare-fp16 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$BATCHES" --seconds "$SECONDS_PER"
-# the static forward (the CUDA default) captured in CUDA graphs, and the dynamic one
+# the static forward captured in CUDA graphs, and the same forward uncaptured
 gpu_step bare-fp16-graphs 100 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$BATCHES" --seconds "$SECONDS_PER" --graphs
-step bare-fp16-dynamic 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
-  --batch-sizes "$BATCHES" --seconds "$SECONDS_PER" --static off
+step bare-fp16-static 90 python3 bench/bare.py "${R50[@]}" --precision fp16 \
+  --batch-sizes "$BATCHES" --seconds "$SECONDS_PER" --static on
 step served-fp16 110 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$CONC" "${SERVED[@]}" --max-batch-size "$BATCH" \
   --server-log "$OUT/server-fp16.log"

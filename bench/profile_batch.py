@@ -45,6 +45,7 @@ from bench.bare import (
     load_predictor,
     prepare_model,
     static_note,
+    static_wanted,
 )
 from bench.results import machine
 from model.inference.options import PredictOptions
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         path = {"fused": True, "vectorized": True} if args.cuda_path else {}
         if args.cuda_path:
             plan_memory_as_on_a_gpu()
-        predictor = load_predictor(spec, args.device, args.precision, static=args.static, **path)
+        predictor = load_predictor(
+            spec, args.device, args.precision, static=static_wanted(args), **path
+        )
     if args.graphs:
         capture_graphs(predictor, [args.batch_size])
     images = (images * args.batch_size)[: max(args.batch_size, len(images))]

@@ -12,8 +12,8 @@ against the bare model, in one run on one machine.
    in this process, on the same images;
 2. ``maskrcnn serve`` in a subprocess on the same model (``MAX_BATCH_SIZE`` as
    above, ``MODEL_PROCESSES`` from ``--model-processes``: 0, in process, unless
-   given; ``STATIC_SHAPES`` from ``--static``; ``CUDA_GRAPHS`` true only with
-   ``--graphs``, then captured for batches of 1, 2, 4, ... up to
+   given; ``STATIC_SHAPES`` from ``--static`` (on with ``--graphs``); ``CUDA_GRAPHS``
+   true only with ``--graphs``, then captured for batches of 1, 2, 4, ... up to
    ``MAX_BATCH_SIZE`` of 640x480 images; the other settings at their defaults),
    ready when ``/readyz`` says so;
 3. for each client concurrency, ``bench/loadgen.py`` in its own process posts
@@ -54,6 +54,7 @@ from bench.bare import (
     load_predictor,
     measure,
     prepare_model,
+    static_wanted,
 )
 from bench.results import command_line, machine, write_section
 
@@ -138,8 +139,7 @@ def server_env(args: argparse.Namespace, data_dir: Path, max_concurrency: int) -
     if args.batch_delay_ms is not None:
         env["MASKRCNN_MAX_BATCH_DELAY_MS"] = str(args.batch_delay_ms)
     env["MASKRCNN_MODEL_PROCESSES"] = str(args.model_processes)
-    if args.static != "auto":
-        env["MASKRCNN_STATIC_SHAPES"] = "true" if args.static == "on" else "false"
+    env["MASKRCNN_STATIC_SHAPES"] = "true" if static_wanted(args) == "on" else "false"
     env["MASKRCNN_CUDA_GRAPHS"] = "true" if args.graphs else "false"
     env["MASKRCNN_GRAPH_BATCH_SIZES"] = ",".join(map(str, graph_batch_sizes(args.max_batch_size)))
     env["MASKRCNN_GRAPH_IMAGE_SIZES"] = f"{IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}"
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = prepare_model(args.model, tmp, min_size=args.min_size, max_size=args.max_size)
-        predictor = load_predictor(spec, args.device, args.precision, static=args.static)
+        predictor = load_predictor(spec, args.device, args.precision, static=static_wanted(args))
         if args.graphs:
             capture_graphs(predictor, [args.max_batch_size])
         bare = measure(

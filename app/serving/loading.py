@@ -19,9 +19,12 @@ def load_predictor(settings: Settings) -> Predictor:
     classes_file = str(settings.classes_file) if settings.classes_file else None
     loaded = load_model(spec, classes_file=classes_file, model_id=model_id, device=settings.device)
     device = next(loaded.network.parameters()).device
-    static = None if settings.static_shapes == "auto" else settings.static_shapes
     predictor = Predictor(
-        loaded.network, loaded.info, device=device, precision=settings.precision, static=static
+        loaded.network,
+        loaded.info,
+        device=device,
+        precision=settings.precision,
+        static=settings.static_shapes,
     )
     if predictor.precision != settings.precision:
         log.warning(

@@ -110,8 +110,10 @@ class Predictor:
         static: run the forward with fixed shapes and no host sync
             (``model.inference.static``, sizes ``static_sizes`` or derived from the
             network), falling back to the dynamic path for a batch whose static
-            result is not exact: the same detections. Default: on CUDA, where it
-            removes the forward's host syncs and is what ``capture_graphs`` needs.
+            result is not exact: the same detections. Meant for CUDA, where it
+            removes the forward's host syncs and is what ``capture_graphs`` needs;
+            off by default until its speed there is measured (on the CPU it is
+            slower: it pools every ROI on every pyramid level).
 
     ``input_geometry`` is the network transform's resize-and-pad arithmetic
     (``model.geometry``; ``None`` without a torchvision transform).
@@ -131,7 +133,7 @@ class Predictor:
         precision: str = "fp32",
         vectorized: bool | None = None,
         fused: bool | None = None,
-        static: bool | None = None,
+        static: bool = False,
         static_sizes: StaticSizes | None = None,
     ):
         if precision not in _AUTOCAST_DTYPES:
@@ -154,7 +156,7 @@ class Predictor:
         if _AUTOCAST_DTYPES[precision] is not None:
             keep_float_outputs(self.network.rpn.head)
         self.static = None  # a StaticDetector
-        if on_gpu if static is None else static:
+        if static:
             sizes = static_sizes or StaticSizes.for_network(self.network)
             self.static = StaticDetector(self.network, sizes, fused=self.fused)
 

@@ -87,7 +87,7 @@ def test_every_setting_is_documented_in_configuration_md():
 
 
 def test_static_shapes_and_graph_sizes(monkeypatch):
-    assert load_settings().static_shapes == "auto" and load_settings().cuda_graphs == "auto"
+    assert load_settings().static_shapes is False and load_settings().cuda_graphs == "auto"
     monkeypatch.setenv("MASKRCNN_STATIC_SHAPES", "false")
     monkeypatch.setenv("MASKRCNN_CUDA_GRAPHS", "true")
     monkeypatch.setenv("MASKRCNN_GRAPH_BATCH_SIZES", "1, 8")
