@@ -110,10 +110,8 @@ class Predictor:
         static: run the forward with fixed shapes and no host sync
             (``model.inference.static``, sizes ``static_sizes`` or derived from the
             network), falling back to the dynamic path for a batch whose static
-            result is not exact: the same detections. Meant for CUDA, where it
-            removes the forward's host syncs and is what ``capture_graphs`` needs;
-            off by default until its speed there is measured (on the CPU it is
-            slower: it pools every ROI on every pyramid level).
+            result is not exact: the same detections. For CUDA (host syncs gone,
+            what ``capture_graphs`` needs); off until measured there (slower on the CPU).
 
     ``input_geometry`` is the network transform's resize-and-pad arithmetic
     (``model.geometry``; ``None`` without a torchvision transform).
