@@ -74,6 +74,15 @@ def test_an_upload_over_the_cap_gets_the_services_json_413_through_nginx(topolog
     assert response.json()["error"]["code"] == "payload_too_large"
 
 
+def test_the_console_and_its_files_come_through_nginx(topology: Topology):
+    with httpx.Client(base_url=topology.url, timeout=30) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "console/main.js" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        script = client.get("/console/main.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+
+
 def training_routes(topology: Topology) -> set[str]:
     paths = httpx.get(topology.url + "/openapi.json", timeout=30).json()["paths"]
     return {p for p in paths if p.startswith(("/v1/datasets", "/v1/training-jobs"))}
