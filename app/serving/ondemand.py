@@ -17,8 +17,6 @@ import traceback
 from collections import OrderedDict
 
 from app.errors import BadRequestError, NotFoundError
-from app.serving.batching import Batcher
-from app.serving.device import free_memory
 from app.serving.loading import load_predictor
 from app.serving.predictors import InProcessPredictor, ServedPredictor, warm_up
 from app.serving.switching import ModelSwitcher
@@ -34,7 +32,6 @@ class OnDemandModels:
         self.size = size
         self._loaded: OrderedDict[str, ServedPredictor] = OrderedDict()
         self._loading: dict[str, asyncio.Task] = {}
-        self._closing: set[asyncio.Task] = set()
 
     async def get(self, model_id: str | None) -> ServedPredictor | None:
         """The model to run a request on: ``None`` means the served one.
@@ -46,7 +43,7 @@ class OnDemandModels:
             return None
         if self._served(model_id):  # activated since it was loaded: one copy is enough
             if model_id in self._loaded:
-                self._evict(model_id, self._loaded.pop(model_id))
+                self._evict(self._loaded.pop(model_id))
             return None
         if (predictor := self._loaded.get(model_id)) is not None:
             self._loaded.move_to_end(model_id)
@@ -96,30 +93,17 @@ class OnDemandModels:
             self.size,
         )
         while len(self._loaded) > self.size:
-            self._evict(*self._loaded.popitem(last=False))
+            self._evict(self._loaded.popitem(last=False)[1])
         return predictor
 
-    def _evict(self, model_id: str, predictor: ServedPredictor) -> None:
-        batcher = self.switcher.batcher
-        task = asyncio.create_task(self._close_after_last_batch(model_id, predictor, batcher))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _evict(self, predictor: ServedPredictor) -> None:
+        """Closed after its last batch, as a retired served model is."""
+        self.switcher.retire(predictor, "closed model %r, no longer cached for the model option")
 
-    async def _close_after_last_batch(
-        self, model_id: str, predictor: ServedPredictor, batcher: Batcher | None
-    ) -> None:
-        if batcher is not None:
-            await batcher.retire(predictor)
-        await asyncio.to_thread(predictor.close)
-        del predictor
-        await asyncio.to_thread(free_memory)
-        log.info("closed model %r, the least recently used of the on-request models", model_id)
-
-    async def stop(self) -> None:
-        """Close every cached model (after the queue has drained)."""
+    def stop(self) -> None:
+        """Stop loading and let every cached model go; ``ModelSwitcher.stop``, after
+        the queue has drained, waits for them to close."""
         for task in list(self._loading.values()):
             task.cancel()
         while self._loaded:
-            self._evict(*self._loaded.popitem(last=False))
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            self._evict(self._loaded.popitem(last=False)[1])

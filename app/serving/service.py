@@ -175,8 +175,8 @@ class Service:
         if self.state != State.FAILED:
             self.begin_drain()
         await _cancel(self._poller)
+        self.on_demand.stop()  # its models close with retired ones, in models.stop
         await self.models.stop()
-        await self.on_demand.stop()
         self._set_state(State.STOPPED)
         self.db.dispose()
 

@@ -221,20 +221,24 @@ class ModelSwitcher:
             seconds * 1000,
         )
         if old is not predictor:
-            self._retire(old)
+            self.retire(old)
 
-    def _retire(self, old: ServedPredictor) -> None:
-        task = asyncio.create_task(self._free_after_last_batch(old), name="maskrcnn-retire")
+    def retire(self, old: ServedPredictor, message: str = "freed model %r after its last batch"):
+        """Close ``old`` and free its memory after its last batch, in the background
+        (``stop`` waits for it); then log ``message`` with its id."""
+        task = asyncio.create_task(
+            self._free_after_last_batch(old, message), name="maskrcnn-retire"
+        )
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _free_after_last_batch(self, old: ServedPredictor) -> None:
+    async def _free_after_last_batch(self, old: ServedPredictor, message: str) -> None:
         await self.batcher.retire(old)
         model_id = old.info.id
         await asyncio.to_thread(old.close)
         del old  # the last reference: the queue and the service hold none now
         await asyncio.to_thread(free_memory)
-        log.info("freed model %r after its last batch", model_id)
+        log.info(message, model_id)
 
     # -- the database poll --------------------------------------------------------------
 
