@@ -280,8 +280,9 @@ def test_vectorized_predictor_gives_the_loop_detections(network, info, device):
 
 
 def test_sync_free_replacements_give_torchvisions_numbers(network, info):
-    """Predictor's transform, box rescaling and ROI pooling are torchvision's
-    GeneralizedRCNNTransform, resize_boxes and MultiScaleRoIAlign, bit for bit."""
+    """Predictor's transform and box rescaling are torchvision's
+    GeneralizedRCNNTransform and resize_boxes, bit for bit; its ROI pooling is
+    MultiScaleRoIAlign's (on the CPU up to float32 rounding: test_pooling.py)."""
     images = [random_image(100, 130, 1), random_image(90, 70, 2)]
     same_size = [random_image(90, 70, seed) for seed in (3, 4, 5)]  # transformed together
     with torch.no_grad():
@@ -306,9 +307,11 @@ def test_sync_free_replacements_give_torchvisions_numbers(network, info):
             (heads_.mask_roi_pool, [p[:7] for p in proposals]),
             (heads_.mask_roi_pool, [proposals[0][:0], proposals[1][:3]]),
         ]:
-            assert torch.equal(
+            torch.testing.assert_close(
                 pool_rois(pooler, features, boxes, expected.image_sizes),
                 pooler(features, boxes, expected.image_sizes),
+                rtol=2e-5,
+                atol=2e-6,
             )
             assert torch.equal(roi_table(boxes), _convert_to_roi_format(boxes))
     boxes = [proposals[0][:20], proposals[1][:0], proposals[1][:7]]
