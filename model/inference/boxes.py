@@ -10,9 +10,12 @@ coordinate apart. The functions here run the same float32 operations on
 results are the same bit for bit.
 """
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
+
+from model.inference.nms import device_tensor
 
 
 def decode_boxes(coder: BoxCoder, deltas: Tensor, boxes: Tensor) -> Tensor:
@@ -49,3 +52,24 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     half *= scale
     center = (boxes[:, 2:] + boxes[:, :2]) * 0.5
     return torch.cat([center - half, center + half], 1)
+
+
+def scale_boxes(
+    boxes: list[torch.Tensor],
+    resized: list[tuple[int, int]],
+    original: list[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """Each image's boxes ``[N, 4]`` from the network's resized frame to the input
+    image's: torchvision's ``resize_boxes`` (float32 ratios, the same products),
+    every image's in one product, without its four host-to-device copies per image
+    (each waits for the device's queue)."""
+    ratios = []
+    for size, input_size in zip(resized, original, strict=True):
+        ratio_y, ratio_x = (
+            np.float32(o) / np.float32(r) for o, r in zip(input_size, size, strict=True)
+        )
+        ratios.append([ratio_x, ratio_y, ratio_x, ratio_y])
+    counts = [len(b) for b in boxes]
+    per_box = np.repeat(np.array(ratios, dtype=np.float32).reshape(-1, 4), counts, axis=0)
+    every = torch.cat(boxes)
+    return list((every * device_tensor(per_box, every.device, every.dtype)).split(counts))

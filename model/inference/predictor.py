@@ -26,6 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from model.errors import InvalidOptionError
 from model.geometry import input_geometry, padded_side
+from model.inference.boxes import scale_boxes
 from model.inference.fusion import fuse_network, to_backbone_input
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.images import check_image, normalize
@@ -356,27 +357,6 @@ def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
         lambda module, args, output: tuple([t.float() for t in part] for part in output)
     )
     rpn_head._float_outputs = True
-
-
-def scale_boxes(
-    boxes: list[torch.Tensor],
-    resized: list[tuple[int, int]],
-    original: list[tuple[int, int]],
-) -> list[torch.Tensor]:
-    """Each image's boxes ``[N, 4]`` from the network's resized frame to the input
-    image's: torchvision's ``resize_boxes`` (float32 ratios, the same products),
-    every image's in one product, without its four host-to-device copies per image
-    (each waits for the device's queue)."""
-    ratios = []
-    for size, input_size in zip(resized, original, strict=True):
-        ratio_y, ratio_x = (
-            np.float32(o) / np.float32(r) for o, r in zip(input_size, size, strict=True)
-        )
-        ratios.append([ratio_x, ratio_y, ratio_x, ratio_y])
-    counts = [len(b) for b in boxes]
-    per_box = np.repeat(np.array(ratios, dtype=np.float32).reshape(-1, 4), counts, axis=0)
-    every = torch.cat(boxes)
-    return list((every * device_tensor(per_box, every.device, every.dtype)).split(counts))
 
 
 def group_by_size(

@@ -14,11 +14,12 @@ from torchvision.ops.poolers import _convert_to_roi_format
 
 from model.inference import heads
 from model.inference import nms as nms_module
+from model.inference.boxes import scale_boxes
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.nms import greedy_nms, greedy_nms_top, iou_threshold_for, top_kept
 from model.inference.options import PredictOptions
 from model.inference.pooling import pool_rois, roi_table
-from model.inference.predictor import Predictor, scale_boxes
+from model.inference.predictor import Predictor
 from model.inference.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
 from tests.model.conftest import DEVICES, random_image
 
