@@ -7,7 +7,7 @@ top-k) with each image's own options, and run the mask head only on the boxes
 that are kept.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,25 +35,26 @@ NMS_ROUNDS = 8
 
 def select_boxes(
     heads: RoIHeads,
+    classify: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     features: dict[str, torch.Tensor],
     proposals: list[torch.Tensor],
     image_sizes: list[tuple[int, int]],
     options: Sequence[PredictOptions],
-    *,
     vectorized: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Box head on the proposals, then each image's selection: image by image,
+    """Box head on the proposals (``classify``: the runtime's box head and
+    predictor, ``model.inference.runtimes``), then each image's selection: image by image,
     or (``vectorized``) for the whole batch in one set of tensor operations with
     the same result (see ``model.inference.nms``), which pays where host syncs are dear.
 
     Returns per image ``boxes`` ``[N, 4]`` (in the network's resized frame),
     ``scores`` ``[N]`` and ``labels`` ``[N]`` (network labels, 1..K-1), scores descending.
     """
-    box_features = heads.box_head(pool_rois(heads.box_roi_pool, features, proposals, image_sizes))
+    pooled = pool_rois(heads.box_roi_pool, features, proposals, image_sizes)
     # float32 from here on, also under autocast: box corners decoded in half
     # precision would be rounded to 0.5 px (fp16) or 4 px (bf16) at 800 px, and
     # batched NMS's class offsets overflow fp16
-    class_logits, box_regression = (t.float() for t in heads.box_predictor(box_features))
+    class_logits, box_regression = (t.float() for t in classify(pooled))
     # [R, classes, 4]: each proposal's box for every class
     boxes = decode_boxes(
         heads.box_coder, box_regression.unflatten(1, (-1, 4)), torch.cat(proposals)[:, None]
@@ -200,20 +201,21 @@ def _select_image(
 
 def predict_masks(
     heads: RoIHeads,
+    segment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     features: dict[str, torch.Tensor],
     detections: list[dict[str, torch.Tensor]],
     image_sizes: list[tuple[int, int]],
 ) -> list[torch.Tensor]:
-    """Mask probabilities ``[N, M, M]`` per image for its kept boxes and labels."""
+    """Mask probabilities ``[N, M, M]`` per image for its kept boxes and labels
+    (``segment``: the runtime's mask head and predictor, each box's own label's
+    logits)."""
     boxes = [det["boxes"] for det in detections]
     if sum(len(b) for b in boxes) == 0:
         size = heads.mask_roi_pool.output_size[0] * 2
         return [b.new_zeros((0, size, size)) for b in boxes]
-    mask_features = heads.mask_head(pool_rois(heads.mask_roi_pool, features, boxes, image_sizes))
-    mask_logits = heads.mask_predictor(mask_features)
+    pooled = pool_rois(heads.mask_roi_pool, features, boxes, image_sizes)
     # torchvision's maskrcnn_inference takes the sigmoid of every class's mask and
     # then keeps one; keeping first is the same numbers for 1/K of the work, and
     # the float32 sigmoid keeps half-precision logits from coarsening the mask edges
-    labels = torch.cat([det["labels"] for det in detections])
-    picked = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    picked = segment(pooled, torch.cat([det["labels"] for det in detections]))
     return list(picked.float().sigmoid().split([len(b) for b in boxes]))

@@ -1,11 +1,13 @@
 """Pooling the ROI heads' inputs: each box's features from its FPN level.
 
 ``pool_rois`` is torchvision's ``MultiScaleRoIAlign`` with fewer host syncs. On
-the CPU it pools by ``gather_align`` instead of ``roi_align``: torchvision's CPU
+the CPU it pools by ``gather_pool`` instead of ``roi_align``: torchvision's CPU
 kernel runs on one core and reads each channel's plane at scattered places (the
 box pooling of 1,000 proposals at 800x1088 took 223 ms with R50-FPN), while the
-same bilinear samples, read as rows of a channels-last feature map and summed by
-one ``embedding_bag`` per level, took 22 ms on the same 2-core machine.
+same bilinear samples, read as rows of channels-last feature maps and summed by
+``embedding_bag``, took 22 ms on the same 2-core machine. Every level is read as
+one table of rows (``feature_rows``), so all boxes are pooled by one call, in
+their own order: no sort by level, no concatenation, no scatter back.
 """
 
 import numpy as np
@@ -25,12 +27,11 @@ def pool_rois(
 ) -> torch.Tensor:
     """``pooler(features, boxes, image_sizes)`` with one host sync: torchvision
     finds each level's boxes with a ``torch.where`` (a sync per level); here the
-    boxes are sorted by level once and the per-level counts read in one transfer.
-    Each box is pooled on the same level, by the same ``roi_align`` call (the same
-    numbers) or on the CPU by ``gather_align`` (the same samples and weights,
-    summed in another order: float32 rounding apart). The CPU result is
-    channels-last, as the features ``gather_align`` reads are (converted once
-    here where they are not)."""
+    boxes are sorted by level once and the per-level counts read in one transfer,
+    and each is pooled by the same ``roi_align`` call on the same level: the same
+    numbers. On the CPU, ``gather_pool`` pools every box on the same level with
+    the same samples and weights, summed in another order (float32 rounding
+    apart), into a channels-last result."""
     levels = _filter_input(features, pooler.featmap_names)
     if pooler.scales is None or pooler.map_levels is None:
         pooler.scales, pooler.map_levels = _setup_scales(
@@ -38,12 +39,11 @@ def pool_rois(
         )
     rois = roi_table(boxes)
     options = {"output_size": pooler.output_size, "sampling_ratio": pooler.sampling_ratio}
-    align = roi_align
     if rois.device.type == "cpu" and pooler.sampling_ratio > 0:
-        levels = [level.contiguous(memory_format=torch.channels_last) for level in levels]
-        align = gather_align
+        level_of = None if len(levels) == 1 else pooler.map_levels([rois[:, 1:]])
+        return gather_pool(levels, pooler.scales, rois, level_of, **options)
     if len(levels) == 1:
-        return align(levels[0], rois, spatial_scale=pooler.scales[0], **options)
+        return roi_align(levels[0], rois, spatial_scale=pooler.scales[0], **options)
     level_of = pooler.map_levels([rois[:, 1:]])  # every box's area at once, not per image
     order = level_of.argsort(stable=True)
     # counted with index_add_: bincount reads the input's range back first (2 syncs)
@@ -54,7 +54,7 @@ def pool_rois(
     )
     pooled = torch.cat(
         [
-            align(feature, part, spatial_scale=scale, **options)
+            roi_align(feature, part, spatial_scale=scale, **options)
             for feature, scale, part in zip(
                 levels, pooler.scales, rois[order].split(counts), strict=True
             )
@@ -73,50 +73,77 @@ def gather_align(
     sampling_ratio: int,
 ) -> torch.Tensor:
     """``roi_align(features, rois, output_size, spatial_scale, sampling_ratio)``
-    (``aligned=False``, a fixed ``sampling_ratio`` > 0) for channels-last
-    ``features`` ``[N, C, H, W]``: ``[K, C, h, w]``, channels-last.
+    (``aligned=False``) by ``gather_pool``: one level."""
+    return gather_pool([features], [spatial_scale], rois, None, output_size, sampling_ratio)
+
+
+def gather_pool(
+    levels: list[torch.Tensor],
+    scales: list[float],
+    rois: torch.Tensor,
+    level_of: torch.Tensor | None,
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """Each box of ``rois`` ``[K, 5]`` pooled from ``levels[level_of[k]]`` (``[N, C,
+    H, W]`` at ``scales[...]``; ``level_of`` ``None``: one level) as ``roi_align``
+    pools it (``aligned=False``, a fixed ``sampling_ratio`` > 0): ``[K, C, h, w]``,
+    channels-last.
 
     Each output bin is a weighted sum of the features at the four neighbours of
     each of its sampling points, with the weights of torchvision's kernel (its
     sample positions, clamping and out-of-map rule, computed in the same order).
-    With the features as rows of ``C`` values, that is one ``embedding_bag`` of
-    ``4 * sampling_ratio**2`` rows per bin."""
+    With the levels as one table of rows of ``C`` values (``feature_rows``), that
+    is one ``embedding_bag`` of ``4 * sampling_ratio**2`` rows per bin."""
     height, width = output_size if isinstance(output_size, tuple) else (output_size,) * 2
-    _, channels, map_h, map_w = features.shape
-    count = len(rois)
+    rows, starts = feature_rows(levels)
+    count, channels, device = len(rois), rows.shape[1], rois.device
     if count == 0:
-        return features.new_zeros((0, channels, height, width))
-    coords = rois[:, 1:].float() * spatial_scale
+        return rows.new_zeros((0, height, width, channels)).permute(0, 3, 1, 2)
+    if level_of is None:
+        level_of = torch.zeros(count, dtype=torch.int64, device=device)
+    # each box's level: its scale, map height and width, first row
+    table = [
+        [scale, level.shape[2], level.shape[3], first]
+        for scale, level, first in zip(scales, levels, starts, strict=True)
+    ]
+    scale, map_h, map_w, first = device_tensor(table, device, torch.float64)[level_of].unbind(1)
+    map_h, map_w = map_h.long(), map_w.long()
+    first = first.long() + rois[:, 0].long() * map_h * map_w
+    coords = rois[:, 1:].float() * scale.float()[:, None]
     # torchvision (aligned=False): a box at least one feature cell wide and high
     box_w = (coords[:, 2] - coords[:, 0]).clamp(min=1.0)
     box_h = (coords[:, 3] - coords[:, 1]).clamp(min=1.0)
-    rows, row_w = _sample_axis(coords[:, 1], box_h / height, height, sampling_ratio, map_h)
-    cols, col_w = _sample_axis(coords[:, 0], box_w / width, width, sampling_ratio, map_w)
+    ys, y_weight = _sample_axis(coords[:, 1], box_h / height, height, sampling_ratio, map_h)
+    xs, x_weight = _sample_axis(coords[:, 0], box_w / width, width, sampling_ratio, map_w)
     # [K, h, r, w, r, 2, 2]: every bin's samples and their corner neighbours
-    image = rois[:, 0].long()[:, None, None, None, None, None, None] * (map_h * map_w)
-    index = image + rows[:, :, :, None, None, :, None] * map_w + cols[:, None, None, :, :, None, :]
-    weight = row_w[:, :, :, None, None, :, None] * col_w[:, None, None, :, :, None, :]
+    per_box = (-1, 1, 1, 1, 1, 1, 1)
+    index = (
+        first.view(per_box)
+        + ys[:, :, :, None, None, :, None] * map_w.view(per_box)
+        + xs[:, None, None, :, :, None, :]
+    )
+    weight = y_weight[:, :, :, None, None, :, None] * x_weight[:, None, None, :, :, None, :]
     # bins together: [K, h, w, (r, r, 2, 2)]
-    per_bin = 4 * sampling_ratio**2
     index = index.permute(0, 1, 3, 2, 4, 5, 6).reshape(-1)
     weight = (weight / sampling_ratio**2).permute(0, 1, 3, 2, 4, 5, 6).reshape(-1)
-    rows_of = features.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: channels-last
-    offsets = torch.arange(0, index.numel(), per_bin, device=index.device)
+    offsets = torch.arange(0, index.numel(), 4 * sampling_ratio**2, device=device)
     pooled = F.embedding_bag(
-        index, rows_of, offsets, mode="sum", per_sample_weights=weight.to(features.dtype)
+        index, rows, offsets, mode="sum", per_sample_weights=weight.to(rows.dtype)
     )
     return pooled.view(count, height, width, channels).permute(0, 3, 1, 2)
 
 
 def _sample_axis(
-    start: torch.Tensor, bin_size: torch.Tensor, bins: int, ratio: int, size: int
+    start: torch.Tensor, bin_size: torch.Tensor, bins: int, ratio: int, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Along one axis, each box's sampling points' two neighbours ``[K, bins, ratio,
-    2]`` (low, high) and their bilinear weights, zero for a point outside
-    ``[-1, size]``: torchvision's ``pre_calc_for_bilinear_interpolate``."""
+    2]`` (low, high) and their bilinear weights, zero for a point outside ``[-1,
+    size]`` (``size`` ``[K]``: each box's map's): torchvision's
+    ``pre_calc_for_bilinear_interpolate``."""
     cell = torch.arange(bins, dtype=start.dtype, device=start.device)[None, :, None]
     step = torch.arange(ratio, dtype=start.dtype, device=start.device)[None, None, :] + 0.5
-    bin_size = bin_size[:, None, None]
+    bin_size, size = bin_size[:, None, None], size[:, None, None]
     at = start[:, None, None] + cell * bin_size + step * bin_size / ratio
     inside = (at >= -1.0) & (at <= size)
     at = at.clamp(min=0)
@@ -127,6 +154,45 @@ def _sample_axis(
     frac = torch.where(last, 0.0, at - low)
     weights = torch.stack([1 - frac, frac], -1) * inside[..., None]
     return torch.stack([low, high], -1), weights
+
+
+def feature_rows(levels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The levels ``[N, C, H, W]`` as one table ``[rows, C]`` (level by level, each
+    in ``(n, y, x)`` order) and each level's first row: the levels' own memory
+    where they are consecutive channels-last views of one buffer (as
+    ``as_row_views`` and the OpenVINO runtime make them), else a copy."""
+    channels = levels[0].shape[1]
+    sizes = [level.numel() // channels for level in levels]
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    base = levels[0].permute(0, 2, 3, 1)
+    step = channels * levels[0].element_size()
+    if all(
+        level.is_contiguous(memory_format=torch.channels_last)
+        and level.data_ptr() == base.data_ptr() + first * step
+        for level, first in zip(levels, starts, strict=True)
+    ):
+        return base.as_strided((sum(sizes), channels), (channels, 1)), starts
+    rows = [level.permute(0, 2, 3, 1).reshape(-1, channels) for level in levels]
+    return torch.cat(rows), starts
+
+
+def as_row_views(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The feature maps copied into one buffer, level after level, channels-last:
+    what ``feature_rows`` reads without a copy."""
+    channels = next(iter(maps.values())).shape[1]
+    rows = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps.values()])
+    return row_views(rows, {name: m.shape for name, m in maps.items()})
+
+
+def row_views(rows: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Maps ``{name: [N, C, H, W]}`` of ``shapes`` as channels-last views of the
+    table ``rows`` ``[rows, C]`` (``feature_rows``'s layout)."""
+    views, start = {}, 0
+    for name, (n, channels, h, w) in shapes.items():
+        level = rows[start : start + n * h * w].view(n, h, w, channels)
+        views[name] = level.permute(0, 3, 1, 2)
+        start += n * h * w
+    return views
 
 
 def roi_table(boxes: list[torch.Tensor]) -> torch.Tensor:

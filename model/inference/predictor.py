@@ -18,6 +18,7 @@ network and everything on the device) and ``finish`` (string encoding on the CPU
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torchvision.models.detection.image_list import ImageList
 from model.errors import InvalidOptionError
 from model.geometry import input_geometry, padded_side
 from model.inference.boxes import scale_boxes
-from model.inference.fusion import fuse_network, to_backbone_input
+from model.inference.fusion import fuse_network
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.images import check_image, normalize
 from model.inference.masks import paste_masks
@@ -35,6 +36,8 @@ from model.inference.nms import device_tensor
 from model.inference.options import MaskFormat, PredictOptions, check_options
 from model.inference.proposals import AnchorCache, propose
 from model.inference.rle import crop_masks, find_runs, pack_runs, polygons_at
+from model.inference.runtimes import Runtime, choose_runtime
+from model.inference.runtimes.torch_eager import TorchRuntime, keep_float_outputs
 from model.inference.static import StaticDetector, StaticSizes
 from model.info import ModelInfo
 
@@ -95,7 +98,12 @@ class Predictor:
         precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA (ignored on
             the CPU): convolutions and linear layers in half precision, while box
             decoding, NMS and mask probabilities stay float32 (for the RPN through
-            a forward hook on ``network.rpn.head``, see ``keep_float_outputs``).
+            a forward hook on ``network.rpn.head``, see ``keep_float_outputs``);
+            with the ``openvino`` runtime, ``fp32`` or ``bf16`` on the CPU.
+        runtime: what runs the dense parts (``model.inference.runtimes``): ``torch``
+            (the network's modules), ``openvino`` (compiled by OpenVINO, CPU only),
+            or ``auto`` (OpenVINO on the CPU, torch elsewhere). ``threads`` and
+            ``cache_dir`` (converted graphs kept across restarts) are OpenVINO's.
         vectorized: filter proposals and select detections for the whole batch
             in tensor operations (``model.inference.proposals``,
             ``model.inference.heads``) instead of torchvision's loop over images;
@@ -134,30 +142,52 @@ class Predictor:
         fused: bool | None = None,
         static: bool = False,
         static_sizes: StaticSizes | None = None,
+        runtime: str = "torch",
+        threads: int | None = None,
+        cache_dir: Path | None = None,
     ):
+        self.device = torch.device(device)
+        self.info = info
+        if choose_runtime(runtime, self.device) == "openvino":
+            if static:
+                raise InvalidOptionError("static shapes run on the torch runtime only")
+            from model.inference.runtimes.openvino_cpu import OpenVINORuntime  # imports OpenVINO
+
+            self._setup(network, "fp32", vectorized, False)
+            self.runtime: Runtime = OpenVINORuntime(
+                self.network, precision=precision, threads=threads, cache_dir=cache_dir
+            )
+            self.precision = precision
+            return
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
                 f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}"
             )
-        self.device = torch.device(device)
-        self.info = info
         on_gpu = self.device.type == "cuda"
-        self.precision = precision if on_gpu else "fp32"  # what runs, not what was asked
-        self.vectorized = on_gpu if vectorized is None else vectorized
-        half = _AUTOCAST_DTYPES[precision] if on_gpu else None
+        precision = precision if on_gpu else "fp32"  # what runs, not what was asked
+        half = _AUTOCAST_DTYPES[precision]
         self.fused = half is not None if fused is None else fused
         if self.fused:  # the caller's network stays as it was
             network = fuse_network(copy.deepcopy(network).eval(), dtype=half, channels_last=True)
+        self._setup(network, precision, vectorized, self.fused)
+        self.runtime = TorchRuntime(self.network, precision=self.precision, fused=self.fused)
+        if _AUTOCAST_DTYPES[precision] is not None:
+            keep_float_outputs(self.network.rpn.head)
+        if static:
+            sizes = static_sizes or StaticSizes.for_network(self.network)
+            self.static = StaticDetector(self.network, sizes, fused=self.fused)
+
+    def _setup(self, network: MaskRCNN, precision: str, vectorized: bool | None, fused: bool):
+        """What every runtime shares: the network on the device, the transform's
+        constants and geometry, the anchors' cache."""
+        self.precision = precision
+        self.vectorized = self.device.type == "cuda" if vectorized is None else vectorized
+        self.fused = fused
         self.network = network.to(self.device).eval()
         self._normalization: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.input_geometry = input_geometry(self.network)
         self._anchors = AnchorCache()
-        if _AUTOCAST_DTYPES[precision] is not None:
-            keep_float_outputs(self.network.rpn.head)
-        self.static = None  # a StaticDetector
-        if static:
-            sizes = static_sizes or StaticSizes.for_network(self.network)
-            self.static = StaticDetector(self.network, sizes, fused=self.fused)
+        self.static: StaticDetector | None = None
 
     def predict(
         self, images: Sequence[torch.Tensor], options: Sequence[PredictOptions] | None = None
@@ -231,23 +261,16 @@ class Predictor:
             found = self.static.detect(image_list, original_sizes, options)
             if found is not None:  # None: not exact, the dynamic path decides
                 return found
-        net = self.network
-        features = net.backbone(to_backbone_input(image_list.tensors, self.fused))
-        if self.vectorized:
-            proposals = propose(net.rpn, image_list, features, self._anchors)
-        else:
-            proposals, _ = net.rpn(image_list, features)
-        if self.fused:  # the ROI heads' pooling reads the standard layout
-            features = {name: level.contiguous() for name, level in features.items()}
-        kept = select_boxes(
-            net.roi_heads,
-            features,
-            proposals,
-            image_list.image_sizes,
-            options,
-            vectorized=self.vectorized,
+        heads, runtime = self.network.roi_heads, self.runtime
+        dense = runtime.features(image_list.tensors)
+        proposals = propose(
+            self.network.rpn, image_list, dense, self._anchors, vectorized=self.vectorized
         )
-        mask_probs = predict_masks(net.roi_heads, features, kept, image_list.image_sizes)
+        sizes = image_list.image_sizes
+        kept = select_boxes(
+            heads, runtime.classify, dense.maps, proposals, sizes, options, self.vectorized
+        )
+        mask_probs = predict_masks(heads, runtime.segment, dense.maps, kept, sizes)
         boxes = [det["boxes"].float() for det in kept]
         scaled = scale_boxes(boxes, image_list.image_sizes, original_sizes)
         for det, probs, image_boxes in zip(kept, mask_probs, scaled, strict=True):
@@ -344,19 +367,6 @@ class Predictor:
             pending.scores.append(rows[:, 4].tolist())
             pending.labels.append(rows[:, 5].to(torch.int64).tolist())
         return pending
-
-
-def keep_float_outputs(rpn_head: torch.nn.Module) -> None:
-    """Make the RPN head hand float32 objectness and box deltas to the proposal
-    stage, also under autocast: anchors decoded in half precision would put
-    proposal corners on a 0.5 px (fp16) or 4 px (bf16) grid at 800 px. A no-op
-    in float32; registered once per module."""
-    if getattr(rpn_head, "_float_outputs", False):
-        return
-    rpn_head.register_forward_hook(
-        lambda module, args, output: tuple([t.float() for t in part] for part in output)
-    )
-    rpn_head._float_outputs = True
 
 
 def group_by_size(

@@ -20,6 +20,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_p
 
 from model.inference.boxes import decode_boxes
 from model.inference.nms import device_tensor, greedy_nms_top
+from model.inference.runtimes import DenseFeatures
 
 
 def _torchvision_version() -> tuple[int, int]:
@@ -45,19 +46,27 @@ NMS_ROUNDS = 16
 def propose(
     rpn: RegionProposalNetwork,
     images: ImageList,
-    features: dict[str, torch.Tensor],
+    dense: DenseFeatures,
     anchors: "AnchorCache | None" = None,
+    *,
+    vectorized: bool = True,
 ) -> list[torch.Tensor]:
-    """``rpn(images, features)[0]`` in eval mode: the proposals of each image.
-    ``anchors``: a cache of the anchors by batch geometry (computed otherwise)."""
-    levels = list(features.values())
-    objectness, deltas = rpn.head(levels)
+    """``rpn(images, features)[0]`` in eval mode, from the features and RPN head
+    outputs a runtime gave (``dense``): the proposals of each image. ``anchors``: a
+    cache of the anchors by batch geometry (computed otherwise). ``vectorized``:
+    filtered by ``filter_proposals`` for the whole batch at once, else by
+    torchvision's own loop over the images (cheaper on the CPU)."""
+    levels = list(dense.maps.values())
+    objectness, deltas = dense.objectness, dense.deltas
     if anchors is None:
         anchors = rpn.anchor_generator(images, levels)
     else:
         anchors = anchors.get(rpn.anchor_generator, images, levels)
     per_level = [o[0].numel() for o in objectness]
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    if not vectorized:
+        proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+        return rpn.filter_proposals(proposals, objectness, images.image_sizes, per_level)[0]
     # every image's anchors are the same tensor when they come from the cache
     same = all(a is anchors[0] for a in anchors)
     reference = anchors[0] if same else torch.stack(anchors)

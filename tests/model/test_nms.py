@@ -21,6 +21,7 @@ from model.inference.options import PredictOptions
 from model.inference.pooling import pool_rois, roi_table
 from model.inference.predictor import Predictor
 from model.inference.proposals import COORDINATE_TRICK_LIMIT, filter_proposals
+from model.inference.runtimes.torch_eager import TorchRuntime
 from tests.model.conftest import DEVICES, random_image
 
 
@@ -254,8 +255,9 @@ def test_a_batch_without_proposals_has_no_detections(network, vectorized):
         none = [torch.zeros(0, 4), torch.zeros(0, 4)]
         expected, _ = network.roi_heads(features, none, image_list.image_sizes)
         heads_, sizes, options = network.roi_heads, image_list.image_sizes, [PredictOptions()] * 2
-        kept = select_boxes(heads_, features, none, sizes, options, vectorized=vectorized)
-        masks = predict_masks(heads_, features, kept, sizes)
+        runtime = TorchRuntime(network)
+        kept = select_boxes(heads_, runtime.classify, features, none, sizes, options, vectorized)
+        masks = predict_masks(heads_, runtime.segment, features, kept, sizes)
     for k, m, e in zip(kept, masks, expected, strict=True):
         assert k["boxes"].shape == e["boxes"].shape == (0, 4)
         assert len(k["scores"]) == len(k["labels"]) == len(m) == len(e["masks"]) == 0

@@ -14,13 +14,20 @@ from tests.model.conftest import random_image
 # measured in tests/model/test_masks.py over 12,000 random masks: at most 8.6e-6 (one
 # float tie at the threshold); this test asserts the 0.5% bound of the issue.
 MAX_MASK_MISMATCH = 0.005
+# OpenVINO's float32 convolutions round differently from torch's (4e-6 of the largest
+# feature on R50-FPN): boxes and scores are compared within these bounds instead
+OPENVINO_BOX_ATOL, OPENVINO_SCORE_ATOL = 0.05, 1e-3
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["loop", "vectorized"])
-def predictor(network, info, request):
-    """Every test here runs on torchvision's per-image selection and on the batched
-    one (``Predictor(vectorized=True)``, the default on CUDA)."""
-    return Predictor(network, info, vectorized=request.param)
+@pytest.fixture(scope="module", params=["loop", "vectorized", "openvino"])
+def predictor(network, info, request, tmp_path_factory):
+    """Every test here runs on torchvision's per-image selection, on the batched
+    one (``Predictor(vectorized=True)``, the default on CUDA), and with the dense
+    parts compiled by OpenVINO in float32 (the default on the CPU)."""
+    if request.param == "openvino":
+        cache = tmp_path_factory.mktemp("openvino")
+        return Predictor(network, info, runtime="openvino", cache_dir=cache)
+    return Predictor(network, info, vectorized=request.param == "vectorized")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,9 @@ def test_matches_torchvision(predictor, network, info, images, mask_threshold):
     options = PredictOptions(score_threshold=0.05, mask_threshold=mask_threshold)
     ours = predictor.predict(images, [options] * len(images))
     reference = torchvision_reference(network, images)
+    box_atol, score_atol = 1e-3, 1e-5
+    if predictor.runtime.name == "openvino":
+        box_atol, score_atol = OPENVINO_BOX_ATOL, OPENVINO_SCORE_ATOL
     total = 0
     worst = 0.0
     for result, ref, image in zip(ours, reference, images, strict=True):
@@ -60,10 +70,13 @@ def test_matches_torchvision(predictor, network, info, images, mask_threshold):
             info.class_names[label] for label in ref["labels"].tolist()
         ]
         torch.testing.assert_close(
-            torch.tensor([d.box for d in result.detections]), ref["boxes"], atol=1e-3, rtol=0
+            torch.tensor([d.box for d in result.detections]), ref["boxes"], atol=box_atol, rtol=0
         )
         torch.testing.assert_close(
-            torch.tensor([d.score for d in result.detections]), ref["scores"], atol=1e-5, rtol=0
+            torch.tensor([d.score for d in result.detections]),
+            ref["scores"],
+            atol=score_atol,
+            rtol=0,
         )
         ref_masks = (ref["masks"][:, 0] >= mask_threshold).numpy()
         for det, ref_mask in zip(result.detections, ref_masks, strict=True):

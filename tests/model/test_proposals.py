@@ -4,6 +4,7 @@ each computed once while it stays among the recent ones."""
 import torch
 
 from model.inference.proposals import AnchorCache, propose
+from model.inference.runtimes import DenseFeatures
 from tests.model.conftest import random_image
 
 
@@ -45,8 +46,10 @@ def test_proposals_with_and_without_the_cache_are_torchvisions(network):
         features = dict(zip(map(str, range(len(levels))), levels, strict=True))
         with torch.no_grad():
             expected, _ = network.rpn(image_list, features)
-            cached = propose(network.rpn, image_list, features, cache)
-            computed = propose(network.rpn, image_list, features)  # a tensor per image
-        assert len(cached) == len(computed) == len(expected)
-        for c, g, e in zip(cached, computed, expected, strict=True):
-            assert torch.equal(c, e) and torch.equal(g, e)
+            dense = DenseFeatures(features, *network.rpn.head(levels))
+            cached = propose(network.rpn, image_list, dense, cache)
+            computed = propose(network.rpn, image_list, dense)  # a tensor per image
+            looped = propose(network.rpn, image_list, dense, cache, vectorized=False)
+        assert len(cached) == len(computed) == len(looped) == len(expected)
+        for c, g, lo, e in zip(cached, computed, looped, expected, strict=True):
+            assert torch.equal(c, e) and torch.equal(g, e) and torch.equal(lo, e)

@@ -1,0 +1,174 @@
+"""The runtimes of the dense parts (``model.inference.runtimes``) on the CPU.
+
+OpenVINO's float32 against torchvision is ``test_predictor.py`` (every test there
+runs on it too). Here: bfloat16 against float32 by the GPU precision tests' rule,
+the converted graphs' disk cache, and which runtime and precision a predictor
+gets where.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from model.errors import InvalidOptionError
+from model.inference.options import PredictOptions
+from model.inference.predictor import Predictor
+from model.inference.runtimes import choose_runtime
+from model.inference.runtimes import graphs as graphs_module
+from model.inference.runtimes.graphs import DenseGraph
+from model.inference.runtimes.openvino_cpu import BF16_FLAGS, check_precision, cpu_flags
+from tests.model.conftest import make_network, random_image
+from tests.model.precision_cases import (
+    MIN_COMPARED,
+    PARTNER_SCORE,
+    SCORE,
+    demo_case,
+    r50_case,
+    unmatched,
+)
+
+needs_bf16 = pytest.mark.skipif(
+    not cpu_flags() & set(BF16_FLAGS),
+    reason=f"this CPU has no bfloat16 units ({' or '.join(BF16_FLAGS)})",
+)
+
+SMALL = "maskrcnn_small_fpn"  # the demo's architecture: converted in a second or two
+
+# ||bf16 - fp32|| / ||fp32|| of the FPN levels (bf16's unit roundoff is 3.9e-3, and
+# ~50 layers accumulate it); as test_precision.py allows on CUDA
+BF16_FEATURE_TOLERANCE = 5e-2
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino")
+
+
+@needs_bf16
+def test_bf16_demo_detections_match_fp32(cache):
+    network, info, images = demo_case()
+    options = [PredictOptions(score_threshold=PARTNER_SCORE)] * len(images)
+    runs = {
+        precision: Predictor(
+            network, info, runtime="openvino", precision=precision, cache_dir=cache
+        ).predict(images, options)
+        for precision in ("fp32", "bf16")
+    }
+    compared, failures = unmatched(runs["fp32"], runs["bf16"])
+    back, back_failures = unmatched(runs["bf16"], runs["fp32"])
+    assert compared >= MIN_COMPARED, f"only {compared} detections with score >= {SCORE}"
+    assert back >= MIN_COMPARED
+    assert not failures + back_failures, "\n".join(failures + back_failures)
+
+
+@needs_bf16
+def test_bf16_r50_features_and_detections(cache):
+    """R50-FPN with random weights: features within bfloat16's rounding of torch's
+    float32 (its near-tie detections compare nothing but noise), detections sane."""
+    network, info, images = r50_case()
+    predictor = Predictor(network, info, runtime="openvino", precision="bf16", cache_dir=cache)
+    assert (predictor.runtime.name, predictor.precision) == ("openvino", "bf16")
+    with torch.inference_mode():
+        image_list, _ = network.transform([image.float() / 255 for image in images])
+        reference = network.backbone(image_list.tensors)
+        reduced = predictor.runtime.features(image_list.tensors).maps
+    for name, ref in reference.items():
+        error = ((reduced[name] - ref).norm() / ref.norm()).item()
+        assert error <= BF16_FEATURE_TOLERANCE, f"level {name}: relative error {error:.2e}"
+    results = predictor.predict(images)
+    assert sum(len(r.detections) for r in results) >= MIN_COMPARED
+    for image, result in zip(images, results, strict=True):
+        boxes = torch.tensor([d.box for d in result.detections]).reshape(-1, 4)
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[2]).all()
+        assert (boxes[:, 3] <= image.shape[1]).all()
+        assert all(d.mask["size"] == list(image.shape[1:]) for d in result.detections)
+
+
+def test_fp32_features_are_torchs(cache):
+    """Float32 is asked for, not left to the CPU plugin (which picks bfloat16 on
+    CPUs that have it): the levels agree with torch's to float32 rounding."""
+    network, info, images = r50_case()
+    predictor = Predictor(network, info, runtime="openvino", cache_dir=cache)
+    with torch.inference_mode():
+        image_list, _ = network.transform([image.float() / 255 for image in images[:2]])
+        reference = network.backbone(image_list.tensors)
+        converted = predictor.runtime.features(image_list.tensors).maps
+    for name, ref in reference.items():
+        error = ((converted[name] - ref).norm() / ref.norm()).item()
+        assert error <= 1e-5, f"level {name}: relative error {error:.2e}"
+
+
+def test_converted_graphs_are_read_back_from_the_cache(info, tmp_path, monkeypatch, caplog):
+    """A second predictor of the same weights converts nothing; other weights (a
+    model trained further) never read the first one's graphs."""
+    network = make_network(SMALL)
+    images = [random_image(100, 130, 1)]
+    with caplog.at_level(logging.INFO, logger=graphs_module.__name__):
+        first = Predictor(network, info, runtime="openvino", cache_dir=tmp_path).predict(images)
+    assert sum("converted the" in r.message for r in caplog.records) == 3
+    written = sorted(p.name for p in tmp_path.glob("*.xml"))
+    assert [name.split("-")[0] for name in written] == ["box", "dense", "mask"]
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(graphs_module, "convert_graph", no_conversion)
+    again = Predictor(network, info, runtime="openvino", cache_dir=tmp_path).predict(images)
+    assert again == first
+    monkeypatch.undo()
+
+    changed = make_network(SMALL, seed=1)
+    Predictor(changed, info, runtime="openvino", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.xml"))) == 6
+    assert not list(tmp_path.glob(".converting-*")), "a temporary folder was left behind"
+
+
+def test_no_cache_dir_writes_nothing(info, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    network = make_network(SMALL)
+    predictor = Predictor(network, info, runtime="openvino")
+    assert predictor.predict([random_image(100, 130, 0)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_dense_graph_keeps_every_level_in_one_table():
+    """What the pooling reads without a copy: the levels, channels-last, one after
+    another, in the backbone's order."""
+    network = make_network()
+    images = torch.rand(2, 3, 128, 160)
+    with torch.no_grad():
+        rows, *_ = DenseGraph(network)(images)
+        levels = network.backbone(images)
+    expected = torch.cat(
+        [lv.permute(0, 2, 3, 1).reshape(-1, lv.shape[1]) for lv in levels.values()]
+    )
+    assert torch.equal(rows, expected)
+
+
+def test_which_runtime_runs_where(info):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_runtime("auto", cpu) == "openvino"
+    assert choose_runtime("auto", cuda) == "torch"
+    assert choose_runtime("torch", cpu) == "torch"
+    with pytest.raises(InvalidOptionError, match="runs on the CPU"):
+        choose_runtime("openvino", cuda)
+    with pytest.raises(InvalidOptionError, match="auto, torch, openvino"):
+        choose_runtime("onnx", cpu)
+    network = make_network(min_size=64, max_size=64)
+    assert Predictor(network, info).runtime.name == "torch"  # the library's default
+    with pytest.raises(InvalidOptionError, match="static shapes"):
+        Predictor(network, info, runtime="openvino", static=True)
+    with pytest.raises(InvalidOptionError, match="fp32 or bf16, not 'fp16'"):
+        Predictor(network, info, runtime="openvino", precision="fp16")
+
+
+def test_bf16_needs_bfloat16_units():
+    """A CPU without them refuses bf16, naming the flags, rather than run float32
+    under its name."""
+    with pytest.raises(InvalidOptionError, match="amx_bf16 or avx512_bf16"):
+        check_precision("bf16", flags={"avx2", "avx512f", "fma"})
+    check_precision("bf16", flags={"avx512f", "avx512_bf16"})
+    check_precision("bf16", flags={"amx_bf16"})
+    check_precision("fp32", flags=set())
