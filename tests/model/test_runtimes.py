@@ -7,6 +7,10 @@ gets where.
 """
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +37,7 @@ needs_bf16 = pytest.mark.skipif(
     reason=f"this CPU has no bfloat16 units ({' or '.join(BF16_FLAGS)})",
 )
 
+REPO = Path(__file__).resolve().parents[2]
 SMALL = "maskrcnn_small_fpn"  # the demo's architecture: converted in a second or two
 
 # ||bf16 - fp32|| / ||fp32|| of the FPN levels (bf16's unit roundoff is 3.9e-3, and
@@ -172,3 +177,21 @@ def test_bf16_needs_bfloat16_units():
     check_precision("bf16", flags={"avx512f", "avx512_bf16"})
     check_precision("bf16", flags={"amx_bf16"})
     check_precision("fp32", flags=set())
+
+
+def test_openvino_sends_no_telemetry(tmp_path):
+    """Converting a model loads no telemetry module and writes no client id under
+    $HOME (OpenVINO's converter would send each conversion to Google Analytics)."""
+    code = (
+        "import sys\n"
+        "from model.inference.predictor import Predictor\n"
+        "from tests.model.conftest import make_network, random_image\n"
+        "from model.info import ModelInfo\n"
+        "info = ModelInfo('t', 'a', (0, 1, 2, 3, 4), ('bg', 'a', 'b', 'c', 'd'))\n"
+        "p = Predictor(make_network('maskrcnn_small_fpn'), info, runtime='openvino')\n"
+        "p.predict([random_image(64, 80, 0)])\n"
+        "assert sys.modules.get('openvino_telemetry') is None, 'telemetry loaded'\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=300)
+    assert list(tmp_path.iterdir()) == []

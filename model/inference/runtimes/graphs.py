@@ -23,10 +23,11 @@ import time
 import warnings
 from pathlib import Path
 
-import openvino as ov
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+
+from model.inference.runtimes.quiet_openvino import ov
 
 log = logging.getLogger(__name__)
 

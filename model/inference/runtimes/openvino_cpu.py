@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
-import openvino.properties as props
-import openvino.properties.hint as hints
 import torch
 from torchvision.models.detection import MaskRCNN
 
@@ -27,6 +24,7 @@ from model.errors import InvalidOptionError
 from model.inference.pooling import row_views
 from model.inference.runtimes import DenseFeatures
 from model.inference.runtimes.graphs import cached_graph
+from model.inference.runtimes.quiet_openvino import ov
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +56,13 @@ class OpenVINORuntime:
             self.level_names = list(network.backbone(torch.zeros(1, 3, 64, 64)))
         core = ov.Core()
         if cache_dir is not None:
-            core.set_property({props.cache_dir: str(Path(cache_dir) / "compiled")})
+            core.set_property({ov.properties.cache_dir: str(Path(cache_dir) / "compiled")})
+        hint = ov.properties.hint
         config = {
-            hints.inference_precision: PRECISIONS[precision],
-            props.inference_num_threads: self.threads,
-            props.num_streams: 1,
-            hints.performance_mode: hints.PerformanceMode.LATENCY,
+            hint.inference_precision: PRECISIONS[precision],
+            ov.properties.inference_num_threads: self.threads,
+            ov.properties.num_streams: 1,
+            hint.performance_mode: hint.PerformanceMode.LATENCY,
         }
         started = time.perf_counter()
         self._compiled = {
