@@ -36,7 +36,7 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 class OpenVINORuntime:
     """``network``'s dense parts compiled for the CPU in ``precision`` (``fp32`` or
     ``bf16``), on ``threads`` threads (default: torch's intra-op threads).
-    ``cache_dir``: where converted and compiled graphs are kept across restarts
+    ``cache_dir``: where converted graphs are kept across restarts
     (``None``: converted anew, kept nowhere, as training's validation wants)."""
 
     name = "openvino"
@@ -54,9 +54,11 @@ class OpenVINORuntime:
         self.threads = threads or torch.get_num_threads()
         with torch.no_grad():  # the FPN levels' names (the graph returns them in order)
             self.level_names = list(network.backbone(torch.zeros(1, 3, 64, 64)))
+        # no OpenVINO CACHE_DIR for the compiled blobs: compiling a converted graph
+        # takes 0.1-0.2 s (R50-FPN), and two processes writing one blob at once
+        # failed (model processes starting together); the converted graphs are
+        # cached (``cached_graph``), written atomically
         core = ov.Core()
-        if cache_dir is not None:
-            core.set_property({ov.properties.cache_dir: str(Path(cache_dir) / "compiled")})
         hint = ov.properties.hint
         config = {
             hint.inference_precision: PRECISIONS[precision],
