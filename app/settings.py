@@ -34,7 +34,13 @@ class Settings(BaseSettings):
     model: str = "auto"
     classes_file: Path | None = None
     device: str = "auto"
+    # fp16/bf16: autocast on a GPU; bf16: OpenVINO in bfloat16 on a CPU with bfloat16 units
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # what runs the network's dense parts (model.inference.runtimes): auto is OpenVINO
+    # where the model runs on the CPU, torch on a GPU
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
+    # OpenVINO's converted and compiled graphs, kept across restarts (default DATA_DIR/openvino)
+    openvino_cache_dir: Path | None = None
     # N: N copies of the model, each in a process of its own (app.serving.modelprocess),
     # share the device and forward N batches at once; 0: the model runs in the
     # HTTP server's process; auto: 2 on a GPU, 0 on the CPU (app.serving.service)
@@ -214,6 +220,11 @@ class Settings(BaseSettings):
     @property
     def max_dataset_unpacked_bytes(self) -> int:
         return int(self.max_dataset_unpacked_mb * 1024 * 1024)
+
+    @property
+    def openvino_cache(self) -> Path:
+        """``OPENVINO_CACHE_DIR``, or ``openvino`` under ``DATA_DIR``."""
+        return self.openvino_cache_dir or self.data_dir / "openvino"
 
     @property
     def database_url_or_default(self) -> str:

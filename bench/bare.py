@@ -111,6 +111,7 @@ def load_predictor(
     fused: bool | None = None,
     vectorized: bool | None = None,
     static: str = "off",
+    runtime: str = "auto",
 ) -> Predictor:
     """As ``maskrcnn serve`` builds it (``app.serving.loading.load_predictor``);
     ``fused=False`` turns ``model.inference.fusion``'s rewrites off (an experiment);
@@ -124,6 +125,7 @@ def load_predictor(
         fused=fused,
         vectorized=vectorized,
         static=static == "on",
+        runtime=runtime,
     )
 
 
@@ -279,6 +281,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("demo", "r50"), default="demo")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "openvino"),
+        default="auto",
+        help="what runs the dense parts, as MASKRCNN_RUNTIME (auto: OpenVINO on the CPU)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--min-size", type=int, help="r50 only: the resize's shorter side")
     parser.add_argument("--max-size", type=int, help="r50 only: the resize's longer side cap")
@@ -334,6 +342,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
             args.precision,
             fused=False if args.unfused else None,
             static=static_wanted(args),
+            runtime=args.runtime,
         )
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.loop_selection:

@@ -64,12 +64,18 @@ def canned_result(detections: int = 14, seed: int = 0) -> ImageResult:
     return ImageResult(width, height, found)
 
 
+class InstantRuntime:
+    name = "instant"
+    precision = "fp32"
+
+
 class InstantPredictor:
     """Answers every image with the same canned result, at once."""
 
     info = ModelInfo("instant", "stand-in", (0, 1), ("background", "a"))
     device = torch.device("cpu")
     precision = "fp32"
+    runtime = InstantRuntime()
     input_geometry = None  # batched by exact image size
 
     def __init__(self):
@@ -85,7 +91,7 @@ class InstantPredictor:
         return self.finish(self.forward(images, options))
 
 
-def load_instant(settings=None) -> InstantPredictor:
+def load_instant(spec=None) -> InstantPredictor:
     """The stand-in, built in a model process."""
     return InstantPredictor()
 
@@ -93,11 +99,11 @@ def load_instant(settings=None) -> InstantPredictor:
 def load_predictor(args: argparse.Namespace):
     """The app's ``load_predictor``: the stand-in here or in a model process."""
 
-    def load(settings):
+    def load(spec):
         if args.model_process:
             from app.serving.modelprocess import ModelProcess
 
-            predictor = ModelProcess(settings, load=load_instant)
+            predictor = ModelProcess(spec, load=load_instant)
             if args.others:
                 os.sched_setaffinity(predictor.process.pid, args.others)
         else:

@@ -222,7 +222,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.cuda_path:
             plan_memory_as_on_a_gpu()
         predictor = load_predictor(
-            spec, args.device, args.precision, static=static_wanted(args), **path
+            spec,
+            args.device,
+            args.precision,
+            static=static_wanted(args),
+            runtime=args.runtime,
+            **path,
         )
     if args.graphs:
         capture_graphs(predictor, [args.batch_size])

@@ -129,6 +129,7 @@ def server_env(args: argparse.Namespace, data_dir: Path, max_concurrency: int) -
     env = {
         "MASKRCNN_DEVICE": args.device,
         "MASKRCNN_PRECISION": args.precision,
+        "MASKRCNN_RUNTIME": args.runtime,
         "MASKRCNN_MAX_BATCH_SIZE": str(args.max_batch_size),
         "MASKRCNN_MAX_QUEUE_SIZE": str(max(64, 2 * max_concurrency)),
         "MASKRCNN_REQUEST_TIMEOUT_S": "300",
@@ -263,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = prepare_model(args.model, tmp, min_size=args.min_size, max_size=args.max_size)
-        predictor = load_predictor(spec, args.device, args.precision, static=static_wanted(args))
+        predictor = load_predictor(
+            spec, args.device, args.precision, static=static_wanted(args), runtime=args.runtime
+        )
         if args.graphs:
             capture_graphs(predictor, [args.max_batch_size])
         bare = measure(

@@ -33,6 +33,9 @@ _MODULES = {
     "read_classes_file": "model.info",
     "DEMO_CHECKPOINT": "model.loading",
     "load_model": "model.loading",
+    "resolve_device": "model.loading",
+    "RUNTIMES": "model.inference.runtimes",
+    "choose_runtime": "model.inference.runtimes",
     "to_coco_results": "model.training.coco",
     "ANNOTATIONS_FILE": "model.training.dataset",
     "CocoDataset": "model.training.dataset",
@@ -57,6 +60,7 @@ __all__ = [
     "DEMO_CHECKPOINT",
     "METADATA_KEY",
     "PRETRAINED",
+    "RUNTIMES",
     "CheckpointError",
     "CocoDataset",
     "DatasetError",
@@ -73,6 +77,7 @@ __all__ = [
     "TrainingPlan",
     "WeightsUnavailableError",
     "cached_weights_path",
+    "choose_runtime",
     "class_table_from_metadata",
     "download_weights",
     "evaluate_predictor",
@@ -86,6 +91,7 @@ __all__ = [
     "pil_to_tensor",
     "read_classes_file",
     "read_image",
+    "resolve_device",
     "run_training",
     "split_dataset",
     "to_coco_results",
@@ -120,8 +126,9 @@ if TYPE_CHECKING:
     from model.inference.images import list_images, pil_to_tensor, read_image
     from model.inference.options import PredictOptions
     from model.inference.predictor import Detection, ImageResult, Predictor
+    from model.inference.runtimes import RUNTIMES, choose_runtime
     from model.info import ModelInfo, class_table_from_metadata, read_classes_file
-    from model.loading import DEMO_CHECKPOINT, load_model
+    from model.loading import DEMO_CHECKPOINT, load_model, resolve_device
     from model.training.coco import to_coco_results
     from model.training.dataset import ANNOTATIONS_FILE, CocoDataset, split_dataset
     from model.training.distributed import gpus_for_ddp, is_main_rank

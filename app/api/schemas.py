@@ -167,7 +167,12 @@ class ModelPublic(BaseModel):
     architecture: str
     classes: list[ClassPublic] = Field(description="without the background")
     device: str | None = Field(None, description="where it runs; null when not loaded here")
-    precision: str | None = Field(None, description="null when not loaded here")
+    precision: str | None = Field(
+        None, description="`fp32`, `fp16`, `bf16`: what runs; null when not loaded here"
+    )
+    runtime: str | None = Field(
+        None, description="`torch` or `openvino`: what runs it; null when not loaded here"
+    )
     active: bool = Field(description="whether /v1/segment on this replica serves it now")
     metrics: ModelMetricsPublic | None = Field(
         None, description="evaluation of a trained version (COCO bbox/segm mAP, losses)"
@@ -190,6 +195,9 @@ class HealthPublic(BaseModel):
 class ReadinessPublic(BaseModel):
     status: Literal["ready"] = "ready"
     model: ModelRefPublic
+    device: str = Field(description="where the served model runs: `cpu`, `cuda:0`, ...")
+    runtime: str = Field(description="what runs its network: `torch` or `openvino`")
+    precision: str = Field(description="in what precision: `fp32`, `fp16` or `bf16`")
 
 
 class ErrorDetailPublic(BaseModel):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
-    from app.commands.shared import DefaultsShown
+    from app.commands.shared import DefaultsShown, add_model_options
 
     p = subparsers.add_parser(
         "evaluate",
@@ -23,21 +23,15 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description="Evaluate a model on a COCO instances dataset (a directory or zip with "
         "annotations.json at its root) with pycocotools COCOeval.",
     )
-    p.add_argument(
-        "--model",
-        default="auto",
-        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
-    )
+    add_model_options(p)
     p.add_argument("--dataset", required=True, help="dataset directory or zip")
     p.add_argument(
         "--annotations",
         help="COCO annotation file, when it is not DATASET/annotations.json "
         "(torchvision layout: --dataset val2017 --annotations instances_val2017.json)",
     )
-    p.add_argument("--classes-file", help="class names, one per line (background first)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="CPU threads (torch's and OpenVINO's)")
     p.add_argument("--out", help="also write the metrics as JSON to this file")
     p.set_defaults(func=run)
 
@@ -45,18 +39,15 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from app.commands.shared import resolve_model
-    from model import CocoDataset, Predictor, evaluate_predictor, format_metrics, load_model
+    from app.commands.shared import load_predictor_from
+    from model import CocoDataset, evaluate_predictor, format_metrics
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = CocoDataset(args.dataset, annotation_file=args.annotations)
-    spec, model_id = resolve_model(args.model)
-    loaded = load_model(spec, classes_file=args.classes_file, model_id=model_id, device=args.device)
-    check_classes(loaded.info, dataset)
-    device = next(loaded.network.parameters()).device
-    predictor = Predictor(loaded.network, loaded.info, device=device)
-    with tqdm(total=len(dataset), unit="img", desc=f"evaluate ({loaded.info.id})") as bar:
+    predictor = load_predictor_from(args)
+    check_classes(predictor.info, dataset)
+    with tqdm(total=len(dataset), unit="img", desc=f"evaluate ({predictor.info.id})") as bar:
         metrics = evaluate_predictor(
             predictor, dataset, batch_size=args.batch_size, progress=bar.update
         )

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
-    from app.commands.shared import DefaultsShown
+    from app.commands.shared import DefaultsShown, add_model_options
 
     parser = subparsers.add_parser(
         "predict",
@@ -20,14 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         "detections in the COCO results format (bbox as x,y,w,h; RLE segmentation).",
     )
     parser.add_argument("images", nargs="+", help="image files or directories")
-    parser.add_argument(
-        "--model",
-        default="auto",
-        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
-    )
-    parser.add_argument("--classes-file", help="class names, one per line (background first)")
+    add_model_options(parser)
     parser.add_argument("--out", default="results.json", help="output file (- for stdout)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="lowest score kept")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="per-class NMS IoU")
@@ -41,26 +35,15 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.commands.shared import resolve_model
-    from model import (
-        InvalidImageError,
-        PredictOptions,
-        Predictor,
-        list_images,
-        load_model,
-        read_image,
-        to_coco_results,
-    )
+    from app.commands.shared import load_predictor_from
+    from model import InvalidImageError, PredictOptions, list_images, read_image, to_coco_results
 
     paths = list_images(args.images)
     if not paths:
         print("maskrcnn predict: no image files found", file=sys.stderr)
         return 2
     image_ids = resolve_image_ids(paths, args.annotations)
-    spec, model_id = resolve_model(args.model)
-    loaded = load_model(spec, classes_file=args.classes_file, model_id=model_id, device=args.device)
-    device = next(loaded.network.parameters()).device
-    predictor = Predictor(loaded.network, loaded.info, device=device)
+    predictor = load_predictor_from(args)
     options = PredictOptions(
         score_threshold=args.score_threshold,
         iou_threshold=args.iou_threshold,
@@ -68,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         max_detections=args.max_detections,
     )
     rows, failed = [], 0
-    with tqdm(total=len(paths), unit="img", desc=f"predict ({loaded.info.id})") as bar:
+    with tqdm(total=len(paths), unit="img", desc=f"predict ({predictor.info.id})") as bar:
         for start in range(0, len(paths), max(1, args.batch_size)):
             chunk = paths[start : start + args.batch_size]
             images, kept = [], []

@@ -6,6 +6,9 @@ model id (``model-…``, read from the database and ``DATA_DIR`` the
 
 import argparse
 
+RUNTIME_HELP = "what runs the network: auto (OpenVINO on the CPU, torch on a GPU), torch, openvino"
+PRECISION_HELP = "fp32; fp16 or bf16 on a GPU; bf16 on a CPU with bfloat16 units (OpenVINO)"
+
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with each option's default, where it has one worth showing."""
@@ -30,3 +33,40 @@ def resolve_model(spec: str, *, scratch: bool = False) -> tuple[str, str | None]
         raise SystemExit(f"maskrcnn: {e}") from None
     names = "scratch, coco, coco-v2, demo" if scratch else "auto, coco, coco-v2, demo"
     return resolve_model_spec(settings, names=names)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that runs a model as ``maskrcnn serve`` does."""
+    parser.add_argument(
+        "--model",
+        default="auto",
+        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
+    )
+    parser.add_argument("--classes-file", help="class names, one per line (background first)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "openvino"], help=RUNTIME_HELP
+    )
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help=PRECISION_HELP
+    )
+
+
+def load_predictor_from(args: argparse.Namespace):
+    """The ``model.Predictor`` of ``add_model_options``' options, loaded as ``maskrcnn
+    serve`` loads its model (``app.serving.loading``: a registry id read from the
+    database, OpenVINO's converted graphs kept under ``DATA_DIR``)."""
+    from app.serving.loading import load_predictor, model_spec
+    from app.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(
+            model=args.model,
+            classes_file=args.classes_file,
+            device=args.device,
+            runtime=args.runtime,
+            precision=args.precision,
+        )
+    except SettingsError as e:
+        raise SystemExit(f"maskrcnn: {e}") from None
+    return load_predictor(model_spec(settings))

@@ -60,6 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "openvino"],
+        help="what runs validation: auto is OpenVINO (float32) when training on the CPU",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
         "--loader-processes",
@@ -121,6 +127,7 @@ def train_command(args: argparse.Namespace) -> int:
         vflip=args.vflip,
         val_fraction=args.val_fraction,
         device=args.device,
+        runtime=args.runtime,
         resume=args.resume,
         command="maskrcnn " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None,
         extra={"base_model": model_id} if model_id else {},

@@ -106,8 +106,8 @@ class Metrics:
         )
         self.model = Gauge(
             "maskrcnn_model_info",
-            "The model this replica serves now, by id (value is always 1)",
-            ["id", "architecture", "device"],
+            "The model this replica serves now, by id, and how it runs (value is always 1)",
+            ["id", "architecture", "device", "runtime", "precision"],
             registry=r,
         )
         self.model_switches = Counter(

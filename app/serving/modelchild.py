@@ -5,10 +5,12 @@ finishes until the HTTP process closes it.
 * ``on_the_wire`` (the HTTP process) describes each image, then sends its bytes:
   raw pixels written straight into the child's tensor, or an encoded JPEG the
   child decodes on its device (nvJPEG) as it arrives.
-* ``child_main`` loads the predictor (``app.serving.loading.load_predictor`` by
-  default), replies with the model's description, then runs ``ChildLoop``: the
-  main thread reads requests, a forward thread and a finish thread run them, as
-  the queue does in one process.
+* ``child_main`` loads the predictor a ``ModelSpec`` describes
+  (``app.serving.loading.load_predictor`` by default; the spec was resolved by the
+  HTTP process: the child reads neither the settings nor the database), replies
+  with the model's description, then runs ``ChildLoop``: the main thread reads
+  requests, a forward thread and a finish thread run them, as the queue does in
+  one process.
 * Errors travel back as themselves when they pickle (``portable``).
 """
 
@@ -17,6 +19,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -25,9 +28,18 @@ import torch
 from app.inputs.decoding import EncodedJpeg, decode_image
 from app.logs import configure_logging
 from app.serving.device import is_out_of_memory, release_device_memory
-from app.serving.loading import load_predictor
-from app.settings import Settings
+from app.serving.loading import ModelSpec, load_predictor
 from model import ImageResult, Predictor
+
+
+@dataclass(frozen=True)
+class ChildOptions:
+    """What a model process needs besides its model: how to log, and the most
+    pixels a JPEG it decodes may have (``MAX_IMAGE_PIXELS``)."""
+
+    log_level: str = "INFO"
+    log_format: str = "text"
+    max_pixels: int = 40_000_000
 
 
 def on_the_wire(image: torch.Tensor | EncodedJpeg) -> tuple[tuple, bytes | memoryview]:
@@ -44,8 +56,9 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def child_main(
-    settings: Settings,
-    load: Callable[[Settings], Predictor] | None,
+    spec: ModelSpec,
+    options: ChildOptions,
+    load: Callable[[ModelSpec], Predictor] | None,
     requests: Connection,
     replies: Connection,
 ) -> None:
@@ -55,20 +68,21 @@ def child_main(
     # SIGTERM sent to the whole process group must not kill the model mid-drain
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(options.log_level, options.log_format)
     try:
-        predictor = (load or load_predictor)(settings)
+        predictor = (load or load_predictor)(spec)
         ready = {
             "info": predictor.info,
             "device": str(predictor.device),
             "precision": predictor.precision,
+            "runtime": predictor.runtime.name,
             "input_geometry": predictor.input_geometry,
         }
     except BaseException as e:
         replies.send((False, portable(e)))
         return
     replies.send((True, ready))
-    ChildLoop(predictor, requests, replies, max_pixels=settings.max_image_pixels).serve()
+    ChildLoop(predictor, requests, replies, max_pixels=options.max_pixels).serve()
 
 
 class ChildLoop:

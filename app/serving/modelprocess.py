@@ -7,8 +7,8 @@ decoding threads and the finish thread, and waits for it at every launch.
 ``ModelProcess`` moves the predictor into a spawned child process, so the HTTP
 process's work no longer stands in the forward's way.
 
-* The child (``app.serving.modelchild``) loads the predictor from the settings
-  and runs ``forward`` and ``finish`` in two threads, as the queue does in one
+* The child (``app.serving.modelchild``) loads the predictor of a ``ModelSpec``
+  (resolved here) and runs ``forward`` and ``finish`` in two threads, as the queue does in one
   process: the next batch's forward still overlaps the previous batch's finish.
 * ``ModelProcess`` is a ``ServedPredictor`` (``app.serving.predictors``) in the
   HTTP process.
@@ -53,8 +53,8 @@ import torch
 
 from app.errors import UnavailableError
 from app.inputs.decoding import EncodedJpeg
-from app.serving.modelchild import child_main, on_the_wire
-from app.settings import Settings
+from app.serving.loading import ModelSpec
+from app.serving.modelchild import ChildOptions, child_main, on_the_wire
 from model import ImageResult, ModelInfo, PredictOptions, Predictor
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,10 @@ class PendingInChild:
 class ModelProcess(PredictInTwoStages):
     """A predictor running in a child process; see the module docstring.
 
-    ``load`` (picklable, run in the child) builds the predictor from ``settings``;
-    default ``app.serving.loading.load_predictor``. Blocks until the model is
-    loaded, raising the child's error when it cannot be.
+    ``load`` (picklable, run in the child) builds the predictor of ``spec``;
+    default ``app.serving.loading.load_predictor``. ``options``: the child's
+    logging and decoding limit. Blocks until the model is loaded, raising the
+    child's error when it cannot be.
     """
 
     input_device = torch.device("cpu")
@@ -91,9 +92,10 @@ class ModelProcess(PredictInTwoStages):
 
     def __init__(
         self,
-        settings: Settings,
+        spec: ModelSpec,
+        options: ChildOptions | None = None,
         *,
-        load: Callable[[Settings], Predictor] | None = None,
+        load: Callable[[ModelSpec], Predictor] | None = None,
         on_exit: Callable[[], None] | None = None,
     ):
         self.on_exit = on_exit
@@ -102,7 +104,7 @@ class ModelProcess(PredictInTwoStages):
         self._replies, replies_in = context.Pipe(duplex=False)
         self.process = context.Process(
             target=child_main,
-            args=(settings, load, requests_out, replies_in),
+            args=(spec, options or ChildOptions(), load, requests_out, replies_in),
             name="maskrcnn-model",
             daemon=True,
         )
@@ -132,6 +134,7 @@ class ModelProcess(PredictInTwoStages):
         self.device = torch.device(ready["device"])
         self.decodes_jpeg = self.device.type == "cuda"  # leave JPEGs to nvJPEG there
         self.precision: str = ready["precision"]
+        self.runtime: str = ready["runtime"]
         self.input_geometry = ready["input_geometry"]
         self._reader = threading.Thread(
             target=self._read_replies, name="maskrcnn-model-replies", daemon=True
@@ -243,10 +246,11 @@ class ModelPool(PredictInTwoStages):
 
     def __init__(
         self,
-        settings: Settings,
+        spec: ModelSpec,
         size: int,
+        options: ChildOptions | None = None,
         *,
-        load: Callable[[Settings], Predictor] | None = None,
+        load: Callable[[ModelSpec], Predictor] | None = None,
         on_exit: Callable[[], None] | None = None,
     ):
         if size < 1:
@@ -254,7 +258,7 @@ class ModelPool(PredictInTwoStages):
         self.on_exit = on_exit
         with ThreadPoolExecutor(size, thread_name_prefix="maskrcnn-load") as pool:
             starts = [
-                pool.submit(ModelProcess, settings, load=load, on_exit=self._child_exited)
+                pool.submit(ModelProcess, spec, options, load=load, on_exit=self._child_exited)
                 for _ in range(size)
             ]
         errors = [start.exception() for start in starts if start.exception() is not None]
@@ -264,6 +268,7 @@ class ModelPool(PredictInTwoStages):
             raise errors[0]
         first = self.children[0]
         self.info, self.device, self.precision = first.info, first.device, first.precision
+        self.runtime = first.runtime
         self.decodes_jpeg = first.decodes_jpeg
         self.input_geometry = first.input_geometry
         self._idle: queue.Queue[ModelProcess] = queue.Queue()

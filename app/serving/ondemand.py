@@ -74,11 +74,11 @@ class OnDemandModels:
     async def _load(self, model_id: str) -> ServedPredictor:
         started = time.perf_counter()
         try:
-            settings = await self.switcher.db.run(self.switcher.settings_for, model_id)
+            spec = await self.switcher.db.run(self.switcher.spec_for, model_id)
         except NotFoundError as e:
             raise BadRequestError(str(e), code="unknown_model") from None
         # in this process whatever MODEL_PROCESSES says: one copy per cached model
-        predictor = InProcessPredictor(await asyncio.to_thread(load_predictor, settings))
+        predictor = InProcessPredictor(await asyncio.to_thread(load_predictor, spec))
         try:
             await asyncio.to_thread(warm_up, predictor)
         except Exception as e:

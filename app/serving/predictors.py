@@ -5,15 +5,23 @@ one from the settings."""
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 
 from app.inputs.decoding import EncodedJpeg
-from app.serving.loading import load_predictor
+from app.serving.loading import ModelSpec, load_predictor
+from app.serving.modelchild import ChildOptions
 from app.serving.modelprocess import ModelPool
 from app.settings import Settings
-from model import ImageResult, InputGeometry, ModelInfo, PredictOptions, Predictor
+from model import (
+    ImageResult,
+    InputGeometry,
+    ModelInfo,
+    PredictOptions,
+    Predictor,
+)
 
 # MODEL_PROCESSES=auto on a GPU. On an H200, r50 fp16, MAX_BATCH_SIZE=8, served/bare
 # was 0.74 in process, 0.91 with 2, 1.02 with 3 and 1.05 with 4 (bench/RESULTS.md);
@@ -27,6 +35,7 @@ class ServedPredictor(Protocol):
     info: ModelInfo  # which model answers
     device: torch.device  # where the model runs
     precision: str  # fp32, fp16 or bf16
+    runtime: str  # what runs the dense parts: torch or openvino
     input_device: torch.device  # where uploads are decoded to
     decodes_jpeg: bool  # JPEG uploads travel encoded, decoded where the model runs
     input_geometry: InputGeometry | None  # the queue's size buckets
@@ -81,6 +90,10 @@ class InProcessPredictor:
         return self.predictor.precision
 
     @property
+    def runtime(self) -> str:
+        return self.predictor.runtime.name
+
+    @property
     def input_geometry(self) -> InputGeometry | None:
         return self.predictor.input_geometry
 
@@ -107,18 +120,28 @@ def model_processes(settings: Settings) -> int:
     runs on a GPU, 0 (in this process) on the CPU (no gain measured there)."""
     if settings.model_processes != "auto":
         return settings.model_processes
-    device = settings.device
-    if device == "auto":  # as model.loading resolves it; creates no CUDA context
+    return GPU_MODEL_PROCESSES if on_gpu(settings.device) else 0
+
+
+def on_gpu(device: str) -> bool:
+    """Whether ``DEVICE`` is a GPU, ``auto`` resolved as ``model.loading`` does
+    (creating no CUDA context)."""
+    if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return GPU_MODEL_PROCESSES if torch.device(device).type == "cuda" else 0
+    return torch.device(device).type == "cuda"
 
 
-def build_predictor(settings: Settings) -> ServedPredictor:
-    """The model the settings ask for: with ``MODEL_PROCESSES``, that many copies in
-    child processes (the children load it, not this process); else in this one."""
+def build_predictor(spec: ModelSpec, settings: Settings) -> ServedPredictor:
+    """The model ``spec`` describes, as the settings run it: with ``MODEL_PROCESSES``,
+    that many copies in child processes (the children load it, not this process;
+    on the CPU they share its cores: each runs OpenVINO on its part of them);
+    else in this one."""
     if processes := model_processes(settings):
-        return ModelPool(settings, processes)
-    return InProcessPredictor(load_predictor(settings))
+        if not on_gpu(spec.device):
+            spec = replace(spec, threads=max(1, torch.get_num_threads() // processes))
+        options = ChildOptions(settings.log_level, settings.log_format, settings.max_image_pixels)
+        return ModelPool(spec, processes, options)
+    return InProcessPredictor(load_predictor(spec))
 
 
 def warm_up(predictor: ServedPredictor) -> float:

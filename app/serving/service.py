@@ -10,6 +10,7 @@ Life cycle (``State``): ``starting`` → ``loading`` (the model, in a thread)
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +58,7 @@ class Service:
             settings,
             self.db,
             self.metrics,
-            load_predictor or build_predictor,
+            load_predictor or functools.partial(build_predictor, settings=settings),
             check_ready=self.check_ready,
             on_exit=self._model_exited,
         )

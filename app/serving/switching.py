@@ -18,6 +18,7 @@ from app.errors import NotFoundError, NotReadyError
 from app.serving.batching import Batcher
 from app.serving.buckets import bucket_key_from
 from app.serving.device import free_memory
+from app.serving.loading import ModelSpec, model_spec
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor, warm_up
 from app.settings import Settings
@@ -28,7 +29,7 @@ from model import ModelInfo
 
 log = logging.getLogger(__name__)
 
-PredictorLoader = Callable[[Settings], ServedPredictor]
+PredictorLoader = Callable[[ModelSpec], ServedPredictor]
 
 
 class ModelSwitcher:
@@ -62,6 +63,7 @@ class ModelSwitcher:
         self._swap_lock = asyncio.Lock()
         self._seen: Activation | None = None  # the last activation this replica acted on
         self._retiring: set[asyncio.Task] = set()
+        self._startup_spec: ModelSpec | None = None  # MASKRCNN_MODEL's, once resolved
 
     # -- the first model --------------------------------------------------------------
 
@@ -77,8 +79,8 @@ class ModelSwitcher:
                 self.settings.model,
             )
             try:
-                settings = await self.db.run(self.settings_for, wanted)
-                predictor = await self._load(settings)
+                spec = await self.db.run(self.spec_for, wanted)
+                predictor = await self._load(spec)
             except Exception as e:
                 log.error(
                     "cannot load the active model %r (%s); serving MASKRCNN_MODEL=%r instead",
@@ -91,7 +93,7 @@ class ModelSwitcher:
                     registry.describe_spec, self.settings.model, self.settings.classes_file
                 )
                 return predictor
-        predictor = await self._load(self.settings)
+        predictor = await self._load(await self.db.run(self.startup_spec))
         self.startup_info = predictor.info
         return predictor
 
@@ -113,15 +115,17 @@ class ModelSwitcher:
         self.predictor, self.batcher = predictor, batcher
         self._show(predictor)
         log.info(
-            "serving model %r (%s) on %s; warm-up inference took %.0f ms",
+            "serving model %r (%s) on %s with the %s runtime in %s; warm-up inference took %.0f ms",
             predictor.info.id,
             predictor.info.architecture,
             predictor.device,
+            predictor.runtime,
+            predictor.precision,
             seconds * 1000,
         )
 
-    async def _load(self, settings: Settings) -> ServedPredictor:
-        predictor = await asyncio.to_thread(self.load_predictor, settings)
+    async def _load(self, spec: ModelSpec) -> ServedPredictor:
+        predictor = await asyncio.to_thread(self.load_predictor, spec)
         loop = asyncio.get_running_loop()
         predictor.watch(lambda: loop.call_soon_threadsafe(self._on_exit, predictor))
         return predictor
@@ -129,7 +133,8 @@ class ModelSwitcher:
     def _show(self, predictor: ServedPredictor) -> None:
         info = predictor.info
         self.metrics.model.clear()
-        self.metrics.model.labels(info.id, info.architecture, str(predictor.device)).set(1)
+        how = (str(predictor.device), predictor.runtime, predictor.precision)
+        self.metrics.model.labels(info.id, info.architecture, *how).set(1)
 
     # -- switching --------------------------------------------------------------------
 
@@ -139,16 +144,21 @@ class ModelSwitcher:
             return self.startup_info.id
         return registry.startup_model_id(self.settings.model)
 
-    def settings_for(self, model_id: str) -> Settings:
-        """Settings that load ``model_id`` (blocking: may read the database);
-        ``NotFoundError`` for an id this replica cannot serve."""
-        by_name = self.settings.model_copy(update={"model": model_id, "classes_file": None})
+    def startup_spec(self) -> ModelSpec:
+        """``MASKRCNN_MODEL`` resolved (blocking: a registry id reads the database)."""
+        if self._startup_spec is None:
+            self._startup_spec = model_spec(self.settings, db=self.db)
+        return self._startup_spec
+
+    def spec_for(self, model_id: str) -> ModelSpec:
+        """How to load ``model_id`` (blocking: may read the database); ``NotFoundError``
+        for an id this replica cannot serve."""
         if model_id in registry.BUILTIN_MODELS:
-            return by_name
+            return model_spec(self.settings, model=model_id)
         if model_id == self.startup_id:
-            return self.settings
+            return self.startup_spec()
         if registry.get_record(self.db, model_id):
-            return by_name
+            return model_spec(self.settings, model=model_id, db=self.db)
         raise NotFoundError(
             f"no model with id {model_id!r}; GET /v1/models lists them "
             f"(built-in: {', '.join(registry.BUILTIN_MODELS)})"
@@ -159,7 +169,7 @@ class ModelSwitcher:
 
         ``NotFoundError`` for an unknown id, ``ActivationError`` when it cannot be
         loaded or warmed up (nothing changes then)."""
-        settings = await self.db.run(self.settings_for, model_id)
+        spec = await self.db.run(self.spec_for, model_id)
         async with self._swap_lock:
             self._check_ready()
 
@@ -172,7 +182,7 @@ class ModelSwitcher:
                 try:
                     # recorded after the warm-up and before the swap: a database that
                     # cannot take the record leaves every replica where it was
-                    await self._switch(settings, before_swap=record)
+                    await self._switch(spec, before_swap=record)
                 except NotReadyError:
                     raise
                 except Exception as e:
@@ -184,7 +194,7 @@ class ModelSwitcher:
         log.info("model %r is now the active model of every replica", model_id)
 
     async def _switch(
-        self, settings: Settings, *, before_swap: Callable[[], Awaitable[None]] | None = None
+        self, spec: ModelSpec, *, before_swap: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Load and warm a model beside the served one, then swap it in between
         batches; the old one is freed after its last batch (in the background).
@@ -192,7 +202,7 @@ class ModelSwitcher:
         started = time.perf_counter()
         predictor = None
         try:
-            predictor = await self._load(settings)
+            predictor = await self._load(spec)
             seconds = await asyncio.to_thread(warm_up, predictor)
             self._check_ready()  # a drain may have begun meanwhile
             if before_swap is not None:
@@ -208,7 +218,7 @@ class ModelSwitcher:
             raise
         old = self.batcher.swap(predictor, bucket_key=bucket_key_from(predictor.input_geometry))
         self.predictor = predictor
-        if settings is self.settings:
+        if spec == self._startup_spec:
             self.startup_info = predictor.info
         self._show(predictor)
         self.metrics.model_switches.labels(result="ok").inc()
@@ -272,8 +282,8 @@ class ModelSwitcher:
                 return
             log.info("model %r was activated; switching to it", activation.model_id)
             try:
-                settings = await self.db.run(self.settings_for, activation.model_id)
-                await self._switch(settings)
+                spec = await self.db.run(self.spec_for, activation.model_id)
+                await self._switch(spec)
             except Exception as e:
                 self.metrics.model_switches.labels(result="failed").inc()
                 log.error(

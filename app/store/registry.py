@@ -106,22 +106,31 @@ def count_jobs(db: Database) -> dict[str, int]:
 
 
 def resolve_model_spec(
-    settings: Settings, *, names: str = "auto, coco, coco-v2, demo"
+    settings: Settings,
+    *,
+    model: str | None = None,
+    db: Database | None = None,
+    names: str = "auto, coco, coco-v2, demo",
 ) -> tuple[str, str | None]:
-    """``(spec for model.loading.load_model, model_id)``: a registry id becomes its
-    checkpoint's path and keeps its id; anything else passes through. ``names``:
-    the names the caller takes, for the error about a spec that is none of these."""
-    spec = settings.model
+    """``(spec for model.loading.load_model, model_id)`` of ``model`` (default:
+    ``MODEL``): a registry id becomes its checkpoint's path and keeps its id,
+    looked up in ``db`` (default: the settings' database, opened for this);
+    anything else passes through. ``names``: the names the caller takes, for the
+    error about a spec that is none of these."""
+    spec = settings.model if model is None else model
     if spec == "auto" or spec in BUILTIN_MODELS or Path(spec).exists():
         return spec, None
-    db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    own = db is None
+    if own:
+        db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
     try:
         record = get_record(db, spec)
     except SQLAlchemyError as e:  # no database or no schema yet: not a registry id
         log.debug("registry lookup of %r failed: %s", spec, e)
         record = None
     finally:
-        db.dispose()
+        if own:
+            db.dispose()
     if record is None:
         raise CheckpointError(
             f"model {spec!r}: not {names}, an existing file, nor a model id in the registry "

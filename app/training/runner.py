@@ -110,6 +110,7 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
         image_size=config.get("image_size"),
         val_fraction=config["val_fraction"],
         device=settings.device,
+        runtime=settings.runtime,
         save_resume_state=False,
         dataset_id=dataset.id,
         extra={"job_id": job_id, "model_id": model_id, "base_model": config["base_model"]},

@@ -164,6 +164,7 @@ class Worker:
             "MASKRCNN_DATABASE_URL": self.db.url,
             "MASKRCNN_DATA_DIR": str(self.db.data_dir),
             "MASKRCNN_DEVICE": self.settings.device,
+            "MASKRCNN_RUNTIME": self.settings.runtime,
             "MASKRCNN_JOB_THREADS": threads,
             "MASKRCNN_LOG_LEVEL": self.settings.log_level,
             "MASKRCNN_LOG_FORMAT": self.settings.log_format,

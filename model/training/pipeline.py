@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from model.checkpoint import save_checkpoint
 from model.inference.predictor import Predictor
+from model.inference.runtimes import choose_runtime
 from model.info import ModelInfo
 from model.loading import resolve_device
 from model.training.augment import AugmentConfig, TrainAugment
@@ -44,6 +45,9 @@ class TrainingPlan:
     vflip: float = 0.0
     val_fraction: float = 0.1
     device: str = "auto"
+    # what runs validation (model.inference.runtimes): auto is OpenVINO, in float32,
+    # where the network trains on the CPU
+    runtime: str = "auto"
     resume: bool = False  # continue from OUT.resume.safetensors when it exists
     save_resume_state: bool = True  # write OUT.resume.safetensors after each epoch
     dataset_id: str | None = None  # recorded in the checkpoint; default: the folder name
@@ -86,12 +90,14 @@ def run_training(
     )
     device = resolve_device(plan.device)
     announce(
-        f"train: {len(train_set)} images, validation: {len(val_set) if val_set else 0}, "
-        f"{len(full.categories)} classes, {start.architecture} from {start.base_model}, "
-        f"{device}"
+        f"train: {len(train_set)} images, validation: {len(val_set) if val_set else 0} "
+        f"(run by {choose_runtime(plan.runtime, device)}), {len(full.categories)} classes, "
+        f"{start.architecture} from {start.base_model}, {device}"
     )
     resume_path = plan.out.with_name(plan.out.name + ".resume.safetensors")
-    evaluate = make_evaluator(full, val_set, device, show_validation) if val_set else None
+    evaluate = None
+    if val_set:
+        evaluate = make_evaluator(full, val_set, device, plan.runtime, show_validation)
     result = train(
         start.network,
         train_set,
@@ -131,9 +137,9 @@ def write_checkpoint(
     return TrainingOutcome(metadata, metrics, result)
 
 
-def make_evaluator(full, val_set, device, show_progress: bool = True):
-    """COCO bbox/segm mAP of a network on ``val_set`` (a progress bar on stderr
-    unless ``show_progress`` is off)."""
+def make_evaluator(full, val_set, device, runtime: str = "auto", show_progress: bool = True):
+    """COCO bbox/segm mAP of a network on ``val_set`` in float32, run by ``runtime``
+    (a progress bar on stderr unless ``show_progress`` is off)."""
     names = ("background", *(c["name"] for c in full.categories))
     info = ModelInfo("validation", "training", tuple(full.label_to_category), names)
 
@@ -145,9 +151,8 @@ def make_evaluator(full, val_set, device, show_progress: bool = True):
             leave=False,
             disable=not show_progress,
         ) as bar:
-            return evaluate_predictor(
-                Predictor(network, info, device=device), val_set, progress=bar.update
-            )
+            predictor = Predictor(network, info, device=device, runtime=runtime)
+            return evaluate_predictor(predictor, val_set, progress=bar.update)
 
     return evaluate
 

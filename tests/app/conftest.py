@@ -30,6 +30,7 @@ from app.main import create_app
 from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
 from tests.app.fakes import FakePredictor
+from tests.conftest import OPENVINO_CACHE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,7 +141,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")},
+            **{k: v for k, v in os.environ.items() if kept_variable(k)},
             "MASKRCNN_MAX_BATCH_DELAY_MS": "20",
             # one intra-op thread: on a shared 2-core machine OpenMP's spinning
             # threads make every op ~15x slower
@@ -194,6 +195,13 @@ class ServerProcess:
             self.process.wait(10)
         self.client.close()
         self._log.close()
+
+
+def kept_variable(name: str) -> bool:
+    """Whether a server the tests start keeps this variable of the tests' environment:
+    not the ``MASKRCNN_*`` settings (each test sets its own), but the run's cache of
+    OpenVINO graphs (``tests/conftest.py``)."""
+    return not name.startswith("MASKRCNN_") or name == OPENVINO_CACHE
 
 
 @contextlib.contextmanager

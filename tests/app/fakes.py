@@ -14,6 +14,13 @@ from model.info import ModelInfo
 INFO = ModelInfo("fake", "fake_arch", (0, 1, 2), ("background", "a", "b"))
 
 
+class FakeRuntime:
+    """What a ``model.inference.runtimes.Runtime`` tells about itself."""
+
+    name = "fake"
+    precision = "fp32"
+
+
 def image_score(image: torch.Tensor) -> float:
     """What the fake 'detects': the image's mean value, so results identify images."""
     return float(image.float().mean()) / 255
@@ -28,6 +35,7 @@ class FakePredictor:
         self.info = INFO
         self.device = torch.device("cpu")
         self.precision = "fp32"
+        self.runtime = FakeRuntime()
         self.input_geometry = None  # batched by exact image size
         self.forward_s, self.finish_s = forward_s, finish_s
         self.oom_if = oom_if
@@ -92,7 +100,7 @@ def fake_mask(height: int, width: int, mask_format: str):
     return box, {"size": [height, width], "counts": rle["counts"].decode()}
 
 
-def load_fake(settings=None, *, oom_over: int | None = None, **kwargs) -> FakePredictor:
+def load_fake(spec=None, *, oom_over: int | None = None, **kwargs) -> FakePredictor:
     """A ``FakePredictor`` built in another process (``app.serving.modelprocess``'s ``load``,
     with ``functools.partial`` for the keywords): more than ``oom_over`` images in
     one forward raise an out-of-memory error."""

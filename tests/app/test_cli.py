@@ -135,6 +135,16 @@ def test_predict_and_evaluate_take_a_registry_model_id(tmp_path, registered):
     )
     assert predicted.returncode == 0, predicted.stderr
     assert f"predict ({model_id})" in predicted.stderr
+    # OpenVINO by default on the CPU; the torch runtime on request finds the same
+    eager = tmp_path / "eager.json"
+    command = ["predict", *map(str, images), "--model", model_id, "--runtime", "torch"]
+    predicted = maskrcnn(*command, "--out", str(eager), env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    rows, eager_rows = (json.loads(path.read_text()) for path in (out, eager))
+    assert rows and [r["category_id"] for r in rows] == [r["category_id"] for r in eager_rows]
+    for row, eager_row in zip(rows, eager_rows, strict=True):
+        assert row["score"] == pytest.approx(eager_row["score"], abs=1e-3)
+        assert row["bbox"] == pytest.approx(eager_row["bbox"], abs=0.05)
     evaluated = maskrcnn("evaluate", "--dataset", str(dataset), "--model", model_id, env=env)
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"evaluate ({model_id})" in evaluated.stderr

@@ -22,7 +22,7 @@ from PIL import Image
 from app.errors import BadRequestError, UnavailableError
 from app.inputs.decoding import EncodedJpeg, decode_image
 from app.main import create_app
-from app.serving.loading import load_predictor
+from app.serving.loading import load_predictor, model_spec
 from app.serving.modelprocess import ModelPool, ModelProcess
 from app.serving.predictors import GPU_MODEL_PROCESSES, model_processes
 from app.settings import load_settings
@@ -31,8 +31,10 @@ from model.geometry import input_geometry
 from model.inference.options import PredictOptions
 from tests.app.conftest import (
     encode,
+    job_store,
     model_children,
     png_bytes,
+    register_model,
     running_server,
     scene,
     wait_for,
@@ -50,14 +52,19 @@ def settings_for(model: str, tmp_path: Path, **values):
     return load_settings(model=model, device="cpu", data_dir=tmp_path / "data", **values)
 
 
+def spec_for(model: str, tmp_path: Path, **values):
+    return model_spec(settings_for(model, tmp_path, **values))
+
+
 @pytest.mark.slow
 def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
-    settings = settings_for(str(checkpoint), tmp_path)
-    local = load_predictor(settings)
-    remote = ModelProcess(settings)
+    spec = spec_for(str(checkpoint), tmp_path)
+    local = load_predictor(spec)
+    remote = ModelProcess(spec)
     try:
         assert remote.info == local.info
         assert (remote.device, remote.precision) == (local.device, local.precision)
+        assert remote.runtime == local.runtime.name == "openvino"  # auto, on the CPU
         assert remote.input_geometry == input_geometry(local.network)
         options = [
             PredictOptions(),
@@ -101,6 +108,29 @@ def test_answers_as_the_predictor_in_this_process(checkpoint, tmp_path):
     assert not remote.process.is_alive()
     with pytest.raises(UnavailableError, match="closed"):
         remote.predict(TENSORS[:1])
+
+
+def test_a_registry_model_is_resolved_here_and_its_process_reads_no_database(
+    checkpoint, tmp_path
+):
+    """The spec a model process gets names the checkpoint itself: the child loads it
+    with the database gone (it never opens one, nor reads the settings)."""
+    data_dir = tmp_path / "data"
+    db = job_store(data_dir)
+    model_id = register_model(db, checkpoint)
+    settings = load_settings(model=model_id, device="cpu", data_dir=data_dir)
+    spec = model_spec(settings, db=db)
+    db.dispose()
+    (data_dir / "maskrcnn.db").unlink()
+    assert spec.model_id == model_id and Path(spec.source).is_file()
+    assert Path(spec.source).parent == data_dir / "models"
+    remote = ModelProcess(spec)
+    try:
+        assert remote.info.id == model_id and remote.runtime == "openvino"
+        [result] = remote.predict(TENSORS[:1])
+        assert result.width == TENSORS[0].shape[2]
+    finally:
+        remote.close()
 
 
 def jpeg_for_the_child(data: bytes, name: str = "image.jpg") -> EncodedJpeg:
@@ -161,14 +191,14 @@ def test_auto_runs_the_model_in_processes_of_its_own_on_a_gpu_only(tmp_path, mon
 def test_a_model_that_cannot_load_raises_its_error_and_leaves_no_process(tmp_path):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(Exception, match=r"missing\.safetensors") as caught:
-        ModelProcess(settings_for(str(missing), tmp_path))
+        ModelProcess(spec_for(str(missing), tmp_path))
     assert not isinstance(caught.value, UnavailableError)
     assert model_children(os.getpid()) == []
 
 
 def test_out_of_memory_in_the_child_splits_the_batch_as_in_process(tmp_path):
     load = functools.partial(load_fake, oom_over=1)
-    remote = ModelProcess(settings_for("demo", tmp_path), load=load)
+    remote = ModelProcess(spec_for("demo", tmp_path), load=load)
 
     async def scenario():
         batcher = await started(remote, max_batch_size=4, max_batch_delay_s=0.2)
@@ -189,7 +219,7 @@ def test_out_of_memory_in_the_child_splits_the_batch_as_in_process(tmp_path):
 def test_a_child_that_dies_fails_waiting_calls_with_503_and_reports_it(tmp_path):
     exited = threading.Event()
     remote = ModelProcess(
-        settings_for("demo", tmp_path),
+        spec_for("demo", tmp_path),
         load=functools.partial(load_fake, forward_s=60),
         on_exit=exited.set,
     )
@@ -209,7 +239,7 @@ def test_a_child_that_dies_fails_waiting_calls_with_503_and_reports_it(tmp_path)
 
 def test_a_pool_forwards_one_batch_per_child_at_once(tmp_path, caplog):
     pool = ModelPool(
-        settings_for("demo", tmp_path), 2, load=functools.partial(load_fake, forward_s=0.6)
+        spec_for("demo", tmp_path), 2, load=functools.partial(load_fake, forward_s=0.6)
     )
     assert len(set(model_children(os.getpid()))) == 2 and pool.alive
     assert (pool.info.id, pool.concurrency, pool.input_device.type) == ("fake", 2, "cpu")
@@ -235,13 +265,13 @@ def test_a_pool_forwards_one_batch_per_child_at_once(tmp_path, caplog):
 def test_a_pool_whose_child_cannot_load_raises_its_error_and_leaves_no_process(tmp_path):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(Exception, match=r"missing\.safetensors"):
-        ModelPool(settings_for(str(missing), tmp_path), 2)
+        ModelPool(spec_for(str(missing), tmp_path), 2)
     assert model_children(os.getpid()) == []
 
 
 def test_a_pool_reports_a_dead_child(tmp_path):
     exited = threading.Event()
-    pool = ModelPool(settings_for("demo", tmp_path), 2, load=load_fake, on_exit=exited.set)
+    pool = ModelPool(spec_for("demo", tmp_path), 2, load=load_fake, on_exit=exited.set)
     os.kill(pool.children[1].process.pid, signal.SIGKILL)
     assert exited.wait(10) and not pool.alive
     pool.close()
@@ -297,9 +327,21 @@ def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(chec
                 files = [("images", (f"{i}.png", png_bytes(IMAGES[i % 4]), "image/png"))]
                 return client.post("/v1/segment", files=files)
 
+        def accepted() -> float:
+            """Requests the server holds or has answered (one scrape: both counts
+            change together, in the same step of its event loop)."""
+            total = -1.0  # this scrape is in flight too
+            for line in server.client.get("/metrics").text.splitlines():
+                answered = line.startswith('maskrcnn_http_requests_total{') and (
+                    'route="/v1/segment"' in line
+                )
+                if answered or line.startswith("maskrcnn_http_requests_in_flight "):
+                    total += float(line.rsplit(" ", 1)[1])
+            return total
+
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
-            time.sleep(0.3)
+            wait_for(lambda: accepted() >= 8, 30, "all 8 requests to reach the server")
             # as systemd stops a unit: SIGTERM to every process; the HTTP process
             # drains, and the models answer what is in flight before they are closed
             for child in children:
@@ -338,19 +380,21 @@ def test_cuda_model_processes_answer_as_in_process_and_leave_this_process_off_cu
 ):
     """The children own the device and decode JPEGs there; this process (the HTTP
     server's) decodes other images on the CPU and creates no CUDA context."""
-    settings = load_settings(
-        model=str(checkpoint), device="cuda", precision="fp16", data_dir=tmp_path / "data"
+    spec = model_spec(
+        load_settings(
+            model=str(checkpoint), device="cuda", precision="fp16", data_dir=tmp_path / "data"
+        )
     )
     initialized = torch.cuda.is_initialized()
     jpegs = [encode(Image.fromarray(image), "JPEG", quality=95) for image in IMAGES]
-    remote = ModelPool(settings, 2)
+    remote = ModelPool(spec, 2)
     try:
         assert remote.device.type == "cuda" and remote.input_device.type == "cpu"
         assert remote.decodes_jpeg  # by nvJPEG, in the children
         got = [remote.predict(TENSORS) for _ in remote.children]  # they take turns
         got_jpegs = remote.predict([jpeg_for_the_child(data) for data in jpegs])
         assert torch.cuda.is_initialized() == initialized
-        local = load_predictor(settings)
+        local = load_predictor(spec)
         expected = local.predict(TENSORS)
         on_device = [decode_image(data, max_pixels=10**6, device=local.device) for data in jpegs]
         assert all(image.device.type == "cuda" for image in on_device)

@@ -38,14 +38,15 @@ API = "api-secret-12"
 PNG = png_bytes(np.full((24, 32, 3), 200, dtype=np.uint8))
 
 
-def fake_loader(settings) -> FakePredictor:
+def fake_loader(spec) -> FakePredictor:
     """A fake predictor named after the model asked for (``auto``: ``fake``);
     ``model-broken*`` ids fail to load as a corrupt file would."""
-    if settings.model.startswith("model-broken"):
-        raise CheckpointError(f"{settings.model}.safetensors: not a readable safetensors file")
+    name = spec.model_id or spec.source
+    if name.startswith("model-broken"):
+        raise CheckpointError(f"{name}.safetensors: not a readable safetensors file")
     predictor = FakePredictor()
-    if settings.model != "auto":
-        predictor.info = dataclasses.replace(INFO, id=settings.model)
+    if name != "auto":
+        predictor.info = dataclasses.replace(INFO, id=name)
     return predictor
 
 
@@ -194,6 +195,7 @@ def test_activation_swaps_the_served_model_and_frees_the_old_one(data_dir, db, d
         wait_for(lambda: old() is None, 10, "the old predictor was not freed")
         metrics = client.get("/metrics").text
         labels = f'architecture="fake_arch",device="cpu",id="{model_id}"'
+        labels += ',precision="fp32",runtime="fake"'
         assert f"maskrcnn_model_info{{{labels}}} 1.0" in metrics
         assert 'id="fake"' not in metrics
         # back to the start-up model by its id, and to a built-in one by name
@@ -211,9 +213,9 @@ def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
     cold = register_model(db, dummy)
     loaded = []
 
-    def loader(settings):
-        predictor = fake_loader(settings)
-        if settings.model == cold:
+    def loader(spec):
+        predictor = fake_loader(spec)
+        if spec.model_id == cold:
             predictor.oom_if = lambda images: True  # a fresh error at every call
             loaded.append(weakref.ref(predictor))
         return predictor
@@ -223,9 +225,9 @@ def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
         reports = []
         original = service.models._switch
 
-        async def switch_keeping_the_error(settings, **kwargs):
+        async def switch_keeping_the_error(spec, **kwargs):
             try:
-                await original(settings, **kwargs)
+                await original(spec, **kwargs)
             except Exception as e:
                 reports.append(e)  # as an error reporter would
                 raise

@@ -188,6 +188,9 @@ def test_readyz_follows_warm_up_and_sigterm_drains_in_flight_work(checkpoint, tm
         assert server.client.get("/readyz").status_code == 503  # loading or warming up
         assert server.client.get("/healthz").status_code == 200
         server.wait_ready()
+        ready = server.client.get("/readyz").json()
+        how = (ready["device"], ready["runtime"], ready["precision"])
+        assert how == ("cpu", "openvino", "fp32")  # on the CPU, by default
 
         def one(i: int) -> httpx.Response:
             with httpx.Client(base_url=server.url, timeout=60) as client:

@@ -25,7 +25,13 @@ import pytest
 
 from app.server import DRAIN_ACCEPT_S
 from deploy.topology import find_nginx, nginx_command, write_config
-from tests.app.conftest import REPO, ServerProcess, free_port, throwaway_database
+from tests.app.conftest import (
+    REPO,
+    ServerProcess,
+    free_port,
+    kept_variable,
+    throwaway_database,
+)
 
 API_TOKEN = "topology-api-token"
 ADMIN_TOKEN = "topology-admin-token"
@@ -162,7 +168,7 @@ def topology(nginx_binary, database_url, tmp_path_factory) -> Iterator[Topology]
 
 
 def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")}
+    return {k: v for k, v in os.environ.items() if kept_variable(k)}
 
 
 def stop_process(process: subprocess.Popen, sig: int) -> None:

@@ -141,7 +141,7 @@ def test_divergence_is_reported(shapes):
         train(network, shapes, config=TrainConfig(epochs=1, **FAST))
 
 
-def test_train_command_writes_a_checkpoint(shapes, tmp_path):
+def test_train_command_writes_a_checkpoint(shapes, tmp_path, capsys):
     from app.cli import main
 
     out = tmp_path / "model.safetensors"
@@ -149,6 +149,7 @@ def test_train_command_writes_a_checkpoint(shapes, tmp_path):
                  "--batch-size", "2", "--image-size", "64", "--val-fraction", "0.5",
                  "--device", "cpu", "--warmup-steps", "1"])
     assert code == 0
+    assert "validation: 2 (run by openvino)" in capsys.readouterr().err  # the CPU's default
     loaded = load_model(str(out))
     meta = loaded.info.metadata
     assert meta["architecture"] == "maskrcnn_small_fpn"

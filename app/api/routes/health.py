@@ -29,8 +29,14 @@ async def readyz(service: ServiceDep) -> ReadinessPublic:
             State.DRAINING: "the server is shutting down",
         }.get(service.state, f"the model is not ready yet ({service.state})")
         raise NotReadyError(reason, retry_after=5)
-    info = service.predictor.info
-    return ReadinessPublic(model=ModelRefPublic(id=info.id, architecture=info.architecture))
+    predictor = service.predictor
+    info = predictor.info
+    return ReadinessPublic(
+        model=ModelRefPublic(id=info.id, architecture=info.architecture),
+        device=str(predictor.device),
+        runtime=predictor.runtime,
+        precision=predictor.precision,
+    )
 
 
 @router.get(

@@ -67,6 +67,7 @@ def known_models(service: Service, predictor: ServedPredictor) -> list[ModelPubl
             active=True,
             device=str(predictor.device),
             precision=predictor.precision,
+            runtime=predictor.runtime,
             **record_fields(records.pop(served.id, None)),
         )
     ]
