@@ -96,20 +96,22 @@ def gather_pool(
     With the levels as one table of rows of ``C`` values (``feature_rows``), that
     is one ``embedding_bag`` of ``4 * sampling_ratio**2`` rows per bin."""
     height, width = output_size if isinstance(output_size, tuple) else (output_size,) * 2
-    rows, starts = feature_rows(levels)
+    rows, places = feature_rows(levels)
     count, channels, device = len(rois), rows.shape[1], rois.device
     if count == 0:
         return rows.new_zeros((0, height, width, channels)).permute(0, 3, 1, 2)
     if level_of is None:
         level_of = torch.zeros(count, dtype=torch.int64, device=device)
-    # each box's level: its scale, map height and width, first row
+    # each box's level: its scale, map height and width, and where its rows are
     table = [
-        [scale, level.shape[2], level.shape[3], first]
-        for scale, level, first in zip(scales, levels, starts, strict=True)
+        [scale, level.shape[2], level.shape[3], *place]
+        for scale, level, place in zip(scales, levels, places, strict=True)
     ]
-    scale, map_h, map_w, first = device_tensor(table, device, torch.float64)[level_of].unbind(1)
+    scale, map_h, map_w, first, per_image, per_row, per_column = device_tensor(
+        table, device, torch.float64
+    )[level_of].unbind(1)
     map_h, map_w = map_h.long(), map_w.long()
-    first = first.long() + rois[:, 0].long() * map_h * map_w
+    first = first.long() + rois[:, 0].long() * per_image.long()
     coords = rois[:, 1:].float() * scale.float()[:, None]
     # torchvision (aligned=False): a box at least one feature cell wide and high
     box_w = (coords[:, 2] - coords[:, 0]).clamp(min=1.0)
@@ -120,8 +122,8 @@ def gather_pool(
     per_box = (-1, 1, 1, 1, 1, 1, 1)
     index = (
         first.view(per_box)
-        + ys[:, :, :, None, None, :, None] * map_w.view(per_box)
-        + xs[:, None, None, :, :, None, :]
+        + ys[:, :, :, None, None, :, None] * per_row.long().view(per_box)
+        + xs[:, None, None, :, :, None, :] * per_column.long().view(per_box)
     )
     weight = y_weight[:, :, :, None, None, :, None] * x_weight[:, None, None, :, :, None, :]
     # bins together: [K, h, w, (r, r, 2, 2)]
@@ -156,24 +158,43 @@ def _sample_axis(
     return torch.stack([low, high], -1), weights
 
 
-def feature_rows(levels: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """The levels ``[N, C, H, W]`` as one table ``[rows, C]`` (level by level, each
-    in ``(n, y, x)`` order) and each level's first row: the levels' own memory
-    where they are consecutive channels-last views of one buffer (as
-    ``as_row_views`` and the OpenVINO runtime make them), else a copy."""
+def feature_rows(levels: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """The levels ``[N, C, H, W]`` as one table ``[rows, C]`` and, per level, where
+    its rows are: ``(first row, rows from one image to the next, from one map row
+    to the next, from one column to the next)``. The table is the levels' own
+    memory where each position's ``C`` values are contiguous and every level lies
+    in one buffer (as the OpenVINO runtime and ``as_row_views`` make them), else a
+    copy, level after level."""
     channels = levels[0].shape[1]
-    sizes = [level.numel() // channels for level in levels]
-    starts = np.cumsum([0, *sizes[:-1]]).tolist()
-    base = levels[0].permute(0, 2, 3, 1)
-    step = channels * levels[0].element_size()
-    if all(
-        level.is_contiguous(memory_format=torch.channels_last)
-        and level.data_ptr() == base.data_ptr() + first * step
-        for level, first in zip(levels, starts, strict=True)
-    ):
-        return base.as_strided((sum(sizes), channels), (channels, 1)), starts
+    if _in_one_buffer(levels):
+        base = min(levels, key=torch.Tensor.data_ptr)
+        places, extent = [], 0
+        for level in levels:
+            first = (level.data_ptr() - base.data_ptr()) // (channels * level.element_size())
+            steps = [level.stride(d) // channels for d in (0, 2, 3)]
+            dims = (level.shape[0], level.shape[2], level.shape[3])
+            places.append((first, *steps))
+            reach = sum((n - 1) * step for n, step in zip(dims, steps, strict=True))
+            extent = max(extent, first + reach + 1)
+        return base.as_strided((extent, channels), (channels, 1)), places
     rows = [level.permute(0, 2, 3, 1).reshape(-1, channels) for level in levels]
-    return torch.cat(rows), starts
+    starts = np.cumsum([0, *[len(r) for r in rows[:-1]]]).tolist()
+    sizes = [level.shape[2:] for level in levels]
+    places = [(first, h * w, w, 1) for first, (h, w) in zip(starts, sizes, strict=True)]
+    return torch.cat(rows), places
+
+
+def _in_one_buffer(levels: list[torch.Tensor]) -> bool:
+    first = levels[0]
+    channels, storage = first.shape[1], first.untyped_storage().data_ptr()
+    return all(
+        level.dtype == first.dtype
+        and level.untyped_storage().data_ptr() == storage
+        and level.stride(1) == 1
+        and all(level.stride(d) % channels == 0 for d in (0, 2, 3))
+        and (level.data_ptr() - first.data_ptr()) % (channels * level.element_size()) == 0
+        for level in levels
+    )
 
 
 def as_row_views(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,17 +202,32 @@ def as_row_views(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     what ``feature_rows`` reads without a copy."""
     channels = next(iter(maps.values())).shape[1]
     rows = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps.values()])
-    return row_views(rows, {name: m.shape for name, m in maps.items()})
-
-
-def row_views(rows: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Maps ``{name: [N, C, H, W]}`` of ``shapes`` as channels-last views of the
-    table ``rows`` ``[rows, C]`` (``feature_rows``'s layout)."""
     views, start = {}, 0
-    for name, (n, channels, h, w) in shapes.items():
-        level = rows[start : start + n * h * w].view(n, h, w, channels)
-        views[name] = level.permute(0, 3, 1, 2)
+    for name, m in maps.items():
+        n, _, h, w = m.shape
+        views[name] = rows[start : start + n * h * w].view(n, h, w, channels).permute(0, 3, 1, 2)
         start += n * h * w
+    return views
+
+
+def image_row_views(
+    rows: torch.Tensor, shapes: dict[str, tuple[int, int]], images: int
+) -> dict[str, torch.Tensor]:
+    """Maps ``{name: [images, C, H, W]}`` (``shapes``: each level's ``(H, W)``) as
+    views of the table ``rows`` ``[images * R, C]`` that holds each image's ``R``
+    rows together, its levels one after another in ``(y, x)`` order: the layout
+    of the OpenVINO runtime, which runs the backbone one image at a time."""
+    channels = rows.shape[1]
+    per_image = len(rows) // images
+    views, start = {}, 0
+    for name, (h, w) in shapes.items():
+        level = rows.as_strided(
+            (images, h, w, channels),
+            (per_image * channels, w * channels, channels, 1),
+            start * channels,
+        )
+        views[name] = level.permute(0, 3, 1, 2)
+        start += h * w
     return views
 
 

@@ -151,13 +151,12 @@ class Predictor:
         if choose_runtime(runtime, self.device) == "openvino":
             if static:
                 raise InvalidOptionError("static shapes run on the torch runtime only")
-            from model.inference.runtimes.openvino_cpu import OpenVINORuntime  # imports OpenVINO
+            from model.inference.runtimes import openvino_cpu  # imports OpenVINO
 
-            self._setup(network, "fp32", vectorized, False)
-            self.runtime: Runtime = OpenVINORuntime(
-                self.network, precision=precision, threads=threads, cache_dir=cache_dir
+            self.runtime: Runtime = openvino_cpu.OpenVINORuntime(
+                network.eval(), precision=precision, threads=threads, cache_dir=cache_dir
             )
-            self.precision = precision
+            self._setup(openvino_cpu.without_dense_parts(network), precision, vectorized, False)
             return
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(

@@ -5,7 +5,13 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from model.inference.pooling import gather_align, pool_rois
+from model.inference.pooling import (
+    as_row_views,
+    feature_rows,
+    gather_align,
+    image_row_views,
+    pool_rois,
+)
 
 
 def random_rois(count: int, images: int, height: float, width: float, seed: int) -> torch.Tensor:
@@ -53,3 +59,28 @@ def test_pool_rois_on_the_cpu_is_multiscale_roi_align():
     pooled = pool_rois(pooler, features, boxes, image_sizes)
     torch.testing.assert_close(pooled, expected, rtol=0, atol=2e-6)
     assert pooled.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_levels_in_one_buffer_are_read_where_they_lie():
+    """Every level in one table of rows, level after level (``as_row_views``, the
+    torch runtime's) or image after image (``image_row_views``, OpenVINO's): pooled
+    from that memory itself, as MultiScaleRoIAlign pools the maps."""
+    pooler = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    maps = {str(i): torch.randn(3, 8, 40 // 2**i, 56 // 2**i) for i in range(3)}
+    image_sizes = [(150, 220), (160, 200), (120, 224)]
+    boxes = [
+        random_rois(60, 1, h, w, seed=i)[:, 1:].clamp(min=0)
+        for i, (h, w) in enumerate(image_sizes)
+    ]
+    expected = pooler(maps, boxes, image_sizes)
+    per_image = torch.cat(
+        [torch.cat([m[i].permute(1, 2, 0).reshape(-1, 8) for m in maps.values()]) for i in range(3)]
+    )
+    sizes = {name: tuple(m.shape[2:]) for name, m in maps.items()}
+    for views in (as_row_views(maps), image_row_views(per_image, sizes, 3)):
+        for name, m in maps.items():
+            assert torch.equal(views[name], m)
+        table, _ = feature_rows(list(views.values()))
+        assert table.data_ptr() == min(v.data_ptr() for v in views.values())  # no copy
+        pooled = pool_rois(pooler, views, boxes, image_sizes)
+        torch.testing.assert_close(pooled, expected, rtol=0, atol=2e-6)

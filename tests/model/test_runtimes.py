@@ -96,6 +96,9 @@ def test_fp32_features_are_torchs(cache):
     CPUs that have it): the levels agree with torch's to float32 rounding."""
     network, info, images = r50_case()
     predictor = Predictor(network, info, runtime="openvino", cache_dir=cache)
+    # OpenVINO holds the weights: the predictor keeps no torch copy, the caller's stays whole
+    assert predictor.network.backbone is None and predictor.network.roi_heads.mask_head is None
+    assert network.backbone is not None and network.roi_heads.mask_head is not None
     with torch.inference_mode():
         image_list, _ = network.transform([image.float() / 255 for image in images[:2]])
         reference = network.backbone(image_list.tensors)

@@ -2,10 +2,10 @@
 
 Three graphs, each with dynamic sizes (batch, height and width; number of boxes):
 
-* ``DenseGraph``: the backbone, its FPN and the RPN head on a padded batch; the
-  FPN levels come out as one table of channels-last rows (``[rows, C]``, level
-  after level), the layout the CPU's ROI pooling reads without a copy
-  (``model.inference.pooling.feature_rows``);
+* ``DenseGraph``: the backbone, its FPN and the RPN head on a padded batch (the
+  runtime gives it one image at a time); the FPN levels come out as one table of
+  channels-last rows (``[rows, C]``, level after level), the layout the CPU's ROI
+  pooling reads without a copy (``model.inference.pooling.feature_rows``);
 * ``BoxGraph``: the box head and predictor on channels-last pooled boxes;
 * ``MaskGraph``: the mask head and predictor on channels-last pooled boxes, and
   each box's own label's logits picked from them.
