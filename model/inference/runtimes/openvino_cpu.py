@@ -11,8 +11,6 @@ bfloat16 units it would pick bfloat16 by itself); ``bf16`` needs such units
 float32 under a bfloat16 name.
 """
 
-import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,6 @@ from model.inference.pooling import image_row_views
 from model.inference.runtimes import DenseFeatures
 from model.inference.runtimes.graphs import cached_graph
 from model.inference.runtimes.quiet_openvino import ov
-
-log = logging.getLogger(__name__)
 
 # precision -> OpenVINO's inference precision hint
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -65,12 +61,10 @@ class OpenVINORuntime:
             ov.properties.num_streams: 1,
             hint.performance_mode: hint.PerformanceMode.LATENCY,
         }
-        started = time.perf_counter()
         self._compiled = {
             name: core.compile_model(cached_graph(name, network, cache_dir), "CPU", config)
             for name in ("dense", "box", "mask")
         }
-        self.seconds_to_load = time.perf_counter() - started
 
     def features(self, images: torch.Tensor) -> DenseFeatures:
         """The dense graph one image at a time, each image's outputs written by
