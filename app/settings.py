@@ -34,8 +34,11 @@ class Settings(BaseSettings):
     model: str = "auto"
     classes_file: Path | None = None
     device: str = "auto"
-    # fp16/bf16: autocast on a GPU; bf16: OpenVINO in bfloat16 on a CPU with bfloat16 units
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # fp16/bf16: autocast on a GPU; bf16: OpenVINO in bfloat16 on a CPU with bfloat16
+    # units; int8: OpenVINO quantized by NNCF (CPUs with int8 dot-product units),
+    # calibrated on CALIBRATION_IMAGES, a registry model's dataset, or the demo's scenes
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    calibration_images: Path | None = None
     # what runs the network's dense parts (model.inference.runtimes): auto is OpenVINO
     # where the model runs on the CPU, torch on a GPU
     runtime: Literal["auto", "torch", "openvino"] = "auto"

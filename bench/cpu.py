@@ -3,14 +3,16 @@ service's torch and OpenVINO runtimes, bare and served, in one run on the same
 images.
 
     python bench/cpu.py --model r50 --batch-size 4 --seconds 30
-    python bench/cpu.py --model demo --batch-size 4 --seconds 10 --precisions fp32,bf16
+    python bench/cpu.py --model demo --batch-size 4 --seconds 10 --precisions fp32,bf16,int8
 
 1. torchvision's own ``model(images)`` in eager float32 on batches of
    ``--batch-size`` of the bench's 640x480 images: the baseline, what a service
    wrapping torchvision runs;
 2. bare, ``Predictor.predict`` on the same batches, per configuration: the torch
    runtime in fp32 (the service before OpenVINO) and OpenVINO in each of
-   ``--precisions`` (bf16 only on a CPU with bfloat16 units);
+   ``--precisions`` (bf16 and int8 only on a CPU with the units for them; int8
+   calibrated on 32 other scenes of the same kind, ``CALIBRATION_IMAGES`` for the
+   server);
 3. served, per configuration: ``maskrcnn serve`` (``MAX_BATCH_SIZE`` the batch
    size, ``RUNTIME`` and ``PRECISION`` as configured) started with an empty
    OpenVINO cache (cold start-up: conversion included) and again with it filled
@@ -40,7 +42,7 @@ from bench.bare import IMAGE_SIZE, bench_jpegs, decode_jpegs, measure, prepare_m
 from bench.results import command_line, machine, write_section
 from bench.served import REPO, Server
 from model.inference.predictor import Predictor
-from model.inference.runtimes.openvino_cpu import BF16_FLAGS, cpu_flags
+from model.inference.runtimes.openvino_cpu import UNITS, cpu_flags
 from model.loading import load_model
 
 
@@ -112,7 +114,8 @@ def load(server: Server, images_dir: Path, clients: int, seconds: float, warmup:
 
 
 def serve(row: Row, spec: str, tmp: Path, images_dir: Path, args) -> None:
-    """Cold and warm start-up, throughput, one client's latency, peak memory."""
+    """Cold and warm start-up, throughput, one client's latency, peak memory (int8
+    calibrates on ``tmp/calibration``, written by ``main``)."""
     env = {
         "MASKRCNN_RUNTIME": row.runtime,
         "MASKRCNN_PRECISION": row.precision,
@@ -124,6 +127,7 @@ def serve(row: Row, spec: str, tmp: Path, images_dir: Path, args) -> None:
         "MASKRCNN_RUN_WORKER": "false",
         "MASKRCNN_DATA_DIR": str(tmp / f"data-{row.runtime}-{row.precision}"),
         "MASKRCNN_LOG_LEVEL": "WARNING",
+        "MASKRCNN_CALIBRATION_IMAGES": str(tmp / "calibration"),
     }
     log = tmp / f"server-{row.runtime}-{row.precision}-{row.processes}.log"
     server, row.cold_s = start_server(spec, env, log, args.ready_timeout)
@@ -144,8 +148,8 @@ def configurations(precisions: list[str], processes: list[int]) -> list[Row]:
     and, for each of ``processes``, in that many model processes."""
     rows = [Row("torch", "fp32")]
     for precision in precisions:
-        if precision == "bf16" and not cpu_flags() & set(BF16_FLAGS):
-            print("bf16 skipped: this CPU has no bfloat16 units", file=sys.stderr)
+        if precision in UNITS and not cpu_flags() & set(UNITS[precision][1]):
+            print(f"{precision} skipped: no {UNITS[precision][0]} units", file=sys.stderr)
             continue
         rows += [Row("openvino", precision, n) for n in [0, *processes]]
     return rows
@@ -194,7 +198,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("demo", "r50"), default="r50")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--precisions", default="fp32,bf16", help="OpenVINO's, comma-separated")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16,int8", help="OpenVINO's, comma-separated"
+    )
     parser.add_argument(
         "--model-processes",
         default="",
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     jpegs = bench_jpegs()
     images = decode_jpegs(jpegs)
+    calibration_jpegs = bench_jpegs(32, seed=77)  # the same kind of scene, not the same
     processes = [int(n) for n in args.model_processes.split(",") if n]
     rows = configurations(args.precisions.split(","), processes)
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,15 +234,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 runtime=row.runtime,
                 precision=row.precision,
                 cache_dir=tmp / "bare-cache",
+                calibration=decode_jpegs(calibration_jpegs),
             )
             row.bare = measure(predictor, images, args.batch_size, args.seconds).images_per_s
             bare[row.runtime, row.precision] = row.bare
             del predictor
             print(f"bare {row.runtime} {row.precision}: {row.bare:.3f} images/s", file=sys.stderr)
-        images_dir = tmp / "images"
-        images_dir.mkdir()
-        for i, data in enumerate(jpegs):
-            (images_dir / f"{i}.jpg").write_bytes(data)
+        images_dir, calibration_dir = tmp / "images", tmp / "calibration"
+        for folder, files in ((images_dir, jpegs), (calibration_dir, calibration_jpegs)):
+            folder.mkdir()
+            for i, data in enumerate(files):
+                (folder / f"{i}.jpg").write_bytes(data)
         for row in rows:
             serve(row, spec, tmp, images_dir, args)
             print(f"served {row}", file=sys.stderr)

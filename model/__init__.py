@@ -47,6 +47,7 @@ _MODULES = {
     "TrainConfig": "model.training.loop",
     "TrainingPlan": "model.training.pipeline",
     "run_training": "model.training.pipeline",
+    "render_scenes": "model.training.synthetic",
     "load_coco": "model.training.validation",
     "unsafe_path_reason": "model.training.validation",
     "validate_coco": "model.training.validation",
@@ -91,6 +92,7 @@ __all__ = [
     "pil_to_tensor",
     "read_classes_file",
     "read_image",
+    "render_scenes",
     "resolve_device",
     "run_training",
     "split_dataset",
@@ -135,5 +137,6 @@ if TYPE_CHECKING:
     from model.training.evaluation import evaluate_predictor, format_metrics
     from model.training.loop import TrainConfig
     from model.training.pipeline import TrainingPlan, run_training
+    from model.training.synthetic import render_scenes
     from model.training.validation import load_coco, unsafe_path_reason, validate_coco
     from model.weights import PRETRAINED, cached_weights_path, download_weights

@@ -7,7 +7,9 @@ model id (``model-…``, read from the database and ``DATA_DIR`` the
 import argparse
 
 RUNTIME_HELP = "what runs the network: auto (OpenVINO on the CPU, torch on a GPU), torch, openvino"
-PRECISION_HELP = "fp32; fp16 or bf16 on a GPU; bf16 on a CPU with bfloat16 units (OpenVINO)"
+PRECISION_HELP = (
+    "fp32; fp16 or bf16 on a GPU; bf16 or int8 on a CPU with the units for them (OpenVINO)"
+)
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,7 +50,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--runtime", default="auto", choices=["auto", "torch", "openvino"], help=RUNTIME_HELP
     )
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help=PRECISION_HELP
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help=PRECISION_HELP
+    )
+    parser.add_argument(
+        "--calibration-images",
+        help="int8: a folder of images like those to predict, to calibrate on "
+        "(default: a registry model's dataset, the demo's synthetic scenes)",
     )
 
 
@@ -66,6 +73,7 @@ def load_predictor_from(args: argparse.Namespace):
             device=args.device,
             runtime=args.runtime,
             precision=args.precision,
+            calibration_images=args.calibration_images,
         )
     except SettingsError as e:
         raise SystemExit(f"maskrcnn: {e}") from None

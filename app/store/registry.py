@@ -15,8 +15,10 @@ changes with every activation, even of the same id, so a replica that failed to
 load a version tries again when an operator activates it again.
 """
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import AppError
 from app.settings import Settings
-from app.store.db import JOB_STATES, Database, Meta, ModelRecord, TrainingJobRecord, utcnow
+from app.store.db import (
+    JOB_STATES,
+    Database,
+    DatasetRecord,
+    Meta,
+    ModelRecord,
+    TrainingJobRecord,
+    utcnow,
+)
 from model import (
     METADATA_KEY,
     CheckpointError,
@@ -120,17 +130,12 @@ def resolve_model_spec(
     spec = settings.model if model is None else model
     if spec == "auto" or spec in BUILTIN_MODELS or Path(spec).exists():
         return spec, None
-    own = db is None
-    if own:
-        db = Database(settings.database_url_or_default, data_dir=settings.data_dir)
-    try:
-        record = get_record(db, spec)
-    except SQLAlchemyError as e:  # no database or no schema yet: not a registry id
-        log.debug("registry lookup of %r failed: %s", spec, e)
-        record = None
-    finally:
-        if own:
-            db.dispose()
+    with database(settings, db) as db:
+        try:
+            record = get_record(db, spec)
+        except SQLAlchemyError as e:  # no database or no schema yet: not a registry id
+            log.debug("registry lookup of %r failed: %s", spec, e)
+            record = None
     if record is None:
         raise CheckpointError(
             f"model {spec!r}: not {names}, an existing file, nor a model id in the registry "
@@ -143,6 +148,31 @@ def resolve_model_spec(
             f"shared DATA_DIR volume (MASKRCNN_DATA_DIR={settings.data_dir})"
         )
     return str(path), record.id
+
+
+def training_images(settings: Settings, model_id: str, db: Database | None = None) -> Path | None:
+    """The folder of the dataset registry model ``model_id`` was trained on, while it
+    is still there (``None`` otherwise)."""
+    with database(settings, db) as db:
+        with db.session() as session:
+            record = session.get(ModelRecord, model_id)
+            dataset_id = record.dataset_id if record else None
+            dataset = session.get(DatasetRecord, dataset_id) if dataset_id else None
+        folder = db.resolve(dataset.path) if dataset else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+@contextlib.contextmanager
+def database(settings: Settings, db: Database | None) -> Iterator[Database]:
+    """``db``, or the settings' database opened for the block."""
+    if db is not None:
+        yield db
+        return
+    own = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    try:
+        yield own
+    finally:
+        own.dispose()
 
 
 def describe_spec(spec: str, classes_file: Path | None = None) -> ModelInfo | None:

@@ -99,7 +99,8 @@ class Predictor:
             the CPU): convolutions and linear layers in half precision, while box
             decoding, NMS and mask probabilities stay float32 (for the RPN through
             a forward hook on ``network.rpn.head``, see ``keep_float_outputs``);
-            with the ``openvino`` runtime, ``fp32`` or ``bf16`` on the CPU.
+            with the ``openvino`` runtime, ``fp32``, ``bf16`` or ``int8`` on the CPU
+            (``int8`` calibrated on ``calibration``: uint8 images like those served).
         runtime: what runs the dense parts (``model.inference.runtimes``): ``torch``
             (the network's modules), ``openvino`` (compiled by OpenVINO, CPU only),
             or ``auto`` (OpenVINO on the CPU, torch elsewhere). ``threads`` and
@@ -145,6 +146,7 @@ class Predictor:
         runtime: str = "torch",
         threads: int | None = None,
         cache_dir: Path | None = None,
+        calibration: Sequence[torch.Tensor] | None = None,
     ):
         self.device = torch.device(device)
         self.info = info
@@ -157,6 +159,10 @@ class Predictor:
                 network.eval(), precision=precision, threads=threads, cache_dir=cache_dir
             )
             self._setup(openvino_cpu.without_dense_parts(network), precision, vectorized, False)
+            if precision == "int8":
+                from model.inference.runtimes.quantize import quantize
+
+                self.calibration_seconds = quantize(self, calibration or [], cache_dir)
             return
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
@@ -247,7 +253,7 @@ class Predictor:
         return results
 
     def _autocast(self, cache: bool = True):
-        dtype = _AUTOCAST_DTYPES[self.precision]
+        dtype = _AUTOCAST_DTYPES.get(self.precision)  # int8: OpenVINO's, no autocast
         enabled = dtype is not None and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=cache)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
@@ -91,6 +92,13 @@ def _write_files(out: Path, files: dict[str, bytes]) -> None:
         path = out / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def render_scenes(count: int, image_size: int, seed: int) -> list[torch.Tensor]:
+    """``count`` scenes as the predictor takes images: uint8 ``[3, S, S]``."""
+    config = SyntheticConfig(image_size=image_size, seed=seed)
+    arrays = (render_image(config, index)[0] for index in range(count))
+    return [torch.from_numpy(array).permute(2, 0, 1).contiguous() for array in arrays]
 
 
 def render_image(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:

@@ -4,7 +4,7 @@ import torch
 from model.inference.predictor import Predictor
 from model.info import ModelInfo
 from model.networks import build_network
-from model.training.synthetic import SyntheticConfig, render_image
+from model.training.synthetic import render_scenes
 
 TEST_CLASSES = ((0, 3, 5, 7, 9), ("background", "circle", "square", "triangle", "star"))
 # a test's device parameter: the CUDA case runs where there is a GPU
@@ -60,8 +60,4 @@ def random_image(height: int, width: int, seed: int) -> torch.Tensor:
 
 def shapes_images(size: int, count: int) -> list[torch.Tensor]:
     """Scenes of the synthetic shapes dataset the demo model was trained on."""
-    images = []
-    for index in range(count):
-        array, _ = render_image(SyntheticConfig(image_size=size, seed=99), index)
-        images.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
-    return images
+    return render_scenes(count, size, seed=99)

@@ -20,8 +20,18 @@ from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
 from model.inference.runtimes import choose_runtime
 from model.inference.runtimes import graphs as graphs_module
+from model.inference.runtimes import quantize as quantize_module
 from model.inference.runtimes.graphs import DenseGraph
-from model.inference.runtimes.openvino_cpu import BF16_FLAGS, check_precision, cpu_flags
+from model.inference.runtimes.openvino_cpu import (
+    BF16_FLAGS,
+    INT8_FLAGS,
+    check_precision,
+    cpu_flags,
+)
+from model.loading import load_model
+from model.training.dataset import CocoDataset
+from model.training.evaluation import evaluate_predictor
+from model.training.synthetic import generate_dataset, render_scenes
 from tests.model.conftest import make_network, random_image
 from tests.model.precision_cases import (
     MIN_COMPARED,
@@ -168,7 +178,7 @@ def test_which_runtime_runs_where(info):
     assert Predictor(network, info).runtime.name == "torch"  # the library's default
     with pytest.raises(InvalidOptionError, match="static shapes"):
         Predictor(network, info, runtime="openvino", static=True)
-    with pytest.raises(InvalidOptionError, match="fp32 or bf16, not 'fp16'"):
+    with pytest.raises(InvalidOptionError, match="fp32, bf16, int8, not 'fp16'"):
         Predictor(network, info, runtime="openvino", precision="fp16")
 
 
@@ -198,3 +208,73 @@ def test_openvino_sends_no_telemetry(tmp_path):
     env = {**os.environ, "HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=True, timeout=300)
     assert list(tmp_path.iterdir()) == []
+
+
+needs_int8 = pytest.mark.skipif(
+    not cpu_flags() & set(INT8_FLAGS),
+    reason=f"this CPU has no int8 dot-product units ({' or '.join(INT8_FLAGS)})",
+)
+# the demo model's held-out scenes (tests/model/test_demo_model.py) and the int8 bound
+HELD_OUT_SEED, MAX_AP_DROP = 7001, 0.01
+
+
+@needs_int8
+@pytest.mark.slow
+def test_int8_keeps_the_demo_models_accuracy(cache, tmp_path):
+    """Quantized by NNCF on 32 synthetic scenes of another seed, the demo model
+    loses at most one point of segm AP on its held-out scenes."""
+    loaded = load_model("demo")
+    generate_dataset(tmp_path / "held-out", num_images=60, image_size=256, seed=HELD_OUT_SEED)
+    dataset = CocoDataset(tmp_path / "held-out")
+    calibration = render_scenes(32, 256, seed=2026)
+    metrics = {}
+    for precision in ("fp32", "int8"):
+        predictor = Predictor(
+            loaded.network,
+            loaded.info,
+            runtime="openvino",
+            precision=precision,
+            calibration=calibration,
+            cache_dir=cache,
+        )
+        assert predictor.precision == predictor.runtime.precision == precision
+        metrics[precision] = evaluate_predictor(predictor, dataset)["segm"]["AP"]
+    assert metrics["int8"] >= metrics["fp32"] - MAX_AP_DROP, metrics
+    assert metrics["fp32"] >= 0.7, metrics  # the comparison means something
+
+
+@needs_int8
+def test_int8_graphs_are_read_back_without_calibrating(info, tmp_path, monkeypatch):
+    network = make_network(SMALL)
+    calibration = [random_image(100, 130, seed) for seed in range(4)]
+    first = Predictor(
+        network,
+        info,
+        runtime="openvino",
+        precision="int8",
+        calibration=calibration,
+        cache_dir=tmp_path,
+    )
+    assert first.calibration_seconds > 0
+    assert len(list(tmp_path.glob("*-int8-*.xml"))) == 3
+    monkeypatch.setattr(quantize_module, "_nncf", lambda: pytest.fail("calibrated again"))
+    again = Predictor(
+        network,
+        info,
+        runtime="openvino",
+        precision="int8",
+        calibration=calibration,
+        cache_dir=tmp_path,
+    )
+    assert again.calibration_seconds is None and again.runtime.precision == "int8"
+    images = [random_image(100, 130, 9)]
+    assert again.predict(images) == first.predict(images)
+    with pytest.raises(InvalidOptionError, match="images to calibrate on"):
+        Predictor(network, info, runtime="openvino", precision="int8", cache_dir=tmp_path)
+
+
+def test_int8_needs_int8_units():
+    expected = r"int8 dot-product units \(amx_int8 or avx512_vnni"
+    with pytest.raises(InvalidOptionError, match=expected):
+        check_precision("int8", flags={"avx2", "avx512_bf16"})
+    check_precision("int8", flags={"avx512_vnni"})

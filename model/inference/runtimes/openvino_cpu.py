@@ -8,9 +8,12 @@ docs/performance.md.
 Precision: ``fp32`` asks OpenVINO's CPU plugin for float32 explicitly (on CPUs with
 bfloat16 units it would pick bfloat16 by itself); ``bf16`` needs such units
 (``amx_bf16`` or ``avx512_bf16``) and refuses to start without them rather than run
-float32 under a bfloat16 name.
+float32 under a bfloat16 name; ``int8`` (``model.inference.runtimes.quantize``)
+needs ``amx_int8`` or ``avx512_vnni`` and images to calibrate on.
 """
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +26,21 @@ from model.inference.runtimes import DenseFeatures
 from model.inference.runtimes.graphs import cached_graph
 from model.inference.runtimes.quiet_openvino import ov
 
-# precision -> OpenVINO's inference precision hint
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# precision -> OpenVINO's inference precision hint (int8: for what stays unquantized)
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+INT8_FLAGS = ("amx_int8", "avx512_vnni")
+# the CPU units a precision needs, any one of them (Linux's /proc/cpuinfo names)
+UNITS = {"bf16": ("bfloat16", BF16_FLAGS), "int8": ("int8 dot-product", INT8_FLAGS)}
+GRAPH_NAMES = ("dense", "box", "mask")
 
 
 class OpenVINORuntime:
     """``network``'s dense parts compiled for the CPU in ``precision`` (``fp32`` or
-    ``bf16``), on ``threads`` threads (default: torch's intra-op threads).
-    ``cache_dir``: where converted graphs are kept across restarts
-    (``None``: converted anew, kept nowhere, as training's validation wants)."""
+    ``bf16``; ``int8`` runs ``fp32`` until ``use_graphs`` gets the quantized graphs),
+    on ``threads`` threads (default: torch's intra-op threads). ``cache_dir``: where
+    converted graphs are kept across restarts (``None``: converted anew, kept
+    nowhere, as training's validation wants)."""
 
     name = "openvino"
 
@@ -45,7 +53,7 @@ class OpenVINORuntime:
         cache_dir: Path | None = None,
     ):
         check_precision(precision)
-        self.precision = precision
+        self.precision = "fp32" if precision == "int8" else precision
         self.threads = threads or torch.get_num_threads()
         with torch.no_grad():  # the FPN levels' names (the graph returns them in order)
             self.level_names = list(network.backbone(torch.zeros(1, 3, 64, 64)))
@@ -53,7 +61,12 @@ class OpenVINORuntime:
         # takes 0.1-0.2 s (R50-FPN), and two processes writing one blob at once
         # failed (model processes starting together); the converted graphs are
         # cached (``cached_graph``), written atomically
-        core = ov.Core()
+        self.core = ov.Core()
+        self.graphs = {name: cached_graph(name, network, cache_dir) for name in GRAPH_NAMES}
+        self._compiled = self._compile(self.graphs, self.precision)
+        self._recorded: dict[str, list] | None = None
+
+    def _compile(self, graphs: dict, precision: str) -> dict:
         hint = ov.properties.hint
         config = {
             hint.inference_precision: PRECISIONS[precision],
@@ -61,10 +74,25 @@ class OpenVINORuntime:
             ov.properties.num_streams: 1,
             hint.performance_mode: hint.PerformanceMode.LATENCY,
         }
-        self._compiled = {
-            name: core.compile_model(cached_graph(name, network, cache_dir), "CPU", config)
-            for name in ("dense", "box", "mask")
-        }
+        if precision == "int8" and not cpu_flags() & set(BF16_FLAGS):
+            config[hint.inference_precision] = "f32"  # what is not quantized stays float32
+        compile_model = self.core.compile_model
+        return {name: compile_model(graph, "CPU", config) for name, graph in graphs.items()}
+
+    def use_graphs(self, graphs: dict, precision: str) -> None:
+        """Run ``graphs`` (models or files, by name) from now on, in ``precision``."""
+        self._compiled = self._compile(graphs, precision)
+        self.precision = precision
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, list]]:
+        """Within the block, each graph's inputs (copies, as OpenVINO takes them),
+        by graph name: calibration samples for ``quantize``."""
+        self._recorded = {name: [] for name in GRAPH_NAMES}
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
 
     def features(self, images: torch.Tensor) -> DenseFeatures:
         """The dense graph one image at a time, each image's outputs written by
@@ -78,9 +106,10 @@ class OpenVINORuntime:
                 rows = len(batch) // count  # what one image has of this output
                 part = batch[index * rows : (index + 1) * rows]
                 request.set_output_tensor(slot, ov.Tensor(part, shared_memory=True))
-            single = request.infer(
-                [images[index : index + 1].numpy()], share_inputs=True, share_outputs=True
-            )
+            image = images[index : index + 1].numpy()
+            if self._recorded is not None:
+                self._recorded["dense"].append([image.copy()])
+            single = request.infer([image], share_inputs=True, share_outputs=True)
             if not outputs:  # the first image's outputs tell the batch's shapes
                 for slot in range(len(single)):
                     first = single[slot]
@@ -104,8 +133,11 @@ class OpenVINORuntime:
         return picked
 
     def _run(self, name: str, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        arrays = [t.numpy() for t in inputs]
+        if self._recorded is not None:
+            self._recorded[name].append([array.copy() for array in arrays])
         request = self._compiled[name].create_infer_request()
-        outputs = request.infer([t.numpy() for t in inputs], share_inputs=True, share_outputs=True)
+        outputs = request.infer(arrays, share_inputs=True, share_outputs=True)
         return [torch.from_numpy(np.asarray(outputs[i])) for i in range(len(outputs))]
 
 
@@ -144,17 +176,18 @@ def _rows(pooled: torch.Tensor) -> torch.Tensor:
 
 def check_precision(precision: str, flags: set[str] | None = None) -> None:
     """``InvalidOptionError`` for a precision OpenVINO cannot run here: an unknown
-    one, or ``bf16`` on a CPU with none of ``BF16_FLAGS``."""
+    one, or ``bf16`` / ``int8`` on a CPU with none of the units it needs (``UNITS``)."""
     if precision not in PRECISIONS:
         raise InvalidOptionError(
-            f"the openvino runtime runs {' or '.join(PRECISIONS)}, not {precision!r}"
+            f"the openvino runtime runs {', '.join(PRECISIONS)}, not {precision!r}"
         )
-    if precision != "bf16":
+    if precision not in UNITS:
         return
+    units, needed = UNITS[precision]
     flags = cpu_flags() if flags is None else flags
-    if not flags & set(BF16_FLAGS):
+    if not flags & set(needed):
         raise InvalidOptionError(
-            f"bf16 on the CPU needs bfloat16 units ({' or '.join(BF16_FLAGS)} in "
+            f"{precision} on the CPU needs {units} units ({' or '.join(needed)} in "
             f"/proc/cpuinfo); this CPU has neither: use fp32"
         )
 
