@@ -101,10 +101,9 @@ class Predictor:
             a forward hook on ``network.rpn.head``, see ``keep_float_outputs``);
             with the ``openvino`` runtime, ``fp32``, ``bf16`` or ``int8`` on the CPU
             (``int8`` calibrated on ``calibration``: uint8 images like those served).
-        runtime: what runs the dense parts (``model.inference.runtimes``): ``torch``
-            (the network's modules), ``openvino`` (compiled by OpenVINO, CPU only),
-            or ``auto`` (OpenVINO on the CPU, torch elsewhere). ``threads`` and
-            ``cache_dir`` (converted graphs kept across restarts) are OpenVINO's.
+        runtime: ``torch``, ``openvino`` (CPU only) or ``auto`` (OpenVINO on the CPU):
+            what runs the dense parts (``model.inference.runtimes``); ``threads``
+            and ``cache_dir`` (graphs kept across restarts) are OpenVINO's.
         vectorized: filter proposals and select detections for the whole batch
             in tensor operations (``model.inference.proposals``,
             ``model.inference.heads``) instead of torchvision's loop over images;
@@ -153,16 +152,7 @@ class Predictor:
         if choose_runtime(runtime, self.device) == "openvino":
             if static:
                 raise InvalidOptionError("static shapes run on the torch runtime only")
-            from model.inference.runtimes import openvino_cpu  # imports OpenVINO
-
-            self.runtime: Runtime = openvino_cpu.OpenVINORuntime(
-                network.eval(), precision=precision, threads=threads, cache_dir=cache_dir
-            )
-            self._setup(openvino_cpu.without_dense_parts(network), precision, vectorized, False)
-            if precision == "int8":
-                from model.inference.runtimes.quantize import quantize
-
-                self.calibration_seconds = quantize(self, calibration or [], cache_dir)
+            self._open_openvino(network, precision, vectorized, threads, cache_dir, calibration)
             return
         if precision not in _AUTOCAST_DTYPES:
             raise InvalidOptionError(
@@ -181,6 +171,21 @@ class Predictor:
         if static:
             sizes = static_sizes or StaticSizes.for_network(self.network)
             self.static = StaticDetector(self.network, sizes, fused=self.fused)
+
+    def _open_openvino(self, network, precision, vectorized, threads, cache_dir, calibration):
+        """The dense parts compiled by OpenVINO; for int8, calibrated first."""
+        from model.inference.runtimes import openvino_cpu, quantize  # imports OpenVINO
+
+        self.runtime: Runtime = openvino_cpu.OpenVINORuntime(
+            network.eval(), precision=precision, threads=threads, cache_dir=cache_dir
+        )
+        self._setup(openvino_cpu.without_dense_parts(network), precision, vectorized, False)
+        self.calibration_seconds = None
+        if precision == "int8":
+            images = calibration or []
+            self.calibration_seconds = quantize.quantize(
+                self.runtime, self.predict, images, cache_dir
+            )
 
     def _setup(self, network: MaskRCNN, precision: str, vectorized: bool | None, fused: bool):
         """What every runtime shares: the network on the device, the transform's

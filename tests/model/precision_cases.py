@@ -58,3 +58,25 @@ def unmatched(ours: list[ImageResult], theirs: list[ImageResult]) -> tuple[int, 
                     f"{partner.score:.3f}"
                 )
     return compared, failures
+
+
+def assert_partners(reference: list[ImageResult], reduced: list[ImageResult]) -> None:
+    """The rule both ways: enough detections compared, none without its partner."""
+    compared, failures = unmatched(reference, reduced)
+    back, back_failures = unmatched(reduced, reference)
+    assert compared >= MIN_COMPARED, f"only {compared} detections with score >= {SCORE}"
+    assert back >= MIN_COMPARED
+    assert not failures + back_failures, "\n".join(failures + back_failures)
+
+
+def assert_sane(images: list[torch.Tensor], results: list[ImageResult]) -> None:
+    """Detections of a random-weight network (near-ties that any rounding reorders,
+    so not compared one by one): enough of them, finite, inside their image."""
+    assert sum(len(r.detections) for r in results) >= MIN_COMPARED
+    for image, result in zip(images, results, strict=True):
+        boxes = torch.tensor([d.box for d in result.detections]).reshape(-1, 4)
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[2]).all()
+        assert (boxes[:, 3] <= image.shape[1]).all()
+        assert all(0 <= d.score <= 1 for d in result.detections)
+        assert all(d.mask["size"] == list(image.shape[1:]) for d in result.detections)

@@ -22,12 +22,11 @@ from model.inference.fusion import to_backbone_input
 from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
 from tests.model.precision_cases import (
-    MIN_COMPARED,
     PARTNER_SCORE,
-    SCORE,
+    assert_partners,
+    assert_sane,
     demo_case,
     r50_case,
-    unmatched,
 )
 
 pytestmark = [
@@ -41,11 +40,7 @@ def test_demo_detections_match_fp32(precision):
     options = [PredictOptions(score_threshold=PARTNER_SCORE)] * len(images)
     reference = Predictor(network, info, device="cuda", precision="fp32").predict(images, options)
     reduced = Predictor(network, info, device="cuda", precision=precision).predict(images, options)
-    compared, failures = unmatched(reference, reduced)
-    back, back_failures = unmatched(reduced, reference)
-    assert compared >= MIN_COMPARED, f"only {compared} detections with score >= {SCORE}"
-    assert back >= MIN_COMPARED
-    assert not failures + back_failures, "\n".join(failures + back_failures)
+    assert_partners(reference, reduced)
 
 
 # ||reduced - fp32|| / ||fp32|| of the FPN outputs; unit roundoff is 4.9e-4 (fp16)
@@ -79,14 +74,8 @@ def test_r50_features_and_detections(precision):
         error = ((reduced[name].float() - ref).norm() / ref.norm()).item()
         assert error <= FEATURE_TOLERANCE[precision], f"level {name}: relative error {error:.2e}"
     results = predictor.predict(images)
-    assert sum(len(r.detections) for r in results) >= MIN_COMPARED
-    for image, result in zip(images, results, strict=True):
-        boxes = torch.tensor([d.box for d in result.detections]).reshape(-1, 4)
-        assert torch.isfinite(boxes).all()
-        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.shape[2]).all()
-        assert (boxes[:, 3] <= image.shape[1]).all()
-        assert all(0.5 <= d.score <= 1 for d in result.detections)
-        assert all(d.mask["size"] == list(image.shape[1:]) for d in result.detections)
+    assert_sane(images, results)
+    assert all(d.score >= 0.5 for result in results for d in result.detections)
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -130,17 +130,21 @@ def cached_graph(name: str, network: MaskRCNN, cache_dir: Path | None) -> ov.Mod
     if path.is_file() and path.with_suffix(".bin").is_file():
         return path
     started = time.perf_counter()
-    model = convert_graph(module, example, shapes)
+    save_graph(convert_graph(module, example, shapes), path)
+    log.info("converted the %s graph in %.1f s: %s", name, time.perf_counter() - started, path)
+    return path
+
+
+def save_graph(model: ov.Model, path: Path) -> None:
+    """``model`` as ``path`` (``.xml``, and its ``.bin``), float32 weights kept as
+    they are: written under a temporary name, then renamed (the weights first), so
+    a reader finds the whole model or none, whoever else writes it at the time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # written under a temporary name, then renamed (the weights first): a reader
-    # finds the whole model or none, whoever else writes it at the same time
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".converting-") as scratch:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".writing-") as scratch:
         staged = Path(scratch) / path.name
         ov.save_model(model, staged, compress_to_fp16=False)
         os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(staged, path)
-    log.info("converted the %s graph in %.1f s: %s", name, time.perf_counter() - started, path)
-    return path
 
 
 def graph_key(module: nn.Module, shapes: list[list[int]]) -> str:

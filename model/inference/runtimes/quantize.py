@@ -15,22 +15,16 @@ maskrcnn-service[int8]``).
 """
 
 import hashlib
-import os
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.errors import InvalidOptionError
-from model.inference.runtimes.openvino_cpu import GRAPH_NAMES
-from model.inference.runtimes.quiet_openvino import ov
-
-if TYPE_CHECKING:
-    from model.inference.predictor import Predictor
+from model.inference.runtimes.graphs import save_graph
+from model.inference.runtimes.openvino_cpu import GRAPH_NAMES, OpenVINORuntime
 
 CALIBRATION_BATCH = 4
 # changes whenever the calibration or NNCF's settings here change: part of the key
@@ -38,15 +32,17 @@ QUANTIZE_VERSION = 1
 
 
 def quantize(
-    predictor: "Predictor", images: Sequence[torch.Tensor], cache_dir: Path | None
+    runtime: OpenVINORuntime,
+    predict: Callable[[list[torch.Tensor]], object],
+    images: Sequence[torch.Tensor],
+    cache_dir: Path | None,
 ) -> float | None:
-    """Make ``predictor`` (its runtime OpenVINO's, in float32) run int8 graphs
-    calibrated on ``images`` (uint8 ``[3, H, W]``), read from ``cache_dir`` when
-    they were quantized before with these images. Returns the seconds calibration
-    took, ``None`` when the graphs came from the cache."""
+    """Make ``runtime`` (in float32) run int8 graphs calibrated on ``images`` (uint8
+    ``[3, H, W]``) through ``predict`` (the predictor's, on that runtime), or read
+    from ``cache_dir`` when they were quantized before with these images. Returns
+    the seconds calibration took, ``None`` when the graphs came from the cache."""
     if not images:
         raise InvalidOptionError("int8 needs images to calibrate on; none were given")
-    runtime = predictor.runtime
     paths = None
     if cache_dir is not None and all(isinstance(g, Path) for g in runtime.graphs.values()):
         key = calibration_key(runtime.graphs, images)
@@ -58,7 +54,7 @@ def quantize(
     started = time.perf_counter()
     with runtime.recording() as samples:
         for start in range(0, len(images), CALIBRATION_BATCH):
-            predictor.predict(list(images[start : start + CALIBRATION_BATCH]))
+            predict(list(images[start : start + CALIBRATION_BATCH]))
     quantized = {}
     for name in GRAPH_NAMES:
         graph = runtime.graphs[name]
@@ -75,7 +71,7 @@ def quantize(
             else nncf.QuantizationPreset.MIXED,
         )
         if paths is not None:
-            _save(quantized[name], paths[name])
+            save_graph(quantized[name], paths[name])
     runtime.use_graphs(quantized, "int8")
     return time.perf_counter() - started
 
@@ -88,16 +84,6 @@ def calibration_key(graphs: dict[str, Path], images: Sequence[torch.Tensor]) -> 
         digest.update(repr(tuple(image.shape)).encode())
         digest.update(image.contiguous().reshape(-1).numpy())
     return digest.hexdigest()[:24]
-
-
-def _save(model, path: Path) -> None:
-    """Written under a temporary name, then renamed (the weights first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantizing-") as scratch:
-        staged = Path(scratch) / path.name
-        ov.save_model(model, staged, compress_to_fp16=False)
-        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(staged, path)
 
 
 def _nncf():
