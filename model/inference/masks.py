@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.inference.boxes import expand_boxes
+from model.inference.nms import device_tensor
+from model.inference.options import PredictOptions
+from model.inference.rle import crop_masks, find_runs
 
 # Bound on the working memory of one chunk (two float row buffers, blended in
 # place, and the bool crop: 9 bytes a cell), so 100 large boxes at 1920x1080
@@ -184,3 +187,60 @@ def _resize(padded: Tensor, rows: tuple, cols: tuple, work: Tensor) -> Tensor:
     )
     top, bottom = top.view(n, -1, width), bottom.view(n, -1, width)
     return top.mul_(rw0[:, :, None]).add_(bottom.mul_(rw1[:, :, None]))
+
+def encode_masks(
+    detections: list[dict],
+    sizes: list[tuple[int, int]],
+    options: list[PredictOptions],
+    limit: int,
+) -> tuple[list[list[np.ndarray]], list[list]]:
+    """Each image's masks (``detections[i]["mask_probs"]`` in its ``boxes``)
+    pasted at its size, binarised at its ``mask_threshold`` and coded as its
+    ``mask_format`` asks: run lengths (``find_runs``) for ``rle``, crops
+    (``crop_masks``) for ``polygon``. Images of one size are pasted together, at
+    most ``limit`` mask pixels at once (``group_by_size``)."""
+    counts = [len(det["boxes"]) for det in detections]
+    runs: list[list[np.ndarray]] = [[] for _ in detections]
+    crops: list[list] = [[] for _ in detections]
+    for group in group_by_size(counts, sizes, options, limit):
+        thresholds = [options[i].mask_threshold for i in group]
+        per_mask = np.repeat(thresholds, [counts[i] for i in group])
+        device = detections[group[0]]["boxes"].device
+        masks = paste_masks(
+            torch.cat([detections[i]["mask_probs"] for i in group]),
+            torch.cat([detections[i]["boxes"] for i in group]),
+            sizes[group[0]],
+            device_tensor(per_mask, device, torch.float32),
+        )
+        if all(options[i].mask_format == "rle" for i in group):
+            found = iter(find_runs(masks))
+            for i in group:
+                runs[i] = [next(found) for _ in range(counts[i])]
+            continue
+        parts = masks.split([counts[i] for i in group])
+        for i, part in zip(group, parts, strict=True):
+            if options[i].mask_format == "rle":
+                runs[i] = find_runs(part)
+            else:
+                crops[i] = crop_masks(part)
+    return runs, crops
+
+
+def group_by_size(
+    counts: list[int],
+    sizes: list[tuple[int, int]],
+    options: list[PredictOptions],
+    limit: int,
+) -> list[list[int]]:
+    """Indices of the images whose masks are wanted, in groups of one image size
+    holding at most ``limit`` mask pixels (an image alone may hold more)."""
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for i, (count, size, opts) in enumerate(zip(counts, sizes, options, strict=True)):
+        if count == 0 or opts.mask_format == "none":
+            continue
+        chunks = groups.setdefault(size, [[]])
+        cells = size[0] * size[1]
+        if chunks[-1] and (sum(counts[j] for j in chunks[-1]) + count) * cells > limit:
+            chunks.append([])
+        chunks[-1].append(i)
+    return [chunk for chunks in groups.values() for chunk in chunks]

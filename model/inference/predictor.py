@@ -31,11 +31,10 @@ from model.inference.boxes import scale_boxes
 from model.inference.fusion import fuse_network
 from model.inference.heads import predict_masks, select_boxes
 from model.inference.images import check_image, normalize
-from model.inference.masks import paste_masks
-from model.inference.nms import device_tensor
+from model.inference.masks import encode_masks
 from model.inference.options import MaskFormat, PredictOptions, check_options
 from model.inference.proposals import AnchorCache, propose
-from model.inference.rle import crop_masks, find_runs, pack_runs, polygons_at
+from model.inference.rle import pack_runs, polygons_at
 from model.inference.runtimes import Runtime, choose_runtime
 from model.inference.runtimes.torch_eager import TorchRuntime, keep_float_outputs
 from model.inference.static import StaticDetector, StaticSizes
@@ -339,33 +338,12 @@ class Predictor:
     def _postprocess(
         self, detections: list[dict], sizes: list[tuple[int, int]], options: list[PredictOptions]
     ) -> PendingBatch:
-        """Masks pasted and run-length coded for groups of same-size images at once,
-        and one transfer of every box, score and label: a few host syncs per batch
-        rather than a few per image (each one stalls the device's queue)."""
+        """Masks pasted and coded (``encode_masks``), and one transfer of every box,
+        score and label: a few host syncs per batch rather than a few per image
+        (each one stalls the device's queue)."""
         counts = [len(det["boxes"]) for det in detections]
-        runs: list[list[np.ndarray]] = [[] for _ in detections]
-        crops: list[list] = [[] for _ in detections]
         limit = _GROUP_BYTES_CPU if self.device.type == "cpu" else _GROUP_BYTES_DEVICE
-        for group in group_by_size(counts, sizes, options, limit):
-            thresholds = [options[i].mask_threshold for i in group]
-            per_mask = np.repeat(thresholds, [counts[i] for i in group])
-            masks = paste_masks(
-                torch.cat([detections[i]["mask_probs"] for i in group]),
-                torch.cat([detections[i]["boxes"] for i in group]),
-                sizes[group[0]],
-                device_tensor(per_mask, self.device, torch.float32),
-            )
-            if all(options[i].mask_format == "rle" for i in group):
-                found = iter(find_runs(masks))
-                for i in group:
-                    runs[i] = [next(found) for _ in range(counts[i])]
-                continue
-            parts = masks.split([counts[i] for i in group])
-            for i, part in zip(group, parts, strict=True):
-                if options[i].mask_format == "rle":
-                    runs[i] = find_runs(part)
-                else:
-                    crops[i] = crop_masks(part)
+        runs, crops = encode_masks(detections, sizes, options, limit)
         columns = [
             torch.cat([det[name] for det in detections]) for name in ("boxes", "scores", "labels")
         ]
@@ -377,23 +355,3 @@ class Predictor:
             pending.scores.append(rows[:, 4].tolist())
             pending.labels.append(rows[:, 5].to(torch.int64).tolist())
         return pending
-
-
-def group_by_size(
-    counts: list[int],
-    sizes: list[tuple[int, int]],
-    options: list[PredictOptions],
-    limit: int,
-) -> list[list[int]]:
-    """Indices of the images whose masks are wanted, in groups of one image size
-    holding at most ``limit`` mask pixels (an image alone may hold more)."""
-    groups: dict[tuple[int, int], list[list[int]]] = {}
-    for i, (count, size, opts) in enumerate(zip(counts, sizes, options, strict=True)):
-        if count == 0 or opts.mask_format == "none":
-            continue
-        chunks = groups.setdefault(size, [[]])
-        cells = size[0] * size[1]
-        if chunks[-1] and (sum(counts[j] for j in chunks[-1]) + count) * cells > limit:
-            chunks.append([])
-        chunks[-1].append(i)
-    return [chunk for chunks in groups.values() for chunk in chunks]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model.inference import predictor as predictor_module
+from model.inference.masks import group_by_size
 from model.inference.options import PredictOptions
-from model.inference.predictor import group_by_size
 
 
 def fake_detections(count: int, size: tuple[int, int], g: torch.Generator) -> dict:
