@@ -9,6 +9,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+EXIF_ORIENTATION = 0x0112
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -16,16 +17,32 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
     Grayscale, palette, RGBA/LA, CMYK and 16/32-bit modes become 8-bit RGB
     (high-bit-depth values are scaled, not clipped).
+
+    Copies only what it must, since its peak memory is what a server budgets
+    for each decoded pixel: an upright RGB image goes into the tensor a channel
+    at a time (Pillow holds RGB at 4 bytes a pixel, the tensor 3, a channel
+    being copied 1 more), a grayscale one is its plane three times, and only
+    other modes and turned images are converted first.
     """
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
+        values = np.array(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        array = np.repeat(gray[..., None], 3, axis=2)
-    else:
-        array = np.array(image.convert("RGB"))  # writable, as torch.from_numpy wants
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        values /= top  # in place, as values / top * 255.0 + 0.5: one copy of the image
+        values *= 255.0
+        values += 0.5
+        gray = np.clip(values, 0, 255, out=values).astype(np.uint8)
+        return torch.from_numpy(gray).expand(3, *gray.shape).contiguous()
+    if image.mode == "L":
+        gray = torch.from_numpy(np.array(image))
+        return gray.expand(3, *gray.shape).contiguous()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    tensor = torch.empty((3, image.height, image.width), dtype=torch.uint8)
+    for channel, plane in enumerate(tensor.numpy()):
+        plane[...] = np.asarray(image.getchannel(channel))
+    return tensor
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -67,4 +84,5 @@ def check_image(image: torch.Tensor) -> None:
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images (``[..., 3, H, W]``) to float in ``[0, 1]``, then normalised, in
     the order of operations of the ``network(image.float() / 255)`` reference."""
-    return (images.float().div_(255) - mean) / std
+    # in place on the one float copy (``images`` is uint8): the same numbers
+    return images.to(torch.float32, copy=True).div_(255).sub_(mean).div_(std)

@@ -188,6 +188,7 @@ def _resize(padded: Tensor, rows: tuple, cols: tuple, work: Tensor) -> Tensor:
     top, bottom = top.view(n, -1, width), bottom.view(n, -1, width)
     return top.mul_(rw0[:, :, None]).add_(bottom.mul_(rw1[:, :, None]))
 
+
 def encode_masks(
     detections: list[dict],
     sizes: list[tuple[int, int]],
@@ -198,32 +199,51 @@ def encode_masks(
     pasted at its size, binarised at its ``mask_threshold`` and coded as its
     ``mask_format`` asks: run lengths (``find_runs``) for ``rle``, crops
     (``crop_masks``) for ``polygon``. Images of one size are pasted together, at
-    most ``limit`` mask pixels at once (``group_by_size``)."""
+    most ``limit`` mask pixels at once (``group_by_size``), and so are the masks
+    of an image larger than that, a few at a time: a 6000x6000 photo's hundred
+    masks would take 3.6 GB as bools."""
     counts = [len(det["boxes"]) for det in detections]
     runs: list[list[np.ndarray]] = [[] for _ in detections]
     crops: list[list] = [[] for _ in detections]
     for group in group_by_size(counts, sizes, options, limit):
-        thresholds = [options[i].mask_threshold for i in group]
-        per_mask = np.repeat(thresholds, [counts[i] for i in group])
-        device = detections[group[0]]["boxes"].device
-        masks = paste_masks(
-            torch.cat([detections[i]["mask_probs"] for i in group]),
-            torch.cat([detections[i]["boxes"] for i in group]),
-            sizes[group[0]],
-            device_tensor(per_mask, device, torch.float32),
-        )
-        if all(options[i].mask_format == "rle" for i in group):
-            found = iter(find_runs(masks))
-            for i in group:
-                runs[i] = [next(found) for _ in range(counts[i])]
-            continue
-        parts = masks.split([counts[i] for i in group])
-        for i, part in zip(group, parts, strict=True):
-            if options[i].mask_format == "rle":
-                runs[i] = find_runs(part)
-            else:
-                crops[i] = crop_masks(part)
+        cells = sizes[group[0]][0] * sizes[group[0]][1]
+        step = max(1, limit // max(1, cells))
+        pieces = [(group, slice(None))]
+        if len(group) == 1 and counts[group[0]] > step:
+            pieces = [(group, slice(s, s + step)) for s in range(0, counts[group[0]], step)]
+        for members, part in pieces:
+            taken = [len(detections[i]["boxes"][part]) for i in members]
+            masks = paste_group(detections, sizes, options, members, part)
+            if all(options[i].mask_format == "rle" for i in members):
+                found = iter(find_runs(masks))
+                for i, count in zip(members, taken, strict=True):
+                    runs[i].extend(next(found) for _ in range(count))
+                continue
+            for i, each in zip(members, masks.split(taken), strict=True):
+                if options[i].mask_format == "rle":
+                    runs[i].extend(find_runs(each))
+                else:
+                    crops[i].extend(crop_masks(each))
     return runs, crops
+
+
+def paste_group(
+    detections: list[dict],
+    sizes: list[tuple[int, int]],
+    options: list[PredictOptions],
+    members: list[int],
+    part: slice,
+) -> Tensor:
+    """``paste_masks`` of the ``part`` of each member image's detections."""
+    probs = torch.cat([detections[i]["mask_probs"][part] for i in members])
+    boxes = torch.cat([detections[i]["boxes"][part] for i in members])
+    thresholds = np.repeat(
+        [options[i].mask_threshold for i in members],
+        [len(detections[i]["boxes"][part]) for i in members],
+    )
+    return paste_masks(
+        probs, boxes, sizes[members[0]], device_tensor(thresholds, boxes.device, torch.float32)
+    )
 
 
 def group_by_size(

@@ -1,6 +1,7 @@
 """The predictor's batched postprocessing: pasting and run-length coding the masks
-of several same-size images in one call gives exactly what one image at a time
-gives, whatever the mix of sizes, mask formats and thresholds."""
+of several same-size images in one call, or an image's masks a few at a time,
+gives exactly what one mask at a time gives, whatever the mix of sizes, mask
+formats and thresholds."""
 
 import numpy as np
 import pytest
@@ -44,8 +45,8 @@ def pending_for(predictor, cases, monkeypatch, limit):
     return predictor._postprocess(detections, sizes, [opts for _, _, opts in cases])
 
 
-@pytest.mark.parametrize("limit", [2**30, 50 * 100 * 130])
-def test_grouped_equals_one_image_at_a_time(predictor, monkeypatch, limit):
+@pytest.mark.parametrize("limit", [2**30, 50 * 100 * 130, 3 * 100 * 130])
+def test_grouped_equals_one_mask_at_a_time(predictor, monkeypatch, limit):
     alone = pending_for(predictor, CASES, monkeypatch, limit=1)
     grouped = pending_for(predictor, CASES, monkeypatch, limit=limit)
     assert grouped.labels == alone.labels and grouped.scores == alone.scores
