@@ -46,6 +46,13 @@ class UnsupportedMediaTypeError(AppError):
     status_code, code = 415, "unsupported_media_type"
 
 
+class QuotaError(AppError):
+    """A limit on what the server stores or queues (``MAX_QUEUED_JOBS``,
+    ``MAX_DATASETS``); it lasts until something is removed or finished."""
+
+    status_code, code = 429, "too_many_requests"
+
+
 class UnavailableError(AppError):
     """503 with ``Retry-After`` (seconds, at least 1)."""
 

@@ -13,8 +13,9 @@ from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.responses import OrjsonResponse
 from app.api.routes import datasets, health, models, segment, training_jobs
-from app.inputs.pixels import PixelBudget
+from app.inputs.memory import MB, DecodeMemory
 from app.lifespan import lifespan
+from app.serving.device import release_host_memory
 from app.serving.service import PredictorLoader, Service
 from app.settings import Settings, load_settings
 
@@ -43,8 +44,10 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
-    app.state.pixel_budget = PixelBudget(
-        per_request=settings.max_request_pixels, in_flight=settings.max_pixels_in_flight
+    app.state.decode_memory = DecodeMemory(
+        request_pixels=settings.max_request_pixels,
+        limit_bytes=int(settings.max_decode_memory_mb * MB),
+        trim=release_host_memory,
     )
     install_error_handlers(app)
     install_openapi(app)

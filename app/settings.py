@@ -1,6 +1,7 @@
 """Service settings: environment variables prefixed ``MASKRCNN_`` or a
 ``.env`` file. Invalid values stop start-up with a message naming the variable."""
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -78,10 +79,11 @@ class Settings(BaseSettings):
     # input limits
     max_upload_mb: float = Field(50.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
-    # decoded pixels (3 bytes each as RGB), counted from the images' headers: in one
-    # request (413) and across the server at once (503), app.inputs.pixels
+    # counted from the images' headers before any is decoded (app.inputs.memory):
+    # pixels in one request (413); the memory the server's images take decoding and
+    # decoded, in MB (503 busy)
     max_request_pixels: int = Field(120_000_000, ge=1)
-    max_pixels_in_flight: int = Field(400_000_000, ge=1)
+    max_decode_memory_mb: float = Field(1536.0, gt=0)
     max_images_per_request: int = Field(32, ge=1)
     url_fetch: bool = True
     url_allow_private: bool = False
@@ -102,6 +104,9 @@ class Settings(BaseSettings):
     max_dataset_images: int = Field(50_000, ge=1)
     max_dataset_annotations: int = Field(1_000_000, ge=1)
     max_dataset_categories: int = Field(1_000, ge=1)
+    # what the server keeps: datasets stored, training jobs waiting for a worker (429)
+    max_datasets: int = Field(100, ge=1)
+    max_queued_jobs: int = Field(100, ge=1)
 
     # storage, jobs and auth
     data_dir: Path = Path("data")
@@ -240,6 +245,11 @@ def load_settings(**overrides: Any) -> Settings:
 
     Raises ``SettingsError`` listing every invalid variable by its full name.
     """
+    if f"{ENV_PREFIX}MAX_PIXELS_IN_FLIGHT" in os.environ:
+        raise SettingsError(
+            f"{ENV_PREFIX}MAX_PIXELS_IN_FLIGHT is gone: the limit is now in memory, "
+            f"{ENV_PREFIX}MAX_DECODE_MEMORY_MB (docs/configuration.md)"
+        )
     try:
         return Settings(**overrides)
     except ValidationError as e:

@@ -17,15 +17,11 @@ from app.errors import (
     PayloadTooLargeError,
 )
 from app.inputs.decoding import EncodedJpeg, in_decoder_threads
-from app.inputs.pixels import PixelBudget, RequestPixels
+from app.inputs.memory import DecodeMemory, RequestMemory
 from app.serving.batching import Batcher, ItemResult
-from app.serving.device import release_host_memory
 from app.serving.predictors import ServedPredictor
 from app.settings import Settings
 from model import ModelInfo, PredictOptions
-
-# after a request that decoded this many pixels, freed memory goes back to the system
-RELEASE_AFTER_PIXELS = 20_000_000
 
 T = TypeVar("T")
 
@@ -104,25 +100,25 @@ async def run_images(
     batcher: Batcher,
     settings: Settings,
     decode: Callable[
-        [ServedPredictor, RequestPixels], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]
+        [ServedPredictor, RequestMemory], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]
     ],
     options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
     """Admit ``len(options)`` images, decode them for the predictor that will run
-    them (``decode``, counting their pixels against the app's ``PixelBudget``),
+    them (``decode``, their memory counted against the app's ``DecodeMemory``),
     queue them and wait.
 
     The ticket pins that predictor, the one served at admission, even if another
     is activated meanwhile, or the model the options name (``model``, see
     ``app.serving.ondemand``); the options are resolved against its classes. After
     a request of many pixels, freed memory is given back to the system."""
-    budget: PixelBudget = request.app.state.pixel_budget
-    with budget.request() as pixels:
-        try:
-            return await queue_images(request, batcher, settings, decode, options, pixels)
-        finally:
-            if pixels.taken >= RELEASE_AFTER_PIXELS:
-                await in_decoder_threads(release_host_memory)
+    budget: DecodeMemory = request.app.state.decode_memory
+    memory = RequestMemory(budget)
+    try:
+        return await queue_images(request, batcher, settings, decode, options, memory)
+    finally:
+        if memory.close() and memory.pixels >= budget.trim_after_pixels and budget.trim:
+            await in_decoder_threads(budget.trim)
 
 
 async def queue_images(
@@ -131,7 +127,7 @@ async def queue_images(
     settings: Settings,
     decode: Callable,
     options: Sequence[SegmentOptions],
-    pixels: RequestPixels,
+    memory: RequestMemory,
 ) -> list[ItemResult]:
     deadline = request_deadline(request, settings)
     model = options[0].model if options else None  # one model per request
@@ -142,7 +138,8 @@ async def queue_images(
     with batcher.admit(len(options), predictor) as ticket:
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
-        images = await decode(ticket.predictor, pixels)
+        # under the deadline too: an ended request's images are not decoded
+        images = await await_or_abort(request, decode(ticket.predictor, memory), deadline)
         if (geometry := ticket.predictor.input_geometry) is not None:
             for i, image in enumerate(images):  # before the queue: a batch never fails on it
                 geometry.check(int(image.shape[-2]), int(image.shape[-1]), f"images[{i}]")

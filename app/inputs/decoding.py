@@ -1,10 +1,15 @@
 """Uploaded bytes to the predictor's uint8 RGB ``[3, H, W]`` tensors.
 
 Only JPEG, PNG, WebP and BMP are decoded, recognised by their content, not their
-name (415 otherwise); the pixel count is checked from the header before the full
-decode (413); truncated or corrupt files are 400; EXIF orientation is applied and
-every mode becomes 8-bit RGB (``model.inference.images.pil_to_tensor``). Decoding runs in
-threads, never on the event loop.
+name (415 otherwise); truncated or corrupt files are 400; EXIF orientation is
+applied and every mode becomes 8-bit RGB (``model.inference.images.pil_to_tensor``).
+
+A request's images are probed first (``probe_image``: format, size, mode and
+orientation from the headers, 413 past ``MAX_IMAGE_PIXELS``), in threads of their
+own, and their memory is reserved from what they will cost
+(``Probe.decoding_bytes``, ``Probe.decoded_bytes``; ``app.inputs.memory``) before
+any of them is decoded (``decode_probed``), in the decoding threads. The first
+image that fails cancels those not yet started. Nothing runs on the event loop.
 
 For a model on a CUDA device (``device``), complete baseline RGB or grayscale
 JPEGs (the usual upload) are decoded there by nvJPEG, with the EXIF orientation
@@ -26,7 +31,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,7 +40,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.inputs.pixels import RequestPixels
+from app.inputs.memory import RequestMemory
 from model import pil_to_tensor
 
 T = TypeVar("T")
@@ -70,20 +75,74 @@ class EncodedJpeg:
     shape: tuple[int, int, int]
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_pixels: int,
-    name: str = "image",
-    device: torch.device | None = None,
-    keep_jpeg: bool = False,
-    pixels: RequestPixels | None = None,
-) -> torch.Tensor | EncodedJpeg:
-    """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
+# What decoding costs, in bytes a pixel, measured (peak resident memory over the
+# process's before, 6000x6000 images; bench/decode_memory.py): Pillow's image (RGB
+# at 4 bytes a pixel), the uint8 tensor it becomes (3) and the channel being
+# copied (2 with its view); other modes are converted to RGB first, 16-bit and
+# float ones through float64; an EXIF turn copies the image once more, pinning
+# the tensor for a GPU once more too.
+DECODED_BYTES = 3  # the [3, H, W] uint8 tensor the request holds until it ends
+DECODING_BYTES = {"RGB": 9, "L": 5}
+OTHER_MODE_BYTES = 13  # P, RGBA, LA, CMYK, 1, ...
+HIGH_BIT_DEPTH_BYTES = 16  # I, I;16*, F
+HIGH_BIT_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+TURN_BYTES = 4
+PIN_BYTES = 3
 
-    ``device``: where the model runs; for CUDA the tensor is on that device or in
-    pinned memory (see the module docstring), otherwise in ordinary memory.
-    ``keep_jpeg``: an ``EncodedJpeg`` for what nvJPEG would decode."""
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's headers say, read without decoding it."""
+
+    name: str
+    format: str
+    width: int  # as stored, before the EXIF turn
+    height: int
+    mode: str
+    orientation: int  # EXIF, 1-8
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def decoding_bytes(self, *, pinned: bool = False) -> int:
+        """Peak memory while it is decoded (its tensor included)."""
+        if self.mode in HIGH_BIT_DEPTH:
+            per_pixel = HIGH_BIT_DEPTH_BYTES
+        else:
+            per_pixel = DECODING_BYTES.get(self.mode, OTHER_MODE_BYTES)
+        per_pixel += TURN_BYTES if self.orientation > 1 else 0
+        per_pixel += PIN_BYTES if pinned else 0
+        return self.pixels * per_pixel
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What it holds once decoded, until its request ends."""
+        return self.pixels * DECODED_BYTES
+
+
+def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> Probe:
+    """The headers of one image file; raises 400 / 413 / 415 ``AppError``s naming
+    ``name`` for an empty, unknown, oversized, animated or unreadable one."""
+    with open_image(data, max_pixels, name) as image:
+        orientation = 1
+        # Pillow reads a PNG's eXIf chunk that follows the pixels by decoding them
+        if image.format != "PNG" or "exif" in image.info:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        return Probe(
+            name=name,
+            format=image.format or "",
+            width=image.size[0],
+            height=image.size[1],
+            mode=image.mode,
+            orientation=orientation if orientation in range(1, 9) else 1,
+        )
+
+
+@contextlib.contextmanager
+def open_image(data: bytes, max_pixels: int, name: str) -> Iterator[Image.Image]:
+    """The image Pillow opens from ``data``, its size checked and nothing decoded;
+    Pillow's errors, there or in the block, as 400 / 413 / 415 ``AppError``s."""
     if not data:
         raise BadRequestError(f"{name}: empty file", code="invalid_image")
     fmt = sniff_format(data)
@@ -95,22 +154,12 @@ def decode_image(
             image = Image.open(io.BytesIO(data), formats=(fmt,))
         with image:
             check_pixels(image.size, max_pixels, name)
-            if pixels is not None:  # the memory budget, before anything is decoded
-                pixels.take(image.size[0] * image.size[1], name)
             if getattr(image, "n_frames", 1) > 1:
                 raise BadRequestError(
                     f"{name}: animated or multi-frame images are not supported",
                     code="invalid_image",
                 )
-            if keep_jpeg and (orientation := nvjpeg_orientation(data, image)) is not None:
-                height, width = image.size if orientation in TRANSPOSED else image.size[::-1]
-                return EncodedJpeg(data, name, (3, height, width))
-            on_cuda = device is not None and device.type == "cuda"
-            if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
-                return decoded
-            image.load()
-            tensor = pil_to_tensor(image)
-            return tensor.pin_memory() if on_cuda else tensor
+            yield image
     except Image.DecompressionBombError as e:  # past Pillow's own limit, far past ours
         found = re.search(r"\((\d+) pixels\)", str(e))  # Pillow's message has the count
         pixels = f"is {found[1]} pixels" if found else f"has more than {max_pixels} pixels"
@@ -122,6 +171,31 @@ def decode_image(
         raise BadRequestError(
             f"{name}: corrupt or truncated {fmt} file ({e})", code="invalid_image"
         ) from None
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    name: str = "image",
+    device: torch.device | None = None,
+    keep_jpeg: bool = False,
+) -> torch.Tensor | EncodedJpeg:
+    """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
+
+    ``device``: where the model runs; for CUDA the tensor is on that device or in
+    pinned memory (see the module docstring), otherwise in ordinary memory.
+    ``keep_jpeg``: an ``EncodedJpeg`` for what nvJPEG would decode."""
+    with open_image(data, max_pixels, name) as image:
+        if keep_jpeg and (orientation := nvjpeg_orientation(data, image)) is not None:
+            height, width = image.size if orientation in TRANSPOSED else image.size[::-1]
+            return EncodedJpeg(data, name, (3, height, width))
+        on_cuda = device is not None and device.type == "cuda"
+        if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
+            return decoded
+        image.load()
+        tensor = pil_to_tensor(image)
+        return tensor.pin_memory() if on_cuda else tensor
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -216,6 +290,9 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
 _DECODERS = ThreadPoolExecutor(
     max(4, (os.cpu_count() or 1) + 2), thread_name_prefix="maskrcnn-decode"
 )
+# Headers are read in threads of their own, so that a request is refused (413, 503)
+# in milliseconds however long the decoding threads are busy.
+_PROBERS = ThreadPoolExecutor(2, thread_name_prefix="maskrcnn-probe")
 
 
 async def in_decoder_threads(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -223,20 +300,52 @@ async def in_decoder_threads(call: Callable[..., T], /, *args: Any, **kwargs: An
     return await loop.run_in_executor(_DECODERS, functools.partial(call, *args, **kwargs))
 
 
-async def decode_images(
+async def in_probing_threads(call: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_PROBERS, functools.partial(call, *args, **kwargs))
+
+
+async def decode_all(
     blobs: Sequence[bytes],
+    names: Sequence[str],
+    memory: RequestMemory,
     *,
     max_pixels: int,
-    names: Sequence[str] | None = None,
     device: torch.device | None = None,
     keep_jpeg: bool = False,
-    pixels: RequestPixels | None = None,
 ) -> list[torch.Tensor | EncodedJpeg]:
-    """``decode_image`` for each blob, in threads; the first error wins."""
-    names = names or [f"images[{i}]" for i in range(len(blobs))]
-    options = {"max_pixels": max_pixels, "device": device, "keep_jpeg": keep_jpeg, "pixels": pixels}
-    tasks = [
-        in_decoder_threads(decode_image, blob, name=name, **options)
-        for blob, name in zip(blobs, names, strict=True)
-    ]
-    return list(await asyncio.gather(*tasks))
+    """A request's images: probed, their memory reserved in ``memory`` (413 / 503
+    before any is decoded), then decoded in threads. The first error wins and
+    cancels the decodes not yet started; those already running keep their
+    memory reserved until they end (``RequestMemory.decoding``)."""
+    probes = await gather_or_cancel(
+        [
+            in_probing_threads(probe_image, blob, max_pixels=max_pixels, name=name)
+            for blob, name in zip(blobs, names, strict=True)
+        ]
+    )
+    pinned = device is not None and device.type == "cuda"
+    memory.reserve([(p.decoding_bytes(pinned=pinned), p.decoded_bytes, p.pixels) for p in probes])
+    options = {"max_pixels": max_pixels, "device": device, "keep_jpeg": keep_jpeg}
+
+    def decode(index: int, blob: bytes, name: str) -> torch.Tensor | EncodedJpeg:
+        with memory.decoding(index):
+            return decode_image(blob, name=name, **options)
+
+    return await gather_or_cancel(
+        [
+            in_decoder_threads(decode, i, blob, name)
+            for i, (blob, name) in enumerate(zip(blobs, names, strict=True))
+        ]
+    )
+
+
+async def gather_or_cancel(coroutines: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result, in order; the first error cancels the rest (a failed request
+    leaves no URL fetch running and no image waiting to be decoded)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from sqlalchemy import func, select
 
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, NotFoundError, QuotaError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
@@ -52,7 +52,10 @@ def store_dataset(
     upload: BinaryIO, *, name: str, db: Database, settings: Settings
 ) -> DatasetRecord:
     """Validate the zip ``upload`` and store it as a new dataset; ``DatasetError``
-    (400) lists what is wrong with a refused one."""
+    (400) lists what is wrong with a refused one; 429 ``too_many_datasets`` when
+    ``MAX_DATASETS`` are stored (checked before the upload is read, and again
+    before it is stored: a few more may pass when uploads race)."""
+    check_dataset_count(db, settings.max_datasets)
     dataset_id = new_id("ds")
     staging_root = db.data_dir / "tmp"
     staging_root.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,7 @@ def store_dataset(
         size_bytes=extracted.total_bytes,
     )
     try:
+        check_dataset_count(db, settings.max_datasets)
         with db.session() as session:
             session.add(record)
     except BaseException:
@@ -87,6 +91,17 @@ def store_dataset(
         raise
     log.info("dataset %s stored: %d images", dataset_id, record.num_images)
     return record
+
+
+def check_dataset_count(db: Database, limit: int) -> None:
+    with db.session() as session:
+        stored = session.scalar(select(func.count()).select_from(DatasetRecord))
+    if stored >= limit:
+        raise QuotaError(
+            f"{stored} datasets are stored; at most {limit} (MAX_DATASETS): delete one "
+            "with DELETE /v1/datasets/{id} first",
+            code="too_many_datasets",
+        )
 
 
 def check_upload(upload: BinaryIO, staging: Path, settings: Settings) -> tuple[Extracted, dict]:

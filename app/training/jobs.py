@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from app.errors import BadRequestError, ConflictError, NotFoundError
+from app.errors import BadRequestError, ConflictError, NotFoundError, QuotaError
 from app.store.db import (
     FINAL_STATES,
     Database,
@@ -62,9 +62,20 @@ def remove_checkpoint(db: Database, job_id: str) -> None:
 # -- the API's side ------------------------------------------------------------
 
 
-def create_job(db: Database, dataset_id: str, config: dict[str, Any]) -> TrainingJobRecord:
-    """Queue a job after checking that its dataset and base model exist (400 if not)."""
+def create_job(
+    db: Database, dataset_id: str, config: dict[str, Any], *, max_queued: int
+) -> TrainingJobRecord:
+    """Queue a job after checking that its dataset and base model exist (400 if not)
+    and that fewer than ``max_queued`` jobs wait (429 if not; a few more may pass
+    when requests race)."""
     with db.session() as session:
+        queued = session.scalar(select(func.count()).where(TrainingJobRecord.state == "queued"))
+        if queued >= max_queued:
+            raise QuotaError(
+                f"{queued} training jobs are queued already; at most {max_queued} "
+                "(MAX_QUEUED_JOBS): wait for some to start, or cancel some",
+                code="too_many_jobs",
+            )
         if session.get(DatasetRecord, dataset_id) is None:
             raise BadRequestError(
                 f"no dataset with id {dataset_id!r}; upload one with POST /v1/datasets",

@@ -525,3 +525,19 @@ def test_training_jobs_and_models_are_listed_a_page_at_a_time(tmp_path):
         assert sorted(listed) == sorted(made) and len(set(listed)) == 5
         first = client.get("/v1/models?limit=1").json()
         assert len(first["data"]) == 1 and first["data"][0]["active"] and first["count"] >= 1
+
+
+def test_past_max_datasets_an_upload_is_refused_until_one_is_deleted(tmp_path):
+    limits = {"admin_token": ADMIN_TOKEN, "data_dir": tmp_path / "data", "max_datasets": 2}
+    with fake_client(**limits) as client:
+        data = zip_bytes({}, small_coco())
+        stored = [upload(client, data).json()["id"] for _ in range(2)]
+        response = upload(client, data)
+        assert response.status_code == 429, response.text
+        error = response.json()["error"]
+        assert error["code"] == "too_many_datasets" and "MAX_DATASETS" in error["message"]
+        assert "at most 2" in error["message"]
+        assert len(list((tmp_path / "data" / "datasets").iterdir())) == 2  # nothing more kept
+        assert not any((tmp_path / "data" / "tmp").iterdir())
+        assert client.delete(f"/v1/datasets/{stored[0]}", headers=AS_ADMIN).status_code == 204
+        assert upload(client, data).status_code == 201

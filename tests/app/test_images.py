@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.inputs.decoding import EncodedJpeg, decode_image, decode_images
+from app.inputs.decoding import EncodedJpeg, decode_all, decode_image
+from app.inputs.memory import DecodeMemory, RequestMemory
 from tests.app.conftest import encode
 
 
@@ -70,10 +71,13 @@ def test_multi_frame_images_are_refused():
         decode_image(data, max_pixels=10_000)
 
 
-def test_decode_images_names_the_bad_one():
+def test_decode_all_names_the_bad_one():
     good = encode(gradient(), "PNG")
+    memory = RequestMemory(DecodeMemory(request_pixels=10**6, limit_bytes=10**8))
     with pytest.raises(UnsupportedMediaTypeError, match="images\\[1\\]"):
-        asyncio.run(decode_images([good, b"hello"], max_pixels=10_000))
+        names = ["images[0]", "images[1]"]
+        asyncio.run(decode_all([good, b"hello"], names, memory, max_pixels=10_000))
+    assert memory.budget.used == 0  # refused from the headers: nothing reserved
 
 
 def corrupt_jpeg() -> bytes:

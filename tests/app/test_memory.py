@@ -1,8 +1,10 @@
-"""Decoded pixels are budgeted from the images' headers, before decoding, and a
-large request's memory goes back to the system: against a real server on the
-demo model, measuring its resident memory."""
+"""Decoded images are budgeted in bytes from their headers, before any is
+decoded, and a large request's memory goes back to the system: against a real
+server on the demo model, measuring its resident memory from ``/proc``."""
 
+import concurrent.futures
 import io
+import time
 
 import numpy as np
 import pytest
@@ -43,15 +45,61 @@ def post(server, pngs: list[bytes]):
     return server.client.post("/v1/segment", files=files)
 
 
-def test_eight_6000_square_pngs_are_refused_from_their_headers(demo, big_png):
+def peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # the peak becomes the resident memory of now
+
+
+def timed_post(server, pngs: list[bytes]):
+    started = time.monotonic()
+    response = post(server, pngs)
+    return response, time.monotonic() - started
+
+
+def test_requests_past_the_pixel_limit_are_refused_from_their_headers(demo):
     post(demo, [flat_png(64, 64)])  # warm: the first request's allocations are not ours
+    huge = flat_png(5500, 5500)  # six of them: 181 M pixels, past MAX_REQUEST_PIXELS
     before = rss_mb(demo.process.pid)
-    response = post(demo, [big_png] * 8)
-    assert response.status_code == 413, response.text
-    error = response.json()["error"]
-    assert error["code"] == "too_many_pixels" and "MAX_REQUEST_PIXELS" in error["message"]
-    assert rss_mb(demo.process.pid) - before < 150
+    reset_peak(demo.process.pid)
+    for _ in range(8):
+        response, seconds = timed_post(demo, [huge] * 6)
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "too_many_pixels" and "MAX_REQUEST_PIXELS" in error["message"]
+        assert seconds < 2.0
+    # nothing was decoded: 121 MB would show for each image that was
+    assert peak_mb(demo.process.pid) - before < 100
+    assert rss_mb(demo.process.pid) - before < 50
     assert post(demo, [flat_png(64, 64)]).status_code == 200  # still serving
+
+
+def test_four_clients_of_large_requests_stay_within_the_budget(demo, big_png):
+    """Three 6000x6000 images a request (108 M pixels), four at once: those the
+    budget admits are answered, the others are told to retry at once, and the
+    server's memory stays within MAX_DECODE_MEMORY_MB (1536) plus the model's
+    working memory over its idle size."""
+    pid = demo.process.pid
+    post(demo, [big_png])  # the first large image's allocations are not ours
+    idle = rss_mb(pid)
+    reset_peak(pid)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: timed_post(demo, [big_png] * 3), range(4)))
+    peak = peak_mb(pid)
+    statuses = [response.status_code for response, _ in answers]
+    assert 200 in statuses and set(statuses) <= {200, 503}, statuses
+    for response, seconds in answers:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "busy"
+            assert "MAX_DECODE_MEMORY_MB" in response.json()["error"]["message"]
+            assert seconds < 1.0, f"busy after {seconds:.1f} s"
+    assert peak < 3900, f"peak {peak:.0f} MB"
+    assert peak - idle < 1536 + 400, f"idle {idle:.0f} MB, peak {peak:.0f} MB"
 
 
 def test_a_large_request_within_the_budget_gives_its_memory_back(demo, big_png):
@@ -64,12 +112,12 @@ def test_a_large_request_within_the_budget_gives_its_memory_back(demo, big_png):
     assert after - before < 150, f"RSS {before:.0f} MB before, {after:.0f} MB after"
 
 
-def test_past_the_servers_pixels_in_flight_a_request_is_told_to_retry(tmp_path):
-    with running_server("demo", tmp_path, max_pixels_in_flight=1000) as server:
+def test_past_the_servers_decode_memory_a_request_is_told_to_retry(tmp_path):
+    with running_server("demo", tmp_path, max_decode_memory_mb=0.01) as server:
         server.wait_ready()
-        response = post(server, [flat_png(64, 64)])
+        response = post(server, [flat_png(64, 64)])  # 36 KB to decode, past 10 KB
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "busy"
-        assert "MAX_PIXELS_IN_FLIGHT" in response.json()["error"]["message"]
+        assert "MAX_DECODE_MEMORY_MB" in response.json()["error"]["message"]
         assert int(response.headers["retry-after"]) >= 1
         assert post(server, [flat_png(16, 16)]).status_code == 200  # under it: served

@@ -571,3 +571,19 @@ def test_a_stopping_server_fails_its_running_job_with_the_reason(trainer):
     stopped = jobs.get_job(trainer.db, job["id"])
     assert stopped.state == "failed" and "shut down while the job ran" in stopped.error
     wait_for(lambda: not training_processes(job["id"]), 10, "the training process to end")
+
+
+def test_past_max_queued_jobs_a_job_is_refused_until_one_starts_or_ends(tmp_path):
+    settings = {"admin_token": ADMIN_TOKEN, "run_worker": False, "max_queued_jobs": 3}
+    with fake_client(data_dir=tmp_path / "data", **settings) as client:
+        client.dataset_id = add_dataset(client.app.state.service.db, num_images=2)
+        queued = [create(client).json()["id"] for _ in range(3)]
+        response = create(client)
+        assert response.status_code == 429, response.text
+        error = response.json()["error"]
+        assert error["code"] == "too_many_jobs" and "MAX_QUEUED_JOBS" in error["message"]
+        assert "at most 3" in error["message"]
+        listed = client.get("/v1/training-jobs", headers=AS_ADMIN).json()
+        assert listed["count"] == 3  # the refused one left nothing
+        assert client.post(f"/v1/training-jobs/{queued[0]}/cancel", headers=AS_ADMIN).is_success
+        assert create(client).status_code == 202

@@ -64,7 +64,7 @@ def queue_jobs(db: Database, count: int, config=CONFIG) -> list[str]:
                     size_bytes=0,
                 )
             )
-    return [jobs.create_job(db, "ds-rows", dict(config)).id for _ in range(count)]
+    return [jobs.create_job(db, "ds-rows", dict(config), max_queued=100).id for _ in range(count)]
 
 
 def claim_race(dbs: list[Database]) -> dict[str, list[str]]:
@@ -366,7 +366,7 @@ def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(postgres_url, 
         worker_process(env, tmp_path / "w1.log") as w1,
         worker_process(env, tmp_path / "w2.log") as w2,
     ):
-        job_id = jobs.create_job(db, dataset, dict(LONG)).id
+        job_id = jobs.create_job(db, dataset, dict(LONG), max_queued=100).id
         job = wait_training(db, job_id)
         owner, other = (w1, w2) if job_pid(job) == w1.pid else (w2, w1)
         assert job_pid(job) == owner.pid and job.state == "running"
@@ -384,7 +384,7 @@ def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(postgres_url, 
         assert_nothing_left(db, job_id)
 
         # the survivor stops gracefully on SIGTERM: its job ends failed, with the reason
-        second = jobs.create_job(db, dataset, dict(LONG)).id
+        second = jobs.create_job(db, dataset, dict(LONG), max_queued=100).id
         job = wait_for(
             lambda: (j := jobs.get_job(db, second)).state == "running" and j, 30, "a claim"
         )

@@ -1,12 +1,9 @@
 """``/v1/segment``: images in, detections with masks out."""
 
-import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
@@ -24,13 +21,11 @@ from app.api.schemas import (
     error_responses,
 )
 from app.errors import BadRequestError
-from app.inputs.decoding import EncodedJpeg, decode_image, decode_images, in_decoder_threads
-from app.inputs.pixels import RequestPixels
+from app.inputs.decoding import decode_all, gather_or_cancel, in_decoder_threads
+from app.inputs.memory import RequestMemory
 from app.inputs.urlfetch import ByteBudget
 from app.serving.predictors import ServedPredictor
 from app.serving.visualize import render_png
-
-T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1/segment",
@@ -98,12 +93,12 @@ async def segment(
     check_image_count(len(images), settings)
     opts = [options] * len(images)
 
-    async def decode(predictor: ServedPredictor, pixels: RequestPixels):
+    async def decode(predictor: ServedPredictor, memory: RequestMemory):
         blobs = [await upload.read() for upload in images]
         names = [upload.filename or f"images[{i}]" for i, upload in enumerate(images)]
         target = decode_target(predictor)
-        return await decode_images(
-            blobs, max_pixels=settings.max_image_pixels, names=names, pixels=pixels, **target
+        return await decode_all(
+            blobs, names, memory, max_pixels=settings.max_image_pixels, **target
         )
 
     results = await run_images(request, batcher, settings, decode, opts)
@@ -135,23 +130,19 @@ async def segment_json(
     opts = [body] * len(body.images)
     budget = ByteBudget(settings.max_upload_bytes)  # all URL images together
 
-    async def one(
-        i: int, source: ImageSource, target: dict, pixels: RequestPixels
-    ) -> torch.Tensor | EncodedJpeg:
+    async def read(i: int, source: ImageSource) -> bytes:
         name = f"images[{i}]"
         if source.url is not None:
-            data = await fetcher.fetch(source.url, name=name, budget=budget)
-        else:
-            data = await in_decoder_threads(decode_base64, source.data, f"{name}.data")
-        max_pixels = settings.max_image_pixels
-        return await in_decoder_threads(
-            decode_image, data, max_pixels=max_pixels, name=name, pixels=pixels, **target
-        )
+            return await fetcher.fetch(source.url, name=name, budget=budget)
+        return await in_decoder_threads(decode_base64, source.data, f"{name}.data")
 
-    async def decode(predictor: ServedPredictor, pixels: RequestPixels):
+    async def decode(predictor: ServedPredictor, memory: RequestMemory):
+        blobs = await gather_or_cancel([read(i, s) for i, s in enumerate(body.images)])
+        names = [f"images[{i}]" for i in range(len(blobs))]
         target = decode_target(predictor)
-        sources = enumerate(body.images)
-        return await gather_or_cancel([one(i, s, target, pixels) for i, s in sources])
+        return await decode_all(
+            blobs, names, memory, max_pixels=settings.max_image_pixels, **target
+        )
 
     results = await run_images(request, batcher, settings, decode, opts)
     started_at = request.scope["state"]["started_at"]
@@ -187,13 +178,11 @@ async def segment_visualize(
     opts = options.model_copy(update={"mask_format": drawn_as})
     decoded = []
 
-    async def decode(predictor: ServedPredictor, pixels: RequestPixels):  # here, for the drawing
+    async def decode(predictor: ServedPredictor, memory: RequestMemory):  # here, for the drawing
         blob = await image.read()
         name = image.filename or "image"
-        decoded.append(
-            await in_decoder_threads(
-                decode_image, blob, max_pixels=settings.max_image_pixels, name=name, pixels=pixels
-            )
+        decoded.extend(
+            await decode_all([blob], [name], memory, max_pixels=settings.max_image_pixels)
         )
         return decoded
 
@@ -209,17 +198,6 @@ def png_media_type(accept: str) -> str:
     if "application/octet-stream" in wanted and not wanted & {"image/png", "image/*"}:
         return "application/octet-stream"
     return "image/png"
-
-
-async def gather_or_cancel(coroutines: list[Awaitable[T]]) -> list[T]:
-    """Every result, in order; the first error cancels the rest (a failed request
-    must not leave its other URL fetches running)."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def decode_base64(text: str, name: str) -> bytes:

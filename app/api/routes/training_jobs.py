@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.api.auth import AdminToken
-from app.api.deps import DatabaseDep, ServiceDep, within_database_timeout
+from app.api.deps import DatabaseDep, ServiceDep, SettingsDep, within_database_timeout
 from app.api.schemas import (
     JobState,
     TrainingJobCreate,
@@ -66,13 +66,17 @@ def job_public(job: TrainingJobRecord) -> TrainingJobPublic:
     responses=error_responses(400, 422),
 )
 @within_database_timeout
-def create_training_job(body: TrainingJobCreate, db: DatabaseDep) -> TrainingJobPublic:
+def create_training_job(
+    body: TrainingJobCreate, db: DatabaseDep, settings: SettingsDep
+) -> TrainingJobPublic:
     """Queue a training job on an uploaded dataset; a worker picks it up.
 
     400 `unknown_dataset` or `unknown_model` when `dataset_id` or `base_model`
-    names nothing; 422 for values out of range."""
+    names nothing; 422 for values out of range; 429 `too_many_jobs` when
+    `MAX_QUEUED_JOBS` wait already."""
     config = body.model_dump(exclude={"dataset_id"})
-    return job_public(jobs.create_job(db, body.dataset_id, config))
+    job = jobs.create_job(db, body.dataset_id, config, max_queued=settings.max_queued_jobs)
+    return job_public(job)
 
 
 @router.get("", name="list_training_jobs", response_model=TrainingJobsPublic)
