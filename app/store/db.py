@@ -17,13 +17,15 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import math
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -38,9 +40,14 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.errors import DatabaseUnavailableError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT_S = 5.0  # DATABASE_TIMEOUT_S
@@ -49,6 +56,32 @@ THREADS = 4  # the database's own threads in one process
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class DatabaseUnreachable(Exception):
+    """The database refused or dropped every try for as long as a caller could wait."""
+
+
+def retrying(call: Callable[[], T], *, within_s: float, what: str) -> T:
+    """``call()``, tried again with backoff (0.1 s doubling to 2 s) while the
+    database refuses, drops or times out, for up to ``within_s``; then
+    ``DatabaseUnreachable`` naming ``what`` and the last error. Only for calls
+    that may run twice: each of the job store's writes is one conditional
+    statement, so a repeat after an answer lost on the way does no harm."""
+    deadline = time.monotonic() + within_s
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except (OperationalError, InterfaceError, PoolTimeoutError) as e:
+            if time.monotonic() + delay > deadline:
+                reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+                raise DatabaseUnreachable(
+                    f"the database was unreachable for {within_s:g} s ({what}): {reason}"
+                ) from e
+            log.warning("database unavailable (%s); retrying in %.1f s: %s", what, delay, e)
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
 
 def utcnow() -> datetime:

@@ -241,7 +241,8 @@ def finish_job(
 
 def complete_job(db: Database, job_id: str, worker_id: str, model: ModelRecord) -> bool:
     """Register ``model`` and mark the job ``succeeded`` with it, in one transaction,
-    if the job still runs under ``worker_id`` and nobody asked to cancel it."""
+    if the job still runs under ``worker_id`` and nobody asked to cancel it. True
+    also when that transaction already happened (a retry after its answer was lost)."""
     now = utcnow()
     with db.session() as session:
         result = session.execute(
@@ -250,7 +251,8 @@ def complete_job(db: Database, job_id: str, worker_id: str, model: ModelRecord) 
             .values(state="succeeded", model_id=model.id, finished_at=now, updated_at=now)
         )
         if not result.rowcount:
-            return False
+            job = session.get(TrainingJobRecord, job_id)
+            return job is not None and job.state == "succeeded" and job.model_id == model.id
         session.add(model)
     return True
 

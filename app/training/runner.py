@@ -11,6 +11,11 @@ that marks the job ``succeeded``.
 It stops by itself when the job is cancelled or stops being its worker's (seen at
 the next progress write), and exits at once when its worker dies: its stdin is a
 pipe from the worker, which the kernel closes whatever way the worker ends.
+
+A database that refuses or drops its writes is waited out for up to
+``JOB_HEARTBEAT_TIMEOUT_S`` (``app.store.db.retrying``); past that the job fails
+with the database named as the reason, recorded here or, when the database is
+still away, by the worker (exit code ``EXIT_DATABASE``).
 """
 
 import argparse
@@ -25,7 +30,14 @@ from typing import Any
 from app.errors import AppError
 from app.logs import configure_logging
 from app.settings import Settings, load_settings
-from app.store.db import BACKGROUND_TIMEOUT_S, Database, DatasetRecord, ModelRecord
+from app.store.db import (
+    BACKGROUND_TIMEOUT_S,
+    Database,
+    DatabaseUnreachable,
+    DatasetRecord,
+    ModelRecord,
+    retrying,
+)
 from app.training import jobs
 from model import ModelError
 
@@ -34,6 +46,7 @@ log = logging.getLogger("app.training.runner")
 PROGRESS_INTERVAL_S = 0.5
 EXIT_STOPPED = 3  # cancel requested, or the job is no longer this worker's
 EXIT_ORPHANED = 4  # the worker went away
+EXIT_DATABASE = 5  # the database stayed unreachable: the worker records the failure
 
 
 class JobStopped(Exception):
@@ -53,8 +66,10 @@ def job_threads(settings: Settings) -> int:
 class ProgressReporter:
     """The training loop's progress callback for one job."""
 
-    def __init__(self, db: Database, job_id: str, worker_id: str):
+    def __init__(self, db: Database, job_id: str, worker_id: str, *, outage_s: float):
+        """``outage_s``: how long a write waits out an unreachable database."""
         self.db, self.job_id, self.worker_id = db, job_id, worker_id
+        self.outage_s = outage_s
         self.epochs: list[dict[str, Any]] = []
         self.last_write = 0.0
 
@@ -68,15 +83,17 @@ class ProgressReporter:
             "eta_s": p.eta_s,
         }
         now = time.monotonic()
+        epochs = None
         if p.event == "epoch":
             self.epochs.append({"epoch": p.epoch, "losses": p.losses, **(p.metrics or {})})
-            going = jobs.record_progress(
-                self.db, self.job_id, self.worker_id, progress, self.epochs
-            )
-        elif now - self.last_write >= PROGRESS_INTERVAL_S or p.step == p.total_steps:
-            going = jobs.record_progress(self.db, self.job_id, self.worker_id, progress)
-        else:
+            epochs = self.epochs
+        elif now - self.last_write < PROGRESS_INTERVAL_S and p.step != p.total_steps:
             return
+        going = retrying(
+            lambda: jobs.record_progress(self.db, self.job_id, self.worker_id, progress, epochs),
+            within_s=self.outage_s,
+            what="writing the job's progress",
+        )
         self.last_write = now
         if not going:
             raise JobStopped(f"job {self.job_id} was cancelled or is no longer this worker's")
@@ -115,7 +132,8 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
         dataset_id=dataset.id,
         extra={"job_id": job_id, "model_id": model_id, "base_model": config["base_model"]},
     )
-    reporter = ProgressReporter(db, job_id, worker_id)
+    outage_s = settings.job_heartbeat_timeout_s
+    reporter = ProgressReporter(db, job_id, worker_id, outage_s=outage_s)
     outcome = run_training(plan, progress=reporter, announce=log.info, show_validation=False)
     model = ModelRecord(
         id=model_id,
@@ -127,7 +145,12 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
         job_id=job_id,
         dataset_id=dataset.id,
     )
-    if not jobs.complete_job(db, job_id, worker_id, model):
+    completed = retrying(
+        lambda: jobs.complete_job(db, job_id, worker_id, model),
+        within_s=outage_s,
+        what="registering the model",
+    )
+    if not completed:
         raise JobStopped(f"job {job_id} was cancelled or taken over before it was registered")
     log.info("job %s succeeded: model %s", job_id, model_id)
 
@@ -149,7 +172,7 @@ def exit_with_parent() -> None:
 def describe(error: BaseException) -> str:
     """The reason a failed job shows: the message of the errors raised on purpose
     (bad dataset, unavailable weights, diverged loss), the type too for the others."""
-    if isinstance(error, JobError | ModelError | AppError):
+    if isinstance(error, JobError | ModelError | AppError | DatabaseUnreachable):
         return str(error)
     return f"{type(error).__name__}: {error}"
 
@@ -180,7 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.exception("job %s failed", args.job_id)
         jobs.remove_checkpoint(db, args.job_id)
-        jobs.finish_job(db, args.job_id, args.worker_id, "failed", error=describe(e))
+        reason = describe(e)
+        try:
+            retrying(
+                lambda: jobs.finish_job(db, args.job_id, args.worker_id, "failed", reason),
+                within_s=settings.job_heartbeat_timeout_s,
+                what="recording the failure",
+            )
+        except DatabaseUnreachable as unreachable:
+            log.error("%s; the worker records the failure", unreachable)
+            return EXIT_DATABASE
         return 1
     finally:
         db.dispose()

@@ -12,6 +12,13 @@ own; when it ends, the worker records what the process could not: a crash (exit
 code and the tail of its log), a cancel, or its own shutdown. A server with
 ``RUN_WORKER`` off still runs the stale-job check (``claim_jobs=False``), so a job
 is never left ``running`` while any replica is up.
+
+A database outage shorter than ``JOB_HEARTBEAT_TIMEOUT_S`` loses no job: the
+training process waits it out (``app.training.runner``), the worker records a
+job's end with the same patience, and a worker that could not reach the
+database judges no other worker's heartbeats until a whole timeout has passed
+since it could again (theirs were cut off too). A longer one fails the job with
+the database named.
 """
 
 import logging
@@ -28,9 +35,9 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.settings import Settings
-from app.store.db import Database, SchemaError, TrainingJobRecord
+from app.store.db import Database, DatabaseUnreachable, SchemaError, TrainingJobRecord, retrying
 from app.training import jobs
-from app.training.runner import EXIT_STOPPED, job_threads
+from app.training.runner import EXIT_DATABASE, EXIT_STOPPED, job_threads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ class Worker:
         self.claim_jobs = claim_jobs
         self.paused = paused
         self.error: str | None = None  # why it gave up (a database it cannot use)
+        self.unreachable_at: float | None = None  # monotonic: its last failed database call
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -98,6 +106,7 @@ class Worker:
                 self.fail_stale_jobs()
                 job = jobs.claim_next_job(self.db, self.worker_id) if self._claiming() else None
             except SQLAlchemyError as e:
+                self.unreachable_at = time.monotonic()
                 log.warning("job store unavailable (%s); retrying in %g s", e, poll)
                 job = None
             except Exception:  # e.g. a dead job's file on the shared volume; never give up
@@ -136,7 +145,18 @@ class Worker:
         return False
 
     def fail_stale_jobs(self) -> None:
-        for job_id in jobs.fail_stale_jobs(self.db, self.settings.job_heartbeat_timeout_s):
+        """Fail the jobs of workers silent for ``JOB_HEARTBEAT_TIMEOUT_S``, unless this
+        worker itself could not reach the database within that time: the others'
+        heartbeats may have been cut off as well, and get a timeout to resume."""
+        timeout = self.settings.job_heartbeat_timeout_s
+        if self.unreachable_at is not None and time.monotonic() - self.unreachable_at < timeout:
+            return
+        try:
+            failed = jobs.fail_stale_jobs(self.db, timeout)
+        except SQLAlchemyError:
+            self.unreachable_at = time.monotonic()
+            raise
+        for job_id in failed:
             log.warning("training job %s failed: its worker stopped heartbeating", job_id)
 
     # -- one job -----------------------------------------------------------------
@@ -153,8 +173,13 @@ class Worker:
             return
         ended_by = self._supervise(process, job.id)
         try:
-            self._settle(job.id, process.returncode, ended_by)
-        except SQLAlchemyError as e:  # the heartbeat has stopped: the stale check settles it
+            retrying(
+                lambda: self._settle(job.id, process.returncode, ended_by),
+                within_s=self.settings.job_heartbeat_timeout_s,
+                what="recording the end of the job",
+            )
+        except (DatabaseUnreachable, SQLAlchemyError) as e:  # the stale check settles it
+            self.unreachable_at = time.monotonic()
             log.error("cannot record the end of training job %s: %s", job.id, e)
 
     def _spawn(self, job_id: str) -> subprocess.Popen:
@@ -166,6 +191,7 @@ class Worker:
             "MASKRCNN_DEVICE": self.settings.device,
             "MASKRCNN_RUNTIME": self.settings.runtime,
             "MASKRCNN_JOB_THREADS": threads,
+            "MASKRCNN_JOB_HEARTBEAT_TIMEOUT_S": str(self.settings.job_heartbeat_timeout_s),
             "MASKRCNN_LOG_LEVEL": self.settings.log_level,
             "MASKRCNN_LOG_FORMAT": self.settings.log_format,
             "OMP_NUM_THREADS": threads,
@@ -205,6 +231,7 @@ class Worker:
             try:
                 action = jobs.heartbeat(self.db, job_id, self.worker_id)
             except SQLAlchemyError as e:
+                self.unreachable_at = time.monotonic()
                 log.warning("heartbeat of training job %s failed: %s", job_id, e)
                 continue
             if action != "run":
@@ -235,6 +262,9 @@ class Worker:
             return f"worker {self.worker_id} shut down while the job ran"
         if code == 0 or code == EXIT_STOPPED:
             return "the training process exited without a result"
+        if code == EXIT_DATABASE:
+            timeout = self.settings.job_heartbeat_timeout_s
+            return f"the database was unreachable for more than {timeout:g} s while the job ran"
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         tail = _tail(jobs.log_path(self.db, job_id))
         return f"the training process {how}" + (f": {tail}" if tail else "")
