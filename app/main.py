@@ -49,7 +49,7 @@ def create_app(
         limit_bytes=int(settings.max_decode_memory_mb * MB),
         trim=release_host_memory,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, private=[settings.data_dir, settings.openvino_cache])
     install_openapi(app)
     install_docs(app)
     install_console(app)

@@ -4,10 +4,19 @@
 
 ``AppError`` subclasses (``app.errors``) carry their status and code;
 ``model``'s errors and the framework's are mapped here, in one table each.
-Tracebacks never reach clients.
+Tracebacks never reach clients, and neither do the server's paths: a model error
+of the server's (5xx) answers with what failed and the request id, its detail in
+the log, and any message naming a file under the server's own folders (its data,
+temporary, home, install and working directories) names it by its file name only.
 """
 
 import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,8 +73,36 @@ def request_id_of(scope_or_request) -> str:
 def error_response(
     status_code: int, code: str, message: str, request_id: str, headers: dict | None = None
 ) -> Response:
-    body = {"error": {"code": code, "message": message, "request_id": request_id}}
+    body = {"error": {"code": code, "message": without_paths(message), "request_id": request_id}}
     return OrjsonResponse(body, status_code=status_code, headers=headers)
+
+
+_PRIVATE_ROOTS: set[str] = set()
+
+
+def keep_private(folders: Iterable[Path | str]) -> None:
+    """Folders whose paths no error body shows (besides the process's own)."""
+    for folder in folders:
+        root = os.path.realpath(folder).rstrip("/")
+        if root:  # never "/": every path would go
+            _PRIVATE_ROOTS.update({root, os.path.abspath(folder).rstrip("/")})
+
+
+keep_private(
+    [tempfile.gettempdir(), Path.home(), Path.cwd(), sys.prefix, Path(__file__).parents[2]]
+)
+
+
+def without_paths(message: str) -> str:
+    """``message`` with every path under a private folder cut to its file name."""
+    for root in sorted(_PRIVATE_ROOTS, key=len, reverse=True):
+        if root in message:
+            message = re.sub(
+                r"(?<![\w./-])" + re.escape(root) + r"(?![^/\s'\"(),;:])(/[^\s'\"(),;:]*)?",
+                lambda m: os.path.basename(m[0].rstrip("/")) or "(a server folder)",
+                message,
+            )
+    return message
 
 
 def model_error_status(error: ModelError) -> tuple[int, str]:
@@ -134,9 +171,11 @@ async def _handle_model_error(request: Request, exc: ModelError) -> Response:
     message = str(exc)
     if isinstance(exc, DatasetError) and exc.problems:
         message = f"{message}: " + "; ".join(exc.problems)
-    if status >= 500:
-        log.error("model error: %s", exc)
-    return error_response(status, code, message, request_id_of(request))
+    request_id = request_id_of(request)
+    if status >= 500:  # the server's own files or settings: the log has them
+        log.error("model error (request %s): %s", request_id, exc)
+        message = f"the model could not be loaded or run; the server log has why ({request_id})"
+    return error_response(status, code, message, request_id)
 
 
 async def _handle_http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -180,7 +219,9 @@ async def _handle_unexpected(request: Request, exc: Exception) -> Response:
     return internal_error_response(request.scope)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, private: Iterable[Path] = ()) -> None:
+    """``private``: the server's folders (``DATA_DIR``, caches) no error body names."""
+    keep_private(private)
     app.add_exception_handler(AppError, _handle_app_error)
     app.add_exception_handler(ModelError, _handle_model_error)
     app.add_exception_handler(SQLAlchemyError, _handle_database)

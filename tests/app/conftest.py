@@ -26,13 +26,59 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.api import auth as auth_module
+from app.api import error_handlers
+from app.api import middleware as middleware_module
 from app.main import create_app
 from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
+from tests.app import errorbodies
 from tests.app.fakes import FakePredictor
 from tests.conftest import OPENVINO_CACHE
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+# -- every error body, in every test ------------------------------------------
+
+SENT_CODES: set[str] = set()  # by the in-process app, in this run
+
+
+@pytest.fixture(autouse=True)
+def _error_bodies_name_nothing_private(monkeypatch):
+    """Fails a test whose in-process app answered with a path of this machine,
+    a traceback or a database URL in an error body (``tests/app/errorbodies.py``)."""
+    leaked = []
+    real = error_handlers.error_response
+
+    def watched(status_code, code, message, request_id, headers=None):
+        response = real(status_code, code, message, request_id, headers)
+        sent = json.loads(response.body)["error"]["message"]
+        SENT_CODES.add(code)
+        if found := errorbodies.leaks_in(sent):
+            leaked.append(f"{status_code} {code}: {sent!r} names {found}")
+        return response
+
+    for module in (error_handlers, auth_module, middleware_module):
+        monkeypatch.setattr(module, "error_response", watched)
+    yield
+    assert not leaked, "error bodies with private details:\n" + "\n".join(leaked)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the whole suite passed: every code the app can send was sent, so
+    every kind of error body was checked."""
+    config = session.config
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if not whole or config.option.keyword or config.option.markexpr or exitstatus != 0:
+        return
+    if missing := errorbodies.codes_in_source() - SENT_CODES:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(
+            f"error codes no test was answered with, their bodies unchecked: {sorted(missing)}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # -- in-process app on a fake predictor ---------------------------------------
