@@ -10,7 +10,8 @@ import torch
 from PIL import Image, ImageOps
 
 from app.errors import BadRequestError
-from app.inputs.decoding import apply_orientation, decode_image, decode_jpeg_on_device
+from app.inputs.decoding import decode_image
+from app.inputs.nvjpeg import apply_orientation, decode_jpeg_on_device
 from model.inference.images import pil_to_tensor
 
 CUDA = torch.device("cuda")
