@@ -6,7 +6,8 @@
 1. Decoding alone: for each Pillow mode, a 6000x6000 image decoded by
    ``decode_image`` in a fresh process; the peak resident memory over the
    process's before (``VmHWM``, reset first), and what stays (the tensor), in
-   bytes per pixel, against what ``Probe.decoding_bytes`` reserves.
+   bytes per pixel, against what ``Probe.decoding_bytes`` reserves; and an RGB
+   JPEG decoded reduced for R50-FPN's input.
 2. Served: ``maskrcnn serve`` on the demo model at the defaults. Its resident
    memory idle; its peak while four clients each post three 6000x6000 PNGs at
    once (108 M pixels a request; repeated ``--rounds`` times), with the answers'
@@ -39,15 +40,18 @@ from bench.results import command_line, write_section  # noqa: E402
 from bench.served import Server  # noqa: E402
 
 MODES = [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "PNG"), ("P", "PNG"), ("RGBA", "PNG")]
-MODES += [("CMYK", "JPEG"), ("I;16", "PNG")]
+MODES += [("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "JPEG", "r50")]
 
 DECODE_ONE = """
 import io, sys
 import numpy as np
 from PIL import Image
-from app.inputs.decoding import decode_image, probe_image
+import time
+from app.inputs.decoding import decode_image, probe_image, reduction
+from model import InputGeometry
 
 mode, fmt, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+geometry = InputGeometry(800, 1333, 32) if sys.argv[4:] == ["r50"] else None
 array = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
 image = Image.fromarray(array)
 if mode == "I;16":
@@ -68,26 +72,31 @@ ctypes.CDLL("libc.so.6").malloc_trim(0)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 before = status("VmRSS:")
-probe = probe_image(data, max_pixels=10**9)
-tensor = decode_image(data, max_pixels=10**9)
+started = time.perf_counter()
+probe = probe_image(data, max_pixels=10**9, reduce_for=geometry)
+scale, draft = reduction(probe, geometry)
+tensor = decode_image(data, max_pixels=10**9, draft=draft if scale > 1 else None)
+seconds = time.perf_counter() - started
 pixels = side * side
-print(probe.mode, (status("VmHWM:") - before) / pixels, (status("VmRSS:") - before) / pixels,
-      probe.decoding_bytes() / pixels)
+print(f"{probe.mode}/{scale}", (status("VmHWM:") - before) / pixels,
+      (status("VmRSS:") - before) / pixels, probe.decoding_bytes() / pixels, seconds)
 """
 
 
 def decoding_costs(side: int) -> list[str]:
     rows = []
-    for mode, fmt in MODES:
+    for mode, fmt, *reduced in MODES:
         out = subprocess.run(
-            [sys.executable, "-c", DECODE_ONE, mode, fmt, str(side)],
+            [sys.executable, "-c", DECODE_ONE, mode, fmt, str(side), *reduced],
             cwd=REPO,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split()
-        found, peak, kept, reserved = out[0], *map(float, out[1:])
-        rows.append(f"| {mode} {fmt} ({found}) | {peak:.1f} | {kept:.1f} | {reserved:.0f} |")
+        found, peak, kept, reserved, seconds = out[0], *map(float, out[1:])
+        found, scale = found.split("/")
+        what = f"{mode} {fmt} ({found})" + (f", reduced 1/{scale} for R50-FPN" if reduced else "")
+        rows.append(f"| {what} | {peak:.1f} | {kept:.1f} | {reserved:.1f} | {seconds * 1000:.0f} |")
     return rows
 
 
@@ -189,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`{command_line('bench/decode_memory.py', argv)}`",
         "",
-        f"Decoding alone, {args.side}x{args.side}, bytes per pixel:",
+        f"Decoding alone, {args.side}x{args.side}, bytes per pixel of the file (a JPEG"
+        " reduced for R50-FPN's 800/1333 input is decoded at a quarter of each side),"
+        " and the time of probing and decoding:",
         "",
-        "| mode | peak | kept | reserved |",
-        "|---|---|---|---|",
+        "| mode | peak | kept | reserved | ms |",
+        "|---|---|---|---|---|",
         *decoding_costs(args.side),
         "",
         "Served, the demo model at the defaults:",

@@ -58,6 +58,10 @@ class InputGeometry:
                 f"{math.floor(self.max_size):d} times the shorter"
             )
 
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The size the network resizes an image of this size to (not ``fixed``)."""
+        return resized_size(height, width, min_size=self.min_size, max_size=self.max_size)
+
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         return padded_input_size(
             height,

@@ -3,11 +3,11 @@ results under the request's deadline while watching for the client going away.""
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import torch
 from fastapi import Request
 
 from app.api.schemas import SegmentOptions
@@ -16,7 +16,7 @@ from app.errors import (
     DeadlineExceededError,
     PayloadTooLargeError,
 )
-from app.inputs.decoding import EncodedJpeg, in_decoder_threads
+from app.inputs.decoding import Decoded, in_decoder_threads
 from app.inputs.memory import DecodeMemory, RequestMemory
 from app.serving.batching import Batcher, ItemResult
 from app.serving.predictors import ServedPredictor
@@ -99,9 +99,7 @@ async def run_images(
     request: Request,
     batcher: Batcher,
     settings: Settings,
-    decode: Callable[
-        [ServedPredictor, RequestMemory], Awaitable[Sequence[torch.Tensor | EncodedJpeg]]
-    ],
+    decode: Callable[[ServedPredictor, RequestMemory], Awaitable[Sequence[Decoded]]],
     options: Sequence[SegmentOptions],
 ) -> list[ItemResult]:
     """Admit ``len(options)`` images, decode them for the predictor that will run
@@ -139,7 +137,12 @@ async def queue_images(
         info = ticket.predictor.info
         resolved = [to_predict_options(opts, info) for opts in options]
         # under the deadline too: an ended request's images are not decoded
-        images = await await_or_abort(request, decode(ticket.predictor, memory), deadline)
+        decoded = await await_or_abort(request, decode(ticket.predictor, memory), deadline)
+        images = [d.image for d in decoded]
+        resolved = [  # a reduced JPEG's results in its file's frame
+            dataclasses.replace(opts, output_size=d.size) if d.size else opts
+            for opts, d in zip(resolved, decoded, strict=True)
+        ]
         if (geometry := ticket.predictor.input_geometry) is not None:
             for i, image in enumerate(images):  # before the queue: a batch never fails on it
                 geometry.check(int(image.shape[-2]), int(image.shape[-1]), f"images[{i}]")

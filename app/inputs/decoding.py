@@ -8,14 +8,16 @@ A request's images are probed first (``probe_image``: format, size, mode and
 orientation from the headers, 413 past ``MAX_IMAGE_PIXELS``), in threads of their
 own, and their memory is reserved from what they will cost
 (``Probe.decoding_bytes``, ``Probe.decoded_bytes``; ``app.inputs.memory``) before
-any of them is decoded (``decode_probed``), in the decoding threads. The first
+any of them is decoded (``decode_image``), in the decoding threads. The first
 image that fails cancels those not yet started. Nothing runs on the event loop.
+A JPEG larger than the model's input is decoded reduced by libjpeg (``reduction``),
+its results still given in the file's frame (``Decoded.size``).
 
 For a model on a CUDA device (``device``), complete baseline RGB or grayscale
-JPEGs (the usual upload) are decoded there by nvJPEG, with the EXIF orientation
-applied on the device too, and the rest lands in pinned host memory, so the
-batch's upload does not block the forward thread; anything nvJPEG refuses goes
-through Pillow as above.
+JPEGs (the usual upload) are decoded there by nvJPEG (``app.inputs.nvjpeg``), with
+the EXIF orientation applied on the device too, and the rest lands in pinned host
+memory, so the batch's upload does not block the forward thread; anything nvJPEG
+refuses goes through Pillow as above.
 
 For a model in processes of its own on a GPU (``app.serving.modelprocess``), those JPEGs
 are checked from their header here and left encoded (``EncodedJpeg``, with
@@ -25,6 +27,7 @@ them with ``decode_image`` on its device.
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -46,7 +49,7 @@ from app.inputs.nvjpeg import (
     decode_jpeg_on_device,
     nvjpeg_orientation,
 )
-from model import pil_to_tensor
+from model import InputGeometry, pil_to_tensor
 
 T = TypeVar("T")
 
@@ -95,7 +98,8 @@ PIN_BYTES = 3
 
 @dataclass(frozen=True)
 class Probe:
-    """What an image's headers say, read without decoding it."""
+    """What an image's headers say, read without decoding it. ``scale``: the
+    JPEG is decoded reduced by it (1, 2, 4 or 8; ``reduction``)."""
 
     name: str
     format: str
@@ -103,10 +107,22 @@ class Probe:
     height: int
     mode: str
     orientation: int  # EXIF, 1-8
+    scale: int = 1
 
     @property
     def pixels(self) -> int:
+        """The file's, which the limits count."""
         return self.width * self.height
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the file, upright: the frame of its results."""
+        turned = self.orientation in TRANSPOSED
+        return (self.width, self.height) if turned else (self.height, self.width)
+
+    @property
+    def decoded_pixels(self) -> int:
+        return -(-self.width // self.scale) * -(-self.height // self.scale)
 
     def decoding_bytes(self, *, pinned: bool = False) -> int:
         """Peak memory while it is decoded (its tensor included)."""
@@ -116,23 +132,35 @@ class Probe:
             per_pixel = DECODING_BYTES.get(self.mode, OTHER_MODE_BYTES)
         per_pixel += TURN_BYTES if self.orientation > 1 else 0
         per_pixel += PIN_BYTES if pinned else 0
-        return self.pixels * per_pixel
+        return self.decoded_pixels * per_pixel
 
     @property
     def decoded_bytes(self) -> int:
         """What it holds once decoded, until its request ends."""
-        return self.pixels * DECODED_BYTES
+        return self.decoded_pixels * DECODED_BYTES
 
 
-def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> Probe:
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image; ``size``: its file's ``(height, width)``, upright, when it
+    was decoded smaller (the frame its boxes and masks are given in)."""
+
+    image: torch.Tensor | EncodedJpeg
+    size: tuple[int, int] | None = None
+
+
+def probe_image(
+    data: bytes, *, max_pixels: int, name: str = "image", reduce_for: InputGeometry | None = None
+) -> Probe:
     """The headers of one image file; raises 400 / 413 / 415 ``AppError``s naming
-    ``name`` for an empty, unknown, oversized, animated or unreadable one."""
+    ``name`` for an empty, unknown, oversized, animated or unreadable one.
+    ``reduce_for``: the geometry of the model the image is for (see ``reduction``)."""
     with open_image(data, max_pixels, name) as image:
         orientation = 1
         # Pillow reads a PNG's eXIf chunk that follows the pixels by decoding them
         if image.format != "PNG" or "exif" in image.info:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        return Probe(
+        probe = Probe(
             name=name,
             format=image.format or "",
             width=image.size[0],
@@ -140,6 +168,24 @@ def probe_image(data: bytes, *, max_pixels: int, name: str = "image") -> Probe:
             mode=image.mode,
             orientation=orientation if orientation in range(1, 9) else 1,
         )
+        return dataclasses.replace(probe, scale=reduction(probe, reduce_for)[0])
+
+
+def reduction(probe: Probe, geometry: InputGeometry | None) -> tuple[int, tuple[int, int]]:
+    """The factor a JPEG larger than the model's input is decoded reduced by (1,
+    2, 4 or 8: libjpeg scales while decoding, for a fraction of the time and
+    memory), and the stored ``(width, height)`` to ask Pillow's ``draft`` for: the
+    largest reduction that leaves it at least the size the network resizes it to,
+    so the network still only ever shrinks it. 1 for other formats, models of one
+    fixed input size, and images no larger than their resized size."""
+    if probe.format != "JPEG" or geometry is None or geometry.fixed:
+        return 1, (probe.width, probe.height)
+    height, width = geometry.resized(*probe.size)
+    if probe.orientation in TRANSPOSED:
+        height, width = width, height  # as stored
+    ratio = min(probe.width // max(1, width), probe.height // max(1, height))
+    scale = next((s for s in (8, 4, 2) if ratio >= s), 1)  # Pillow's choice for that size
+    return scale, (probe.width // scale, probe.height // scale)
 
 
 @contextlib.contextmanager
@@ -183,12 +229,15 @@ def decode_image(
     name: str = "image",
     device: torch.device | None = None,
     keep_jpeg: bool = False,
+    draft: tuple[int, int] | None = None,
 ) -> torch.Tensor | EncodedJpeg:
     """Decode one image file; raises 400 / 413 / 415 ``AppError``s naming ``name``.
 
     ``device``: where the model runs; for CUDA the tensor is on that device or in
     pinned memory (see the module docstring), otherwise in ordinary memory.
-    ``keep_jpeg``: an ``EncodedJpeg`` for what nvJPEG would decode."""
+    ``keep_jpeg``: an ``EncodedJpeg`` for what nvJPEG would decode. ``draft``: a
+    JPEG decoded by Pillow is reduced to at least this stored ``(width, height)``
+    (``reduction``)."""
     with open_image(data, max_pixels, name) as image:
         if keep_jpeg and (orientation := nvjpeg_orientation(data, image)) is not None:
             height, width = image.size if orientation in TRANSPOSED else image.size[::-1]
@@ -196,6 +245,8 @@ def decode_image(
         on_cuda = device is not None and device.type == "cuda"
         if on_cuda and (decoded := decode_jpeg_on_device(data, image, device)) is not None:
             return decoded
+        if draft is not None and image.format == "JPEG":
+            image.draft(image.mode, draft)
         image.load()
         tensor = pil_to_tensor(image)
         return tensor.pin_memory() if on_cuda else tensor
@@ -243,14 +294,18 @@ async def decode_all(
     max_pixels: int,
     device: torch.device | None = None,
     keep_jpeg: bool = False,
-) -> list[torch.Tensor | EncodedJpeg]:
+    reduce_for: InputGeometry | None = None,
+) -> list[Decoded]:
     """A request's images: probed, their memory reserved in ``memory`` (413 / 503
-    before any is decoded), then decoded in threads. The first error wins and
-    cancels the decodes not yet started; those already running keep their
+    before any is decoded), then decoded in threads, the JPEGs larger than the
+    input of the model of ``reduce_for`` reduced (``reduction``). The first error
+    wins and cancels the decodes not yet started; those already running keep their
     memory reserved until they end (``RequestMemory.decoding``)."""
     probes = await gather_or_cancel(
         [
-            in_probing_threads(probe_image, blob, max_pixels=max_pixels, name=name)
+            in_probing_threads(
+                probe_image, blob, max_pixels=max_pixels, name=name, reduce_for=reduce_for
+            )
             for blob, name in zip(blobs, names, strict=True)
         ]
     )
@@ -258,14 +313,19 @@ async def decode_all(
     memory.reserve([(p.decoding_bytes(pinned=pinned), p.decoded_bytes, p.pixels) for p in probes])
     options = {"max_pixels": max_pixels, "device": device, "keep_jpeg": keep_jpeg}
 
-    def decode(index: int, blob: bytes, name: str) -> torch.Tensor | EncodedJpeg:
+    def decode(index: int, blob: bytes, probe: Probe) -> Decoded:
+        scale, draft = reduction(probe, reduce_for)
         with memory.decoding(index):
-            return decode_image(blob, name=name, **options)
+            image = decode_image(
+                blob, name=probe.name, draft=draft if scale > 1 else None, **options
+            )
+        reduced = tuple(image.shape[-2:]) != probe.size
+        return Decoded(image, probe.size if reduced else None)
 
     return await gather_or_cancel(
         [
-            in_decoder_threads(decode, i, blob, name)
-            for i, (blob, name) in enumerate(zip(blobs, names, strict=True))
+            in_decoder_threads(decode, i, blob, probe)
+            for i, (blob, probe) in enumerate(zip(blobs, probes, strict=True))
         ]
     )
 

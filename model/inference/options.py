@@ -15,7 +15,9 @@ class PredictOptions:
     """Options applied to one image after the batched forward.
 
     ``classes`` holds network labels (see ``ModelInfo.resolve_classes``); ``None``
-    keeps every class.
+    keeps every class. ``output_size``: ``(height, width)`` of the frame boxes and
+    masks are given in, for an image decoded smaller than its file (a JPEG
+    reduced as it was decoded); ``None``: the image's own.
     """
 
     score_threshold: float = 0.5
@@ -24,6 +26,7 @@ class PredictOptions:
     max_detections: int = 100
     classes: frozenset[int] | None = None
     mask_format: MaskFormat = "rle"
+    output_size: tuple[int, int] | None = None
 
 
 def check_options(opts: PredictOptions) -> None:
@@ -36,6 +39,11 @@ def check_options(opts: PredictOptions) -> None:
         raise InvalidOptionError(
             f"max_detections must be an integer in [0, 1000], got {opts.max_detections!r}"
         )
+    size = opts.output_size
+    if size is not None and not (
+        len(size) == 2 and all(isinstance(side, int) and side >= 1 for side in size)
+    ):
+        raise InvalidOptionError(f"output_size must be (height, width) in pixels, got {size!r}")
     if opts.mask_format not in MASK_FORMATS:
         raise InvalidOptionError(
             f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {opts.mask_format!r}"

@@ -223,7 +223,7 @@ class Predictor:
             batch = [image.to(self.device, non_blocking=True) for image in images]  # uint8
         else:  # from pinned memory on a copy stream once graphed
             batch = self.static.upload(images, self.device)
-        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch]
+        sizes = [output_size(image, opts) for image, opts in zip(batch, options, strict=True)]
         if not batch:
             return PendingBatch([], [], [], [], [], [], [])
         with self._autocast():
@@ -264,7 +264,7 @@ class Predictor:
     def _detect(self, batch: list[torch.Tensor], options: list[PredictOptions]) -> list[dict]:
         """Transform, backbone, RPN and box head as torchvision does, then per-image
         selection with each image's options, then the mask head on the kept boxes."""
-        original_sizes = [tuple(image.shape[-2:]) for image in batch]
+        original_sizes = [output_size(im, opts) for im, opts in zip(batch, options, strict=True)]
         image_list = self._transform(batch)
         if self.static is not None:
             found = self.static.detect(image_list, original_sizes, options)
@@ -366,3 +366,9 @@ class Predictor:
             pending.scores.append(rows[:, 4].tolist())
             pending.labels.append(rows[:, 5].to(torch.int64).tolist())
         return pending
+
+
+def output_size(image: torch.Tensor, options: PredictOptions) -> tuple[int, int]:
+    """The frame an image's boxes and masks are given in: ``options.output_size``
+    (its file's size, when it was decoded smaller), else its own."""
+    return options.output_size or (int(image.shape[-2]), int(image.shape[-1]))

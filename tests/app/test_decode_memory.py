@@ -83,7 +83,7 @@ def test_decode_all_reserves_what_the_headers_say_then_keeps_the_decoded_bytes(m
 
     monkeypatch.setattr(decoding, "decode_image", watched)
     tensors = asyncio.run(decode_all([image, image], ["a", "b"], memory, max_pixels=10**6))
-    assert [tuple(t.shape) for t in tensors] == [(3, 30, 40)] * 2
+    assert [(tuple(d.image.shape), d.size) for d in tensors] == [((3, 30, 40), None)] * 2
     assert max(reserved) == 2 * probe.decoding_bytes() == 2 * 9 * 1200
     assert memory.budget.used == 2 * 3 * 1200  # decoded, until the request closes
     assert memory.close() and memory.budget.used == 0

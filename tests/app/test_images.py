@@ -1,6 +1,7 @@
 """Upload decoding: allowed formats by content, limits, orientation, modes."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from app.inputs.decoding import EncodedJpeg, decode_all, decode_image
+from app.inputs.decoding import EncodedJpeg, Probe, decode_all, decode_image, reduction
 from app.inputs.memory import DecodeMemory, RequestMemory
+from model import InputGeometry
 from tests.app.conftest import encode
 
 
@@ -108,3 +110,40 @@ def test_jpegs_for_a_model_process_are_checked_and_left_encoded(orientation):
     assert isinstance(decode_image(corrupt_jpeg(), max_pixels=10_000, keep_jpeg=True), EncodedJpeg)
     with pytest.raises(BadRequestError, match="corrupt"):
         decode_image(corrupt_jpeg(), max_pixels=10_000)
+
+
+R50 = InputGeometry(min_size=800, max_size=1333, size_divisible=32)
+
+
+@pytest.mark.parametrize(
+    ("size", "fmt", "orientation", "expected"),
+    [
+        ((4000, 3000), "JPEG", 1, (2, (2000, 1500))),  # resized to 1333x1000
+        ((6000, 4000), "JPEG", 1, (4, (1500, 1000))),
+        ((3000, 4000), "JPEG", 6, (2, (1500, 2000))),  # stored turned: asked for as stored
+        ((1600, 1200), "JPEG", 1, (1, (1600, 1200))),  # 1.2x its resized size: kept
+        ((640, 480), "JPEG", 1, (1, (640, 480))),  # enlarged by the network: kept
+        ((4000, 3000), "PNG", 1, (1, (4000, 3000))),  # no reduced decoding in PNG
+    ],
+)
+def test_jpegs_larger_than_the_models_input_are_reduced_no_further(
+    size, fmt, orientation, expected
+):
+    probe = Probe("a", fmt, *size, "RGB", orientation)
+    assert reduction(probe, R50) == expected
+    assert reduction(probe, None) == (1, size)
+    fixed = dataclasses.replace(R50, fixed=True)
+    assert reduction(probe, fixed) == (1, size)
+
+
+def test_a_reduced_jpeg_is_decoded_small_and_remembers_its_files_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 4000x3000, upright 3000 wide and 4000 high
+    data = encode(gradient(4000, 3000), "JPEG", exif=exif)
+    memory = RequestMemory(DecodeMemory(request_pixels=10**8, limit_bytes=10**9))
+    [decoded] = asyncio.run(decode_all([data], ["a"], memory, max_pixels=10**8, reduce_for=R50))
+    assert tuple(decoded.image.shape) == (3, 2000, 1500) and decoded.size == (4000, 3000)
+    assert memory.budget.used == 3 * 2000 * 1500  # the reduced image, not the file's 12 M pixels
+    full = decode_image(data, max_pixels=10**8)
+    small = decoded.image.float()
+    assert (small - full[:, ::2, ::2].float()).abs().mean() < 3  # the same picture

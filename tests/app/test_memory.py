@@ -8,7 +8,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from tests.app.conftest import running_server
 
@@ -121,3 +123,48 @@ def test_past_the_servers_decode_memory_a_request_is_told_to_retry(tmp_path):
         assert "MAX_DECODE_MEMORY_MB" in response.json()["error"]["message"]
         assert int(response.headers["retry-after"]) >= 1
         assert post(server, [flat_png(16, 16)]).status_code == 200  # under it: served
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_frame(demo):
+    """A 3072x2048 photo of shapes, for the demo model (which resizes to 384x256):
+    libjpeg decodes it at an eighth, and the boxes and masks come back for the
+    whole photo, as the model finds them in the full decode."""
+    from model.training.synthetic import render_scenes
+
+    scene = render_scenes(1, 384, seed=11)[0].permute(1, 2, 0).numpy()
+    photo = Image.fromarray(scene).resize((3072, 2048), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=95)
+    files = [("images", ("photo.jpg", buffer.getvalue(), "image/jpeg"))]
+    response = demo.client.post("/v1/segment", files=files)
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert (result["width"], result["height"]) == (3072, 2048)
+    served = [d for d in result["detections"] if d["score"] >= 0.5]
+    full = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    expected = [d for d in boxes_by("demo", full) if d[1] >= 0.5]
+    assert served and len(served) == len(expected)
+    for got in served:  # each found in the full decode: same class, nearly the same box
+        assert any(
+            got["class_id"] == cls and iou(got["box"], box) > 0.9 for cls, _, box in expected
+        ), (got, expected)
+        assert got["mask"]["size"] == [2048, 3072]
+        assert mask_utils.area(got["mask"]) > 0
+
+
+def boxes_by(model: str, image: np.ndarray) -> list[tuple[int, float, list[float]]]:
+    from model.inference.predictor import Predictor
+    from model.loading import load_model
+
+    loaded = load_model(model)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    [result] = Predictor(loaded.network, loaded.info).predict([tensor])
+    return [(d.class_id, d.score, list(d.box)) for d in result.detections]
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union

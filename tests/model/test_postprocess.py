@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.errors import InvalidOptionError
 from model.inference import predictor as predictor_module
 from model.inference.masks import group_by_size
 from model.inference.options import PredictOptions
+from tests.model.conftest import random_image
 
 
 def fake_detections(count: int, size: tuple[int, int], g: torch.Generator) -> dict:
@@ -75,3 +77,20 @@ def test_group_by_size():
     # 3 + 4 masks of 100 pixels pass a 600-pixel limit: a new group starts
     assert group_by_size(counts, sizes, options, limit=600) == [[0], [3], [1]]
     assert group_by_size(counts, sizes, options, limit=1) == [[0], [3], [1]]
+
+
+def test_output_size_gives_boxes_and_masks_in_the_files_frame(predictor):
+    """An image decoded at half its file's size, with ``output_size`` the file's:
+    the same detections, boxes scaled by two, masks at the file's size (the
+    network sees what it sees at the decoded size)."""
+    image = random_image(120, 150, seed=3)
+    own = predictor.predict([image])[0]
+    [full] = predictor.predict([image], [PredictOptions(output_size=(240, 300))])
+    assert (full.height, full.width) == (240, 300) and own.detections
+    assert [d.class_id for d in full.detections] == [d.class_id for d in own.detections]
+    assert [d.score for d in full.detections] == [d.score for d in own.detections]
+    for big, small in zip(full.detections, own.detections, strict=True):
+        np.testing.assert_allclose(big.box, [2 * v for v in small.box], rtol=1e-5, atol=1e-3)
+        assert big.mask["size"] == [240, 300]
+    with pytest.raises(InvalidOptionError, match="output_size"):
+        predictor.predict([image], [PredictOptions(output_size=(0, 300))])

@@ -71,13 +71,15 @@ FormOptions = Annotated[SegmentOptions, Depends(form_options)]
 
 
 def decode_target(predictor: ServedPredictor) -> dict[str, Any]:
-    """``decode_image``'s arguments for uploads that ``predictor`` will run: decoded
+    """``decode_all``'s arguments for uploads that ``predictor`` will run: decoded
     to the model's device; for a model in processes of its own, on the CPU
     (``ModelPool.input_device``) or, the JPEGs nvJPEG takes, by the processes on
-    their GPU (``ModelPool.decodes_jpeg``)."""
+    their GPU (``ModelPool.decodes_jpeg``); JPEGs larger than the model's input
+    reduced as they are decoded."""
     return {
         "device": predictor.input_device,
         "keep_jpeg": predictor.decodes_jpeg,
+        "reduce_for": predictor.input_geometry,
     }
 
 
@@ -183,11 +185,11 @@ async def segment_visualize(
         name = image.filename or "image"
         decoded.extend(
             await decode_all([blob], [name], memory, max_pixels=settings.max_image_pixels)
-        )
+        )  # at full size: the drawing is of the file
         return decoded
 
     [result] = await run_images(request, batcher, settings, decode, [opts])
-    png = await in_decoder_threads(render_png, decoded[0], result.result.detections)
+    png = await in_decoder_threads(render_png, decoded[0].image, result.result.detections)
     return Response(png, media_type=png_media_type(request.headers.get("accept", "")))
 
 
