@@ -49,7 +49,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     TORCH_HOME=/opt/torch \
     MASKRCNN_MODEL=coco \
-    MASKRCNN_DATA_DIR=/data
+    MASKRCNN_DATA_DIR=/data \
+    MASKRCNN_HOST=0.0.0.0
 
 # A fixed uid, so files on the shared `data` volume have the same owner in
 # every replica and in the worker.

@@ -15,6 +15,7 @@ listener closes: a request sent on one at that moment would be lost.
 """
 
 import asyncio
+import ipaddress
 import logging
 
 import uvicorn
@@ -36,6 +37,13 @@ DRAIN_ACCEPT_S = 5.0
 def run_server(settings: Settings, host: str, port: int) -> str | None:
     """Serve until SIGTERM/SIGINT (after the drain) or until the model fails;
     returns why the model could not be served, or ``None``."""
+    if not is_loopback(host) and not settings.api_tokens:
+        log.warning(
+            "listening on %s with no MASKRCNN_API_TOKENS: anyone who can reach port %d "
+            "of this machine can use the API (docs/security.md)",
+            host,
+            port,
+        )
     app = create_app(settings)
     service: Service = app.state.service
     config = uvicorn.Config(
@@ -51,6 +59,15 @@ def run_server(settings: Settings, host: str, port: int) -> str | None:
     server = DrainingServer(config, service)
     server.run()
     return service.error if server.exit_code else None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be any interface
+        return False
 
 
 class DrainingServer(uvicorn.Server):

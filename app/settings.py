@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(1.0, gt=0, le=600)
     job_threads: int = Field(0, ge=0, le=1024, description="torch threads per job; 0: half")
 
+    # where `maskrcnn serve` listens: this machine only, unless told otherwise
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=0, le=65535)
+
     # logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"

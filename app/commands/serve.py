@@ -12,8 +12,12 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
         description="Run the HTTP service. Settings come from MASKRCNN_* variables "
         "(and .env); the options below override them.",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="bind address (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--host",
+        help="bind address (MASKRCNN_HOST; default 127.0.0.1, this machine only: "
+        "0.0.0.0 for every interface)",
+    )
+    parser.add_argument("--port", type=int, help="port (MASKRCNN_PORT; default 8000)")
     parser.add_argument(
         "--model", help="auto, coco, coco-v2, demo or a checkpoint (MASKRCNN_MODEL)"
     )
@@ -25,14 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from app.server import run_server
     from app.settings import SettingsError, load_settings
 
-    overrides = {"model": args.model} if args.model else {}
+    given = {"model": args.model, "host": args.host, "port": args.port}
+    overrides = {name: value for name, value in given.items() if value is not None}
     try:
         settings = load_settings(**overrides)
     except SettingsError as e:
         print(f"maskrcnn serve: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    error = run_server(settings, args.host, args.port)
+    error = run_server(settings, settings.host, settings.port)
     if error is not None:
         print(
             f"maskrcnn serve: error: {error}",
