@@ -1,6 +1,7 @@
 """A predictor stand-in for queue and route tests: no network, observable calls,
-controllable speed and failures."""
+controllable speed and failures; and a ``Batcher`` driven over it."""
 
+import asyncio
 import threading
 import time
 
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from app.serving.batching import Batcher
+from model.inference.options import PredictOptions
 from model.inference.predictor import Detection, ImageResult
 from model.info import ModelInfo
 
@@ -107,3 +110,26 @@ def load_fake(spec=None, *, oom_over: int | None = None, **kwargs) -> FakePredic
     if oom_over is not None:
         kwargs["oom_if"] = lambda images: len(images) > oom_over
     return FakePredictor(**kwargs)
+
+
+# -- driving a Batcher over fakes ----------------------------------------------
+
+OPTS = PredictOptions(score_threshold=0.0)  # every fake detection kept
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def started(predictor, **kwargs) -> Batcher:
+    kwargs = {"max_batch_size": 4, "max_batch_delay_s": 0.02, "max_queue_size": 16, **kwargs}
+    batcher = Batcher(predictor, **kwargs)
+    await batcher.start()
+    return batcher
+
+
+async def submit(batcher, images, *, timeout=10.0, options=OPTS):
+    with batcher.admit(len(images)) as ticket:
+        return await ticket.submit(
+            images, [options] * len(images), deadline=time.monotonic() + timeout
+        )

@@ -29,8 +29,7 @@ from tests.app.conftest import (
     served_model_id,
     wait_for,
 )
-from tests.app.fakes import INFO, FakePredictor, solid_image
-from tests.app.test_batching import run, started, submit
+from tests.app.fakes import INFO, FakePredictor, run, solid_image, started, submit
 
 IMAGE = scene(96, 96, 3)
 PNG = png_bytes(IMAGE)

@@ -7,29 +7,7 @@ import time
 import pytest
 
 from app.errors import DeadlineExceededError, QueueFullError, UnavailableError
-from app.serving.batching import Batcher
-from model.inference.options import PredictOptions
-from tests.app.fakes import FakePredictor, solid_image
-
-OPTS = PredictOptions(score_threshold=0.0)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
-
-
-async def started(predictor, **kwargs) -> Batcher:
-    kwargs = {"max_batch_size": 4, "max_batch_delay_s": 0.02, "max_queue_size": 16, **kwargs}
-    batcher = Batcher(predictor, **kwargs)
-    await batcher.start()
-    return batcher
-
-
-async def submit(batcher, images, *, timeout=10.0, options=OPTS):
-    with batcher.admit(len(images)) as ticket:
-        return await ticket.submit(
-            images, [options] * len(images), deadline=time.monotonic() + timeout
-        )
+from tests.app.fakes import FakePredictor, run, solid_image, started, submit
 
 
 def test_images_of_concurrent_requests_share_batches():

@@ -40,8 +40,7 @@ from tests.app.conftest import (
     wait_for,
     wait_ready,
 )
-from tests.app.fakes import load_fake, solid_image
-from tests.app.test_batching import run, started, submit
+from tests.app.fakes import load_fake, run, solid_image, started, submit
 from tests.app.test_images import corrupt_jpeg
 
 IMAGES = [scene(96, 96, seed) for seed in range(3)] + [scene(64, 112, 3)]

@@ -25,8 +25,7 @@ from tests.app.conftest import (
     served_model_id,
     wait_for,
 )
-from tests.app.fakes import INFO, FakePredictor, solid_image
-from tests.app.test_batching import OPTS, run, started
+from tests.app.fakes import INFO, OPTS, FakePredictor, run, solid_image, started
 
 IMAGE = scene(96, 96, 5)
 PNG = png_bytes(IMAGE)
