@@ -49,12 +49,34 @@ def chromium(width: int = 1280, height: int = 1600) -> Iterator:
 
 
 def wait_until(condition, timeout: float = 60.0, what: str = "the page did not render"):
+    """``condition()``'s first true value. An element the page re-rendered between
+    finding and reading it (a list refreshed meanwhile) is not yet an answer."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if found := condition():
-            return found
+        with contextlib.suppress(StaleElementReferenceException):
+            if found := condition():
+                return found
         time.sleep(0.2)
     raise TimeoutError(what)
+
+
+def click(browser, selector: str, timeout: float = 60.0) -> None:
+    """Click the element ``selector`` finds once it is there and enabled, found
+    again if the page re-rendered it before the click landed."""
+    from selenium.common.exceptions import ElementClickInterceptedException
+
+    def clicked() -> bool:
+        found = browser.find_elements("css selector", selector)
+        if not found or not found[0].is_enabled():
+            return False
+        with contextlib.suppress(ElementClickInterceptedException):
+            found[0].click()
+            return True
+        return False
+
+    wait_until(clicked, timeout, f"{selector} to be clicked")
 
 
 def requests_sent(browser) -> list[str]:

@@ -232,6 +232,21 @@ class ServerProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def accepted(self, route: str | None = "/v1/segment") -> float:
+        """Requests the server holds or has answered on ``route`` (``None``: on any
+        route but ``/metrics``; one scrape: both counts change together, in the same
+        step of its event loop)."""
+        total = -1.0  # this scrape is in flight too
+        for line in self.client.get("/metrics").text.splitlines():
+            answered = line.startswith("maskrcnn_http_requests_total{")
+            if route is None:
+                answered = answered and 'route="/metrics"' not in line
+            else:
+                answered = answered and f'route="{route}"' in line
+            if answered or line.startswith("maskrcnn_http_requests_in_flight "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)
 

@@ -46,6 +46,7 @@ class FakePredictor:
         self.batches: list[list[float]] = []  # scores of the images of each forward
         self.events: list[tuple[str, int, float]] = []  # (stage, batch no, time)
         self.gate: threading.Event | None = None
+        self.forwards_started = 0  # counted before the gate: a held forward counts
         self.lock = threading.Lock()
 
     @property
@@ -53,6 +54,8 @@ class FakePredictor:
         return sum(len(b) for b in self.batches)
 
     def forward(self, images, options):
+        with self.lock:
+            self.forwards_started += 1
         if self.gate is not None:
             self.gate.wait(10)
         if self.oom_if is not None and self.oom_if(images):
@@ -133,3 +136,12 @@ async def submit(batcher, images, *, timeout=10.0, options=OPTS):
         return await ticket.submit(
             images, [options] * len(images), deadline=time.monotonic() + timeout
         )
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` on the event loop, the batcher's tasks running
+    meanwhile, until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not in {timeout:g} s: {what}"
+        await asyncio.sleep(0.005)

@@ -29,7 +29,7 @@ from tests.app.conftest import (
     served_model_id,
     wait_for,
 )
-from tests.app.fakes import INFO, FakePredictor, run, solid_image, started, submit
+from tests.app.fakes import INFO, FakePredictor, run, solid_image, started, submit, until
 
 IMAGE = scene(96, 96, 3)
 PNG = png_bytes(IMAGE)
@@ -46,11 +46,14 @@ def test_a_swap_lets_admitted_requests_finish_on_the_old_model_and_never_mixes_b
     async def scenario():
         batcher = await started(old, max_batch_size=2)
         before = [asyncio.create_task(submit(batcher, [solid_image(v)])) for v in (1, 2, 3)]
-        await asyncio.sleep(0.1)  # 1 and 2 in a forward, 3 queued
+        await until(
+            lambda: old.forwards_started == 1 and batcher.depth == 1,
+            "1 and 2 in a forward, 3 queued",
+        )
         assert batcher.swap(new) is old
         after = [asyncio.create_task(submit(batcher, [solid_image(v)])) for v in (4, 5)]
         retired = asyncio.create_task(batcher.retire(old))
-        await asyncio.sleep(0.1)
+        await until(lambda: batcher.depth == 3, "4 and 5 queued behind 3")
         assert not retired.done(), "the old model still has a batch and a queued image"
         assert new.batches == []  # its images wait behind the old model's, in the same loop
         old.gate.set()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from app.errors import DeadlineExceededError, QueueFullError, UnavailableError
-from tests.app.fakes import FakePredictor, run, solid_image, started, submit
+from tests.app.fakes import FakePredictor, run, solid_image, started, submit, until
 
 
 def test_images_of_concurrent_requests_share_batches():
@@ -82,9 +82,9 @@ def test_full_queue_refuses_with_retry_after_before_any_work():
     async def scenario():
         batcher = await started(predictor, max_batch_size=2, max_queue_size=4)
         first = asyncio.create_task(submit(batcher, [solid_image(1), solid_image(2)]))
-        await asyncio.sleep(0.1)  # taken by the (blocked) forward
+        await until(lambda: predictor.forwards_started == 1, "the first in a (held) forward")
         queued = asyncio.create_task(submit(batcher, [solid_image(v) for v in (3, 4, 5, 6)]))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.depth == 4, "four images queued")
         with pytest.raises(QueueFullError) as refused:
             batcher.admit(1)
         assert batcher.depth == 4
@@ -105,12 +105,13 @@ def test_expired_and_withdrawn_images_never_reach_the_model():
     async def scenario():
         batcher = await started(predictor, max_batch_size=1)
         blocker = asyncio.create_task(submit(batcher, [solid_image(1)]))
-        await asyncio.sleep(0.1)
+        await until(lambda: predictor.forwards_started == 1, "the first in a (held) forward")
         expiring = asyncio.create_task(submit(batcher, [solid_image(2)], timeout=0.1))
         leaving = asyncio.create_task(submit(batcher, [solid_image(3)]))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.depth == 2, "both queued")
+        expired = time.monotonic() + 0.1  # the second's deadline was set before this
         leaving.cancel()  # the client went away
-        await asyncio.sleep(0.2)
+        await until(lambda: time.monotonic() > expired, "the second's deadline to pass")
         predictor.gate.set()
         await blocker
         with pytest.raises(DeadlineExceededError):
@@ -214,7 +215,7 @@ def test_stop_finishes_queued_work():
     async def scenario():
         batcher = await started(predictor, max_batch_size=1)
         tasks = [asyncio.create_task(submit(batcher, [solid_image(v)])) for v in range(3)]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.depth + predictor.forwards_started == 3, "all admitted")
         await batcher.stop(drain=True)
         return await asyncio.gather(*tasks)
 

@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 from model.training.synthetic import SyntheticConfig, generate_dataset, render_image
 from tests.app.browser import (
     chromium,
+    click,
     console_errors,
     not_blank,
     requests_sent,
@@ -254,9 +255,12 @@ def test_train_watch_compare_and_activate_from_the_browser(browser, server, tmp_
     epochs.clear()
     epochs.send_keys("1")
     browser.find_element("css selector", "#job-start").click()
-    job_state = browser.find_element("css selector", "#job-state")
-    wait_until(lambda: job_state.text in ("succeeded", "failed", "cancelled"), 240, "the job")
-    assert job_state.text == "succeeded", browser.find_element("css selector", "#job-error").text
+
+    def job_state() -> str:
+        return browser.find_element("css selector", "#job-state").text
+
+    wait_until(lambda: job_state() in ("succeeded", "failed", "cancelled"), 240, "the job")
+    assert job_state() == "succeeded", browser.find_element("css selector", "#job-error").text
     loss_points = browser.find_element("css selector", "#loss-chart").get_attribute("data-points")
     assert int(loss_points) >= 1
     assert int(browser.find_element("css selector", "#map-chart").get_attribute("data-points")) == 1
@@ -276,12 +280,9 @@ def test_train_watch_compare_and_activate_from_the_browser(browser, server, tmp_
     screenshot(browser, "compare")
 
     open_console(browser, server, "train")
-    wait_until(lambda: browser.find_elements("css selector", f'tr[data-job-id="{job_id}"]'))
-    browser.find_element("css selector", f'tr[data-job-id="{job_id}"]').click()
-    wait_until(lambda: browser.find_element("css selector", "#job-state").text == "succeeded")
-    activate = browser.find_element("css selector", "#job-activate")
-    wait_until(activate.is_enabled)
-    activate.click()
+    click(browser, f'tr[data-job-id="{job_id}"]')  # found again if the list refreshed
+    wait_until(lambda: job_state() == "succeeded")
+    click(browser, "#job-activate")
     wait_until(lambda: server.client.get("/readyz").json()["model"]["id"] == model_id, 60)
 
     open_console(browser, server, "models")

@@ -50,9 +50,11 @@ def inference_holds_while(server, calls: list[tuple[str, str]]) -> list[tuple[in
     """Send the database ``calls`` at once, and segment requests one after the
     other meanwhile: each segment must be answered in its usual time."""
     usual = max(segment(server.url)[1] for _ in range(3))
+    before = server.accepted(route=None)
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         waiting = [pool.submit(database_call, server.url, path, method) for method, path in calls]
-        time.sleep(0.2)  # the database calls are in
+        arrived = before + len(calls)
+        wait_for(lambda: server.accepted(route=None) >= arrived, 30, "the database calls")
         while not all(w.done() for w in waiting):
             status, seconds = segment(server.url)
             assert status == 200

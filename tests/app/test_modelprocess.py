@@ -224,7 +224,9 @@ def test_a_child_that_dies_fails_waiting_calls_with_503_and_reports_it(tmp_path)
     )
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(remote.forward, [solid_image(1)], [PredictOptions()])
-        time.sleep(0.5)  # the child is in its minute-long forward
+        # sent, and waiting for the child's minute-long forward (a look inside: no
+        # public surface says it)
+        wait_for(lambda: remote._waiting, 30, "the call to be sent")
         assert not waiting.done()
         os.kill(remote.process.pid, signal.SIGKILL)
         with pytest.raises(UnavailableError, match="exited") as caught:
@@ -326,21 +328,9 @@ def test_a_real_server_answers_from_its_model_process_and_drains_on_sigterm(chec
                 files = [("images", (f"{i}.png", png_bytes(IMAGES[i % 4]), "image/png"))]
                 return client.post("/v1/segment", files=files)
 
-        def accepted() -> float:
-            """Requests the server holds or has answered (one scrape: both counts
-            change together, in the same step of its event loop)."""
-            total = -1.0  # this scrape is in flight too
-            for line in server.client.get("/metrics").text.splitlines():
-                answered = line.startswith('maskrcnn_http_requests_total{') and (
-                    'route="/v1/segment"' in line
-                )
-                if answered or line.startswith("maskrcnn_http_requests_in_flight "):
-                    total += float(line.rsplit(" ", 1)[1])
-            return total
-
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(8)]
-            wait_for(lambda: accepted() >= 8, 30, "all 8 requests to reach the server")
+            wait_for(lambda: server.accepted() >= 8, 30, "all 8 requests to reach the server")
             # as systemd stops a unit: SIGTERM to every process; the HTTP process
             # drains, and the models answer what is in flight before they are closed
             for child in children:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.app.conftest import png_bytes, running_server, scene
+from tests.app.conftest import png_bytes, running_server, scene, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,8 @@ def test_batch_invariance_with_mixed_batches_and_options(server, reference):
 def test_healthz_answers_fast_while_the_model_is_busy(server):
     busy = threading.Thread(target=segment, args=(server.client, list(range(8)) * 3))
     busy.start()
-    time.sleep(0.3)
+    in_flight = "maskrcnn_http_requests_in_flight"
+    wait_for(lambda: server.metric(in_flight) >= 2, 30, "the busy request to arrive")
     latencies = []
     with httpx.Client(base_url=server.url, timeout=10) as probe:
         while busy.is_alive() and len(latencies) < 10:
@@ -161,7 +162,7 @@ def test_queue_full_503_deadline_504_and_disconnects_never_reach_the_model(check
         server.wait_ready()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(segment, server.client, [0, 1])  # fills the queue
-            time.sleep(0.3)
+            wait_for(lambda: server.metric("maskrcnn_queue_depth") == 2, 30, "a full queue")
             with httpx.Client(base_url=server.url, timeout=10) as other:
                 refused = segment(other, [2])
             late = waiting.result()
@@ -174,7 +175,10 @@ def test_queue_full_503_deadline_504_and_disconnects_never_reach_the_model(check
         impatient = httpx.Client(base_url=server.url, timeout=0.3)
         with impatient, pytest.raises(httpx.ReadTimeout):
             segment(impatient, [3])  # queued, then the client goes away
-        time.sleep(2.3)  # past the batch delay: it would have been forwarded by now
+        dropped = 'maskrcnn_dropped_images_total{reason="disconnected"} 1.0'
+        wait_for(lambda: dropped in server.client.get("/metrics").text, 30, "the drop")
+        # out of the queue: it can never be forwarded
+        assert server.metric("maskrcnn_queue_depth") == 0
         metrics = server.client.get("/metrics").text
         assert server.metric("maskrcnn_forwards_total") == 0
         assert 'maskrcnn_dropped_images_total{reason="disconnected"} 1.0' in metrics
@@ -198,13 +202,13 @@ def test_readyz_follows_warm_up_and_sigterm_drains_in_flight_work(checkpoint, tm
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(one, i) for i in range(6)]
-            time.sleep(0.4)  # all sent, most still queued
+            wait_for(lambda: server.accepted() >= 6, 30, "all 6 requests to arrive")
             assert not all(f.done() for f in futures)
             server.terminate()
-            time.sleep(0.1)
             with httpx.Client(base_url=server.url, timeout=5) as late:
-                response = late.get("/readyz")
-            assert response.status_code == 503
+                response = wait_for(
+                    lambda: (r := late.get("/readyz")).status_code == 503 and r, 10, "draining"
+                )
             assert response.json()["error"]["code"] == "not_ready"
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 6

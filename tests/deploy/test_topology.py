@@ -58,8 +58,11 @@ def test_request_ids_pass_through_nginx_in_both_directions(topology: Topology):
     # holds the id the client got back
     request_id = generated.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    time.sleep(0.2)  # the access log line is written after the response
-    assert f"id={request_id}" in topology.nginx_log.read_text()
+    # the access log line is written after the response
+    deadline = time.monotonic() + 10
+    while f"id={request_id}" not in topology.nginx_log.read_text():
+        assert time.monotonic() < deadline, "nginx logged no line with the id"
+        time.sleep(0.05)
 
 
 def test_an_upload_over_the_cap_gets_the_services_json_413_through_nginx(topology: Topology):
