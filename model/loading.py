@@ -75,7 +75,12 @@ def _load_auto(*, allow_download: bool, **network_kwargs) -> LoadedModel:
     try:
         return _load_pretrained("coco", allow_download=allow_download, **network_kwargs)
     except WeightsUnavailableError as e:
-        log.warning("COCO weights unavailable (%s); serving the bundled demo model instead", e)
+        log.warning(
+            "serving the bundled demo model, which knows only synthetic shapes: COCO's "
+            "weights are not cached and could not be fetched (`maskrcnn download coco` "
+            "where there is network, or MASKRCNN_MODEL=demo to skip the try)"
+        )
+        log.debug("COCO weights unavailable: %s", e)
         return _load_demo(**network_kwargs)
 
 
