@@ -2,9 +2,11 @@
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from model.errors import InvalidOptionError
+
+ModelKind = Literal["demo", "coco", "custom"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class ModelInfo:
     class_ids: tuple[int, ...]
     class_names: tuple[str, ...]
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    # what kind of model: the bundled ``demo`` (synthetic shapes only), torchvision's
+    # ``coco`` weights, or a ``custom`` checkpoint (trained here or brought)
+    kind: ModelKind = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
         if len(self.class_ids) != len(self.class_names):

@@ -2,6 +2,7 @@
 path) into a network with its ``ModelInfo``. (Registry model ids are the
 service's business: it looks up their file and passes ``model_id``.)"""
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,7 @@ def _load_pretrained(name: str, *, allow_download: bool, **network_kwargs) -> Lo
         class_ids=tuple(range(len(categories))),
         class_names=categories,
         metadata={"weights": pretrained.weights.url},
+        kind="coco",
     )
     return LoadedModel(network, info)
 
@@ -107,7 +109,9 @@ def _load_demo(**network_kwargs) -> LoadedModel:
         raise WeightsUnavailableError(
             f"the bundled demo model is missing ({DEMO_CHECKPOINT}); reinstall the package"
         )
-    return load_file(DEMO_CHECKPOINT, model_id="demo", **network_kwargs)
+    loaded = load_file(DEMO_CHECKPOINT, model_id="demo", **network_kwargs)
+    loaded.info = dataclasses.replace(loaded.info, kind="demo")
+    return loaded
 
 
 def load_file(
@@ -133,13 +137,7 @@ def load_file(
         )
     if classes_file:
         names = read_classes_file(classes_file, loaded.info.num_classes)
-        loaded.info = ModelInfo(
-            id=loaded.info.id,
-            architecture=loaded.info.architecture,
-            class_ids=loaded.info.class_ids,
-            class_names=names,
-            metadata=loaded.info.metadata,
-        )
+        loaded.info = dataclasses.replace(loaded.info, class_names=names)
     return loaded
 
 

@@ -50,9 +50,14 @@ def within_database_timeout(route: Callable) -> Callable:
     return run
 
 
+# the reason names the server's settings (a database URL, a checkpoint's path): the
+# log has it, a client does not
+FAILED_TO_START = "the service failed to start; the server log says why"
+
+
 def _not_ready(service: Service) -> NotReadyError:
     if service.state == State.FAILED:
-        return NotReadyError(f"the service failed to start ({service.error})", retry_after=30)
+        return NotReadyError(FAILED_TO_START, retry_after=30)
     return NotReadyError(f"the model is not ready yet ({service.state})", retry_after=5)
 
 

@@ -169,7 +169,7 @@ def encode_segmentation(results: list[ItemResult], started_at: float) -> dict[st
         return round(max((getattr(r, stage) for r in results), default=0.0) * 1000, 3)
 
     return {
-        "model": {"id": info.id, "architecture": info.architecture},
+        "model": {"id": info.id, "architecture": info.architecture, "kind": info.kind},
         "results": [r.result for r in results],
         "timing_ms": {
             "queue": slowest("queue_s"),

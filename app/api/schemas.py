@@ -99,9 +99,17 @@ class SegmentRequest(SegmentOptions):
     images: list[ImageSource] = Field(min_length=1, description="images, answered in order")
 
 
+MODEL_KIND = (
+    "`demo`: the bundled model, which knows only synthetic shapes (circles, squares, "
+    "triangles...), not photos; `coco`: torchvision's COCO weights; `custom`: a "
+    "checkpoint trained here or brought"
+)
+
+
 class ModelRefPublic(BaseModel):
     id: str
     architecture: str
+    kind: Literal["demo", "coco", "custom"] = Field(description=MODEL_KIND)
 
 
 class RleMaskPublic(BaseModel):
@@ -165,6 +173,7 @@ class ModelPublic(BaseModel):
 
     id: str
     architecture: str
+    kind: Literal["demo", "coco", "custom"] = Field(description=MODEL_KIND)
     classes: list[ClassPublic] = Field(description="without the background")
     device: str | None = Field(None, description="where it runs; null when not loaded here")
     precision: str | None = Field(

@@ -23,6 +23,7 @@ function showPage(name) {
   }
   if (previous) PAGES[previous].onHide?.();
   PAGES[name].onShow?.();
+  announceModel();
 }
 
 /** Go to a page (also from other modules: the train page opens compare). */
@@ -49,6 +50,18 @@ function initTokens() {
     e.preventDefault(); // nothing is ever submitted (form-action 'none')
     save();
   });
+}
+
+/** The banner saying the served model is the synthetic-shapes demo, from /readyz
+ * (public: it needs no token). Asked again on every page change and activation. */
+async function announceModel() {
+  try {
+    const response = await fetch("readyz", { cache: "no-store" });
+    const ready = await response.json();
+    if (ready.model) $("#demo-banner").hidden = ready.model.kind !== "demo";
+  } catch {
+    // not ready yet, or gone: the banner stays as it was
+  }
 }
 
 /** Every page refreshes what it shows (after tokens are saved, or models changed). */
@@ -86,9 +99,10 @@ async function main() {
 
   await probeServer(); // whether inference needs a token, so no request is sent to fail
   showPage(location.hash.slice(1));
-  await Promise.allSettled([segment.refreshModels(), compare.refreshModels()]); // no request without a token
+  await Promise.allSettled([segment.refreshModels(), compare.refreshModels(), announceModel()]); // no request without a token
   document.addEventListener("maskrcnn:tokens", refreshAll);
   document.addEventListener("maskrcnn:models", () => {
+    announceModel();
     segment.refreshModels();
     compare.refreshModels();
     models.refresh({ force: false });

@@ -186,7 +186,7 @@ def describe_spec(spec: str, classes_file: Path | None = None) -> ModelInfo | No
     if spec in PRETRAINED:
         pretrained = PRETRAINED[spec]
         ids = tuple(range(len(pretrained.categories)))
-        return ModelInfo(spec, pretrained.architecture, ids, pretrained.categories)
+        return ModelInfo(spec, pretrained.architecture, ids, pretrained.categories, kind="coco")
     path = DEMO_CHECKPOINT if spec == "demo" else Path(spec)
     if path.suffix.lower() != ".safetensors":
         return None
@@ -197,7 +197,8 @@ def describe_spec(spec: str, classes_file: Path | None = None) -> ModelInfo | No
         if classes_file and spec != "demo":
             names = read_classes_file(str(classes_file), len(ids))
         model_id = "demo" if spec == "demo" else path.stem
-        return ModelInfo(model_id, metadata["architecture"], ids, names)
+        kind = "demo" if spec == "demo" else "custom"
+        return ModelInfo(model_id, metadata["architecture"], ids, names, kind=kind)
     except Exception as e:  # listing must not fail on a file only loading would judge
         log.debug("cannot describe %s without loading it: %s", path, e)
         return None

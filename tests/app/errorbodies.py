@@ -25,6 +25,7 @@ LEAKS = [
 NOT_SENT = {
     "client_closed_request": "logged as 499 when the client is gone: nobody reads it",
     "too_many_requests": "QuotaError's default: each use names its own code",
+    "unavailable": "UnavailableError's default: each use names its own code",
 }
 
 

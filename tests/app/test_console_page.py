@@ -76,6 +76,18 @@ def open_console(browser, server, page: str, *, api: str = "", admin: str = "") 
     wait_until(lambda: browser.find_element("css selector", f"#page-{page}").is_displayed())
 
 
+def demo_banner_shown(browser) -> bool:
+    return browser.find_element("css selector", "#demo-banner").is_displayed()
+
+
+def test_every_page_says_when_the_demo_model_serves(browser, server):
+    for page in ("segment", "compare", "models", "train"):
+        open_console(browser, server, page)
+        wait_until(lambda: demo_banner_shown(browser), 30, f"the demo banner on {page}")
+        text = browser.find_element("css selector", "#demo-banner").text
+        assert "synthetic shapes" in text and "maskrcnn serve --model coco" in text
+
+
 def state_of(browser, page: str) -> str | None:
     return browser.find_element("css selector", f"#page-{page}").get_attribute("data-state")
 
@@ -286,6 +298,7 @@ def test_train_watch_compare_and_activate_from_the_browser(browser, server, tmp_
     wait_until(lambda: server.client.get("/readyz").json()["model"]["id"] == model_id, 60)
 
     open_console(browser, server, "models")
+    wait_until(lambda: not demo_banner_shown(browser), 30, "the banner gone: a trained model")
     row = wait_until(
         lambda: browser.find_elements("css selector", f'tr[data-model-id="{model_id}"].active')
     )

@@ -6,9 +6,15 @@ send is documented in docs/api.md.
 ``tests/app/conftest.py``, and the whole suite must send every code.)"""
 
 import logging
+import threading
+import time
 
 import pytest
+import torch
+from sqlalchemy.exc import OperationalError
 
+from app.errors import UnavailableError
+from app.store import registry
 from tests.app.conftest import (
     ADMIN_TOKEN,
     REPO,
@@ -20,6 +26,7 @@ from tests.app.conftest import (
     scene,
 )
 from tests.app.errorbodies import codes_in_source
+from tests.app.fakes import FakePredictor
 
 INFERENCE = "inference-token-123"
 
@@ -58,3 +65,79 @@ def test_every_error_code_is_documented():
     assert {"busy", "too_many_jobs", "model_error", "validation_error"} <= codes
     documented = (REPO / "docs" / "api.md").read_text()
     assert not [code for code in sorted(codes) if f"`{code}`" not in documented]
+
+
+PNG = png_bytes(scene(32, 32, 1))
+
+
+def post_png(client, count: int = 1):
+    files = [("images", (f"{i}.png", PNG, "image/png")) for i in range(count)]
+    return client.post("/v1/segment", files=files)
+
+
+def unreachable(*_args, **_kwargs):
+    raise OSError("no network here")
+
+
+def database_gone(*_args, **_kwargs):
+    raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+
+# codes the rest of the suite meets only from servers in processes of their own:
+# here in process, so that ``tests/app/conftest.py`` checks their bodies too
+IN_PROCESS = {  # code: settings, what the fake model does once started, the request
+    "bad_request": ({}, None, lambda c: c.get("/v1/models%0A")),
+    "busy": ({"max_decode_memory_mb": 0.001}, None, post_png),
+    "too_many_pixels": ({"max_request_pixels": 100}, None, post_png),
+    "deadline_exceeded": ({"request_timeout_s": 0.3}, {"forward_s": 1.5}, post_png),
+    "out_of_memory": ({}, {"oom_if": lambda images: True}, post_png),
+    "model_unavailable": (
+        {},
+        {"fail_with": UnavailableError("the model process exited", code="model_unavailable")},
+        post_png,
+    ),
+    "database_unavailable": ({}, None, lambda c: c.get("/v1/models")),  # with database_gone
+    "weights_unavailable": (
+        {},
+        None,
+        lambda c: c.post(
+            "/v1/segment", files=[("images", ("a.png", PNG, "image/png"))], data={"model": "coco"}
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("code", sorted(IN_PROCESS))
+def test_errors_met_elsewhere_out_of_process_answer_in_process_too(code, tmp_path, monkeypatch):
+    settings, behaviour, call = IN_PROCESS[code]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # COCO's weights not cached
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)  # nor fetched
+    with fake_client(data_dir=tmp_path / "data", **settings) as client:
+        for name, value in (behaviour or {}).items():  # after its warm-up
+            setattr(client.predictor, name, value)
+        monkeypatch.setattr(registry, "list_records", database_gone)
+        response = call(client)
+    assert response.json()["error"]["code"] == code, response.text
+
+
+def test_a_full_queue_is_refused_in_process(tmp_path):
+    predictor = FakePredictor()
+    settings = {"max_batch_size": 1, "max_queue_size": 2, "max_images_per_request": 2}
+    with fake_client(predictor, data_dir=tmp_path / "data", **settings) as client:
+        predictor.gate = threading.Event()  # after the warm-up's forward
+        warm = predictor.forwards_started
+        first = threading.Thread(target=post_png, args=(client, 2))  # one held, one queued
+        first.start()
+        try:
+            deadline = time.monotonic() + 30
+            while not (
+                predictor.forwards_started == warm + 1
+                and client.app.state.service.batcher.depth == 1
+            ):
+                assert time.monotonic() < deadline, "the first request never filled the queue"
+                time.sleep(0.01)
+            response = post_png(client, 2)
+        finally:
+            predictor.gate.set()
+            first.join(30)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"

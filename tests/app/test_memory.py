@@ -168,3 +168,17 @@ def iou(a: list[float], b: list[float]) -> float:
     inter = inter_w * inter_h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union
+
+
+def test_the_demo_model_says_what_it_is_in_every_answer(demo):
+    """Not about memory: this module's server is the demo's. Its answers name the
+    kind of model, so no client takes a shapes detector for a photo model."""
+    assert demo.client.get("/readyz").json()["model"]["kind"] == "demo"
+    answer = post(demo, [flat_png(64, 64)]).json()
+    assert answer["model"] == {
+        "id": "demo",
+        "architecture": "maskrcnn_small_fpn",
+        "kind": "demo",
+    }
+    listed = demo.client.get("/v1/models").json()["data"]
+    assert [(m["id"], m["kind"]) for m in listed if m["active"]] == [("demo", "demo")]

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from app.api.auth import MetricsToken
-from app.api.deps import ServiceDep
+from app.api.deps import FAILED_TO_START, ServiceDep
 from app.api.schemas import HealthPublic, ModelRefPublic, ReadinessPublic, error_responses
 from app.errors import NotReadyError
 from app.serving.service import State
@@ -25,14 +25,14 @@ async def readyz(service: ServiceDep) -> ReadinessPublic:
     """200 only when the model is loaded, warmed up, and the server is not draining."""
     if not service.ready or service.predictor is None:
         reason = {
-            State.FAILED: f"the service failed to start ({service.error})",
+            State.FAILED: FAILED_TO_START,
             State.DRAINING: "the server is shutting down",
         }.get(service.state, f"the model is not ready yet ({service.state})")
         raise NotReadyError(reason, retry_after=5)
     predictor = service.predictor
     info = predictor.info
     return ReadinessPublic(
-        model=ModelRefPublic(id=info.id, architecture=info.architecture),
+        model=ModelRefPublic(id=info.id, architecture=info.architecture, kind=info.kind),
         device=str(predictor.device),
         runtime=predictor.runtime,
         precision=predictor.precision,

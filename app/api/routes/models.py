@@ -30,7 +30,12 @@ def describe_info(info: ModelInfo, *, active: bool = False, **fields) -> ModelPu
         if label
     ]
     return ModelPublic(
-        id=info.id, architecture=info.architecture, classes=classes, active=active, **fields
+        id=info.id,
+        architecture=info.architecture,
+        kind=info.kind,
+        classes=classes,
+        active=active,
+        **fields,
     )
 
 
@@ -50,6 +55,7 @@ def describe_record(record: ModelRecord) -> ModelPublic:
     return ModelPublic(
         id=record.id,
         architecture=record.architecture,
+        kind="custom",
         classes=[ClassPublic(id=c["id"], name=c["name"]) for c in record.classes],
         active=False,
         **record_fields(record),
