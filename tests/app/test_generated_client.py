@@ -7,8 +7,10 @@ and list models against a real ``maskrcnn serve``."""
 import base64
 import importlib
 import io
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,11 +27,15 @@ def generated(server, tmp_path_factory):
     spec.write_bytes(server.client.get("/openapi.json").content)
     package = folder / "maskrcnn_client"
     generate = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(spec)]
+    # the generator formats its code with ruff, found on PATH: the dev install's,
+    # also when the tests run without the virtual environment activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     result = subprocess.run(
         [*generate, "--meta", "none", "--output-path", str(package)],
         capture_output=True,
         text=True,
         cwd=folder,
+        env={**os.environ, "PATH": path},
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
