@@ -288,6 +288,7 @@ def test_a_registry_id_as_maskrcnn_model_is_served_under_its_id(
         assert client.get("/readyz").json()["model"] == {
             "id": model_id,
             "architecture": "maskrcnn_resnet50_fpn",
+            "kind": "custom",
         }
         [served] = client.get("/v1/models").json()["data"]
         assert (served["id"], served["active"], served["device"]) == (model_id, True, "cpu")
