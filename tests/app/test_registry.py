@@ -300,7 +300,8 @@ def test_an_unknown_model_id_stops_start_up_with_a_clear_message(data_dir, db):
     app = create_app(load_settings(data_dir=data_dir, model="model-nope", run_worker=False))
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_for(lambda: "failed" in client.get("/readyz").text, 10, "start-up failure")
-        message = error_of(client.get("/readyz"), 503, "not_ready")
+        assert "failed to start" in error_of(client.get("/readyz"), 503, "not_ready")
+        message = app.state.service.error  # the log's, and `maskrcnn serve`'s on exit
         assert "'model-nope'" in message and "nor a model id in the registry" in message
 
 

@@ -53,5 +53,6 @@ def test_a_model_that_cannot_load_fails_the_service_with_its_reason():
         service = app.state.service
         wait_for(lambda: fatal, 10, "the fatal error")
         assert service.state == State.FAILED and "no such weights" in service.error
-        assert "no such weights" in client.get("/readyz").json()["error"]["message"]
+        said = client.get("/readyz").json()["error"]["message"]
+        assert "failed to start" in said and "no such weights" not in said  # the log has it
     assert service.state == State.STOPPED
