@@ -249,6 +249,8 @@ def load_settings(**overrides: Any) -> Settings:
 
     Raises ``SettingsError`` listing every invalid variable by its full name.
     """
+    if unknown := sorted(set(overrides) - set(Settings.model_fields)):
+        raise SettingsError(f"unknown settings: {', '.join(unknown)}")  # a caller's typo
     if f"{ENV_PREFIX}MAX_PIXELS_IN_FLIGHT" in os.environ:
         raise SettingsError(
             f"{ENV_PREFIX}MAX_PIXELS_IN_FLIGHT is gone: the limit is now in memory, "

@@ -144,7 +144,7 @@ def test_a_jpeg_the_model_process_cannot_decode_fails_alone_in_its_batch(tmp_pat
     from fastapi.testclient import TestClient
 
     settings = settings_for(
-        "demo", tmp_path, model_processes=1, max_batch_size=2, max_batch_delay_s=10.0
+        "demo", tmp_path, model_processes=1, max_batch_size=2, max_batch_delay_ms=10_000
     )
 
     def load(s):
