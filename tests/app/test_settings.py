@@ -99,3 +99,8 @@ def test_static_shapes_and_graph_sizes(monkeypatch):
     monkeypatch.setenv("MASKRCNN_GRAPH_IMAGE_SIZES", "640*480")
     with pytest.raises(SettingsError, match="MASKRCNN_GRAPH_IMAGE_SIZES"):
         load_settings()
+
+
+def test_an_unknown_setting_passed_in_code_is_refused():
+    with pytest.raises(SettingsError, match="unknown settings: max_batch_delay_s"):
+        load_settings(max_batch_delay_s=10.0)  # the setting is max_batch_delay_ms
