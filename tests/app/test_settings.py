@@ -104,3 +104,9 @@ def test_static_shapes_and_graph_sizes(monkeypatch):
 def test_an_unknown_setting_passed_in_code_is_refused():
     with pytest.raises(SettingsError, match="unknown settings: max_batch_delay_s"):
         load_settings(max_batch_delay_s=10.0)  # the setting is max_batch_delay_ms
+
+
+def test_the_old_pixels_in_flight_setting_is_refused_naming_its_successor(monkeypatch):
+    monkeypatch.setenv("MASKRCNN_MAX_PIXELS_IN_FLIGHT", "400000000")
+    with pytest.raises(SettingsError, match="MASKRCNN_MAX_DECODE_MEMORY_MB"):
+        load_settings()
