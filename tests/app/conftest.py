@@ -182,7 +182,9 @@ class ServerProcess:
         log_path: Path,
         port: int | None = None,
         cwd: Path = REPO,
+        host: str | None = "127.0.0.1",
     ):
+        """``host`` None: no ``--host``, the command's own default."""
         self.port = port or free_port()  # a fixed port: a replica restarted in place
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -194,7 +196,8 @@ class ServerProcess:
             "OMP_NUM_THREADS": "1",
             **env,
         }
-        command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "app.cli", "serve"]
+        command += ["--host", host] if host else []
         command += ["--port", str(self.port), "--model", str(model)]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(

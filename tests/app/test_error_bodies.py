@@ -7,7 +7,6 @@ send is documented in docs/api.md.
 
 import logging
 import threading
-import time
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from tests.app.conftest import (
     png_bytes,
     register_model,
     scene,
+    wait_for,
 )
 from tests.app.errorbodies import codes_in_source
 from tests.app.fakes import FakePredictor
@@ -129,13 +129,12 @@ def test_a_full_queue_is_refused_in_process(tmp_path):
         first = threading.Thread(target=post_png, args=(client, 2))  # one held, one queued
         first.start()
         try:
-            deadline = time.monotonic() + 30
-            while not (
-                predictor.forwards_started == warm + 1
-                and client.app.state.service.batcher.depth == 1
-            ):
-                assert time.monotonic() < deadline, "the first request never filled the queue"
-                time.sleep(0.01)
+            wait_for(
+                lambda: predictor.forwards_started == warm + 1
+                and client.app.state.service.batcher.depth == 1,
+                30,
+                "the first request to fill the queue",
+            )
             response = post_png(client, 2)
         finally:
             predictor.gate.set()

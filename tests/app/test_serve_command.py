@@ -5,12 +5,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.app.conftest import REPO, free_port
+from tests.app.conftest import REPO, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -57,42 +56,29 @@ def answers(host: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def listening(tmp_path, *args: str) -> Iterator[tuple[int, list[str]]]:
-    """``maskrcnn serve --model demo ARGS`` until it answers on loopback; yields
-    its port and, once it has stopped, its output lines."""
-    port = free_port()
-    command = [sys.executable, "-m", "app.cli", "serve", "--model", "demo"]
-    command += ["--port", str(port), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")}
-    env["MASKRCNN_DATA_DIR"] = str(tmp_path / "data")
-    log = tmp_path / "serve.log"
-    output: list[str] = []
-    with open(log, "wb") as out:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+def listening(tmp_path, host: str | None = None) -> Iterator[ServerProcess]:
+    """``maskrcnn serve --model demo``, with ``--host`` only when ``host`` is given,
+    until it answers on loopback."""
+    env = {"MASKRCNN_DATA_DIR": str(tmp_path / "data")}
+    server = ServerProcess("demo", env, tmp_path / "serve.log", host=host)
     try:
-        deadline = time.monotonic() + 120
-        while not answers("127.0.0.1", port):
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"the server did not listen: {log.read_text()}"
-            time.sleep(0.1)
-        yield port, output
+        server.wait_listening(120)
+        yield server
     finally:
-        server.terminate()
-        server.wait(60)
-        output.extend(log.read_text().splitlines())
+        server.stop()
 
 
 def test_by_default_it_listens_on_this_machine_only(tmp_path):
     address = this_machines_address()
     if address is None:
         pytest.skip("this machine has no address but loopback to try")
-    with listening(tmp_path) as (port, output):
-        assert not answers(address, port)  # not on the machine's network address
-    assert not [line for line in output if "anyone who can reach" in line]
+    with listening(tmp_path) as server:
+        assert not answers(address, server.port)  # not on the machine's network address
+    assert "anyone who can reach" not in server.log()
 
 
 def test_every_interface_without_tokens_is_warned_about(tmp_path):
-    with listening(tmp_path, "--host", "0.0.0.0") as (port, output):
+    with listening(tmp_path, "0.0.0.0") as server:
         address = this_machines_address()
-        assert address is None or answers(address, port)
-    assert [line for line in output if "listening on 0.0.0.0 with no MASKRCNN_API_TOKENS" in line]
+        assert address is None or answers(address, server.port)
+    assert "listening on 0.0.0.0 with no MASKRCNN_API_TOKENS" in server.log()

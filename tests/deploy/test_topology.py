@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.app.conftest import ServerProcess, Traffic, png_bytes, scene
+from tests.app.conftest import ServerProcess, Traffic, png_bytes, scene, wait_for
 from tests.deploy.conftest import ADMIN_TOKEN, API_TOKEN, Topology, has_worker_command
 
 pytestmark = pytest.mark.slow
@@ -59,10 +59,8 @@ def test_request_ids_pass_through_nginx_in_both_directions(topology: Topology):
     request_id = generated.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
     # the access log line is written after the response
-    deadline = time.monotonic() + 10
-    while f"id={request_id}" not in topology.nginx_log.read_text():
-        assert time.monotonic() < deadline, "nginx logged no line with the id"
-        time.sleep(0.05)
+    logged = f"id={request_id}"
+    wait_for(lambda: logged in topology.nginx_log.read_text(), 10, "nginx's line with the id")
 
 
 def test_an_upload_over_the_cap_gets_the_services_json_413_through_nginx(topology: Topology):
