@@ -368,9 +368,9 @@ class Traffic:
                 assert same_detections(found, references[body["model"]["id"]]), body
 
 
-def detections_by(model: str, image: np.ndarray) -> list[tuple[int, float]]:
-    """``image``'s detections ``(class id, score)`` by ``model`` (a spec or a file),
-    run in process on the device a server picks: what a server must answer."""
+def predicted(model: str, image: np.ndarray) -> list:
+    """``image``'s ``Detection``s by ``model`` (a spec or a file), run in process on
+    the device a server picks: what a server must answer."""
     from model.inference.predictor import Predictor
     from model.loading import load_model
 
@@ -383,7 +383,20 @@ def detections_by(model: str, image: np.ndarray) -> list[tuple[int, float]]:
         [result] = Predictor(loaded.network, loaded.info, device=device).predict([tensor])
     finally:
         torch.set_num_threads(threads)
-    return [(d.class_id, d.score) for d in result.detections]
+    return result.detections
+
+
+def detections_by(model: str, image: np.ndarray) -> list[tuple[int, float]]:
+    """``predicted``'s ``(class id, score)``s."""
+    return [(d.class_id, d.score) for d in predicted(model, image)]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 1.0
 
 
 def same_detections(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:

@@ -8,11 +8,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.app.conftest import running_server
+from tests.app.conftest import box_iou, predicted, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -142,32 +141,14 @@ def test_a_large_jpeg_is_decoded_reduced_and_answered_in_its_own_frame(demo):
     assert (result["width"], result["height"]) == (3072, 2048)
     served = [d for d in result["detections"] if d["score"] >= 0.5]
     full = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    expected = [d for d in boxes_by("demo", full) if d[1] >= 0.5]
+    expected = [d for d in predicted("demo", full) if d.score >= 0.5]
     assert served and len(served) == len(expected)
     for got in served:  # each found in the full decode: same class, nearly the same box
         assert any(
-            got["class_id"] == cls and iou(got["box"], box) > 0.9 for cls, _, box in expected
+            got["class_id"] == d.class_id and box_iou(got["box"], d.box) > 0.9 for d in expected
         ), (got, expected)
         assert got["mask"]["size"] == [2048, 3072]
         assert mask_utils.area(got["mask"]) > 0
-
-
-def boxes_by(model: str, image: np.ndarray) -> list[tuple[int, float, list[float]]]:
-    from model.inference.predictor import Predictor
-    from model.loading import load_model
-
-    loaded = load_model(model)
-    tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
-    [result] = Predictor(loaded.network, loaded.info).predict([tensor])
-    return [(d.class_id, d.score, list(d.box)) for d in result.detections]
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
 
 
 def test_the_demo_model_says_what_it_is_in_every_answer(demo):

@@ -12,21 +12,13 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.app.conftest import png_bytes, running_server, scene, wait_for
+from tests.app.conftest import box_iou, png_bytes, running_server, scene, wait_for
 
 pytestmark = pytest.mark.slow
 
 # 8 distinct images: 6 of one shape (one size bucket), 2 of others
 IMAGES = [scene(96, 96, seed) for seed in range(6)] + [scene(64, 112, 6), scene(120, 80, 7)]
 PNGS = [png_bytes(image) for image in IMAGES]
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 1.0
 
 
 def assert_same_detections(got: list[dict], expected: list[dict]) -> None:

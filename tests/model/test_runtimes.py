@@ -235,25 +235,22 @@ def test_int8_keeps_the_demo_models_accuracy(cache, tmp_path):
 def test_int8_graphs_are_read_back_without_calibrating(info, tmp_path, monkeypatch):
     network = make_network(SMALL)
     calibration = [random_image(100, 130, seed) for seed in range(4)]
-    first = Predictor(
-        network,
-        info,
-        runtime="openvino",
-        precision="int8",
-        calibration=calibration,
-        cache_dir=tmp_path,
-    )
+
+    def int8_predictor() -> Predictor:
+        return Predictor(
+            network,
+            info,
+            runtime="openvino",
+            precision="int8",
+            calibration=calibration,
+            cache_dir=tmp_path,
+        )
+
+    first = int8_predictor()
     assert first.calibration_seconds > 0
     assert len(list(tmp_path.glob("*-int8-*.xml"))) == 3
     monkeypatch.setattr(quantize_module, "_nncf", lambda: pytest.fail("calibrated again"))
-    again = Predictor(
-        network,
-        info,
-        runtime="openvino",
-        precision="int8",
-        calibration=calibration,
-        cache_dir=tmp_path,
-    )
+    again = int8_predictor()
     assert again.calibration_seconds is None and again.runtime.precision == "int8"
     images = [random_image(100, 130, 9)]
     assert again.predict(images) == first.predict(images)
