@@ -74,16 +74,20 @@ IMAGE_SHAPES = {
 }
 
 
+def _as_one_of_the_image_shapes(schema: dict[str, Any]) -> None:
+    """The document says "exactly one" too, so clients and generators know; each
+    key is the string its shape says (not ``string | null``), so a reader that merges
+    the object with either shape (ReDoc) finds no conflicting types."""
+    schema["properties"] = {
+        key: value for shape in IMAGE_SHAPES.values() for key, value in shape["properties"].items()
+    }
+    schema["oneOf"] = [{"$ref": f"#/components/schemas/{name}"} for name in IMAGE_SHAPES]
+
+
 class ImageSource(BaseModel):
     """One image: exactly one of ``url`` or ``data`` (base64 of the file's bytes)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        # the document says "exactly one" too, so clients and generators know
-        json_schema_extra={
-            "oneOf": [{"$ref": f"#/components/schemas/{name}"} for name in IMAGE_SHAPES]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_as_one_of_the_image_shapes)
 
     url: str | None = Field(None, description="http(s) URL of the image")
     data: str | None = Field(None, description="base64 of a JPEG, PNG, WebP or BMP file")

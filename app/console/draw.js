@@ -211,6 +211,8 @@ export const formatBox = (box) => box.map((v) => Math.round(v)).join(", ");
 /** Format a response's timing_ms. */
 export function formatTiming(t) {
   if (!t) return "";
-  const f = (v) => `${Number(v).toFixed(1)} ms`;
-  return `queue ${f(t.queue)} · inference ${f(t.inference)} · postprocess ${f(t.postprocess)} · total ${f(t.total)}`;
+  // no-break spaces inside each stage: a narrow column wraps only between stages
+  const stage = (name, v) => `${name}\u00a0${Number(v).toFixed(1)}\u00a0ms`;
+  const stages = ["queue", "inference", "postprocess", "total"].map((name) => stage(name, t[name]));
+  return stages.join(" · ");
 }

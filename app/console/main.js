@@ -6,7 +6,7 @@ import * as segment from "./segment.js";
 import * as compare from "./compare.js";
 import * as models from "./models.js";
 import * as train from "./train.js";
-import { $, setStatus } from "./ui.js";
+import { $, clearAnswersOnNextAction, setStatus } from "./ui.js";
 
 const PAGES = { segment, compare, models, train };
 let current = null;
@@ -82,6 +82,7 @@ async function main() {
     goTo,
   };
   initTokens();
+  clearAnswersOnNextAction();
   segment.init();
   compare.init({ goTo });
   models.init();

@@ -22,6 +22,7 @@ const info = $("#detection-info");
 const thumbs = $("#segment-images");
 const jsonButton = $("#download-json");
 const pngButton = $("#download-png");
+const emptyHint = $("#segment-empty");
 
 const HOVER_HINT = "Hover a detection or a row to see it.";
 
@@ -54,6 +55,7 @@ function clearInput() {
   Object.assign(state, { source: null, images: [], response: null, current: 0, hover: null, pinned: null });
   state.hidden.clear();
   state.seq++; // an answer still on its way is for the old input
+  emptyHint.hidden = true; // the canvas is for this input now, drawn or not
   urlButton.disabled = false;
   tbody.replaceChildren();
   thumbs.replaceChildren();

@@ -74,6 +74,7 @@ async function upload() {
       setStatus(status, `uploaded ${ds.name} (${ds.id}): ${ds.num_images} images, ${ds.num_annotations} annotations`, "ok");
       await loadDatasets(ds.id);
     } catch (err) {
+      progress.value = 0; // nothing was kept: the bar does not say otherwise
       setStatus(status, String(err), "error");
     }
   });

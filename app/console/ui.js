@@ -24,6 +24,20 @@ export function setStatus(node, text, kind = "") {
   node.classList.toggle("ok", kind === "ok");
 }
 
+/**
+ * A line that answers an action (an error, or "ok") answers only that one: the next
+ * action anywhere in the console (a click on a control, a changed field) clears
+ * them all before its own handler writes its answer, so no answer outlives its question.
+ */
+export function clearAnswersOnNextAction() {
+  const clear = (e) => {
+    if (!e.target.closest?.("button, input, select, [tabindex]")) return;
+    for (const line of document.querySelectorAll(".status.error, .status.ok")) setStatus(line, "");
+  };
+  document.addEventListener("click", clear, true);
+  document.addEventListener("change", clear, true);
+}
+
 /** Save a Blob under `name` via a temporary <a download>. */
 export function download(blob, name) {
   const url = URL.createObjectURL(blob);

@@ -65,6 +65,8 @@ def screenshot(browser, name: str) -> None:
 
 
 def open_console(browser, server, page: str, *, api: str = "", admin: str = "") -> None:
+    """The console loaded afresh on ``page`` (a new hash alone would not reload it)."""
+    browser.get("about:blank")
     browser.get(f"{server.url}/#{page}")
     wait_until(lambda: browser.execute_script("return document.documentElement.dataset.ready"))
     if api or admin:
@@ -340,3 +342,97 @@ def test_with_tokens_the_console_asks_for_them_and_keeps_them_for_the_tab(tmp_pa
         assert [url for url in sent if not url.startswith(server.url)] == []
         assert not [url for url in sent if "/v1/datasets" in url or "/v1/training-jobs" in url]
         assert console_errors(browser) == []
+
+
+def header_fields(browser) -> list[dict]:
+    return js(
+        browser,
+        "return ['#api-token', '#admin-token', '#save-tokens'].map("
+        "s => { const r = document.querySelector(s).getBoundingClientRect();"
+        " return {x: r.x, y: r.y, width: r.width}; })",
+    )
+
+
+def test_the_header_stays_put_across_pages_and_saved_tokens(browser, server):
+    browser.set_window_size(1280, 700)  # some pages scroll, some do not
+    try:
+        open_console(browser, server, "segment")
+        where = header_fields(browser)
+        for page in ("compare", "models", "train", "segment"):
+            click(browser, f'button[data-page="{page}"]')
+            wait_until(lambda: browser.find_element("css selector", f"#page-{page}").is_displayed())
+            assert header_fields(browser) == where, page
+        click(browser, "#save-tokens")
+        wait_until(lambda: browser.find_element("css selector", "#tokens-status").text)
+        assert header_fields(browser) == where, "after 'saved for this tab'"
+    finally:
+        browser.set_window_size(1280, 1600)
+
+
+def test_the_empty_canvas_says_what_to_do_until_an_image_comes(browser, server, busy_scene):
+    open_console(browser, server, "segment")
+    hint = browser.find_element("css selector", "#segment-empty")
+    assert hint.is_displayed() and "Drop images" in hint.text
+    browser.find_element("css selector", "#segment-files").send_keys(str(busy_scene[0]))
+    wait_done(browser, "segment")
+    assert not hint.is_displayed()
+
+
+def test_an_answer_is_cleared_by_the_next_action(browser, server, tmp_path):
+    open_console(browser, server, "segment")
+    click(browser, "#segment-url-go")  # no URL typed
+    line = browser.find_element("css selector", "#segment-status")
+    assert "URL" in line.text and "error" in line.get_attribute("class")
+    click(browser, 'button[data-page="compare"]')
+    click(browser, "#compare-run")  # no image chosen: this page's own answer
+    compare_line = browser.find_element("css selector", "#compare-status")
+    assert "image" in compare_line.text and "error" in compare_line.get_attribute("class")
+    click(browser, 'button[data-page="segment"]')
+    assert line.text == "" and "error" not in line.get_attribute("class")
+    assert compare_line.get_attribute("textContent") == ""
+
+
+def test_a_refused_zip_empties_the_upload_bar(browser, server, tmp_path):
+    refused = tmp_path / "not-a-dataset.zip"
+    refused.write_bytes(b"PK\x03\x04 this is no zip archive" * 100)
+    open_console(browser, server, "train", admin=ADMIN_TOKEN)
+    browser.find_element("css selector", "#dataset-file").send_keys(str(refused))
+    click(browser, "#dataset-upload")
+    status = browser.find_element("css selector", "#dataset-status")
+    wait_until(lambda: "error" in status.get_attribute("class"), 30, "the refusal")
+    assert "zip" in status.text.lower(), status.text
+    progress = browser.find_element("css selector", "#dataset-progress")
+    assert float(progress.get_attribute("value")) == 0
+    [refusal] = console_errors(browser)  # the browser logs the 400 itself
+    assert "/v1/datasets" in refusal and "400" in refusal
+
+
+def stage_lines(browser, selector: str) -> tuple[list[int], int]:
+    """How many lines each stage of a timing line spans, and the whole line's count."""
+    return js(
+        browser,
+        "const text = document.querySelector(arguments[0]).firstChild;"
+        "const lines = (start, end) => { const r = document.createRange();"
+        " r.setStart(text, start); r.setEnd(text, end);"
+        " return new Set([...r.getClientRects()].map(c => Math.round(c.top))).size; };"
+        "const spans = []; let start = 0;"
+        "for (const part of text.data.split(' · ')) {"
+        " spans.push(lines(start, start + part.length)); start += part.length + 3; }"
+        "return [spans, lines(0, text.data.length)];",
+        selector,
+    )
+
+
+def test_compares_timing_wraps_between_stages_not_inside_one(browser, server, busy_scene):
+    browser.set_window_size(390, 844)
+    try:
+        open_console(browser, server, "compare")
+        wait_until(lambda: browser.find_elements("css selector", "#compare-left option"))
+        browser.find_element("css selector", "#compare-file").send_keys(str(busy_scene[0]))
+        click(browser, "#compare-run")
+        wait_done(browser, "compare", 120)
+        spans, whole = stage_lines(browser, "#compare-left-timing")
+        assert len(spans) == 4 and whole > 1, "the phone's column wraps the line"
+        assert spans == [1, 1, 1, 1], browser.find_element("css selector", "#compare-left-timing").text
+    finally:
+        browser.set_window_size(1280, 1600)
