@@ -360,7 +360,8 @@ def test_the_header_stays_put_across_pages_and_saved_tokens(browser, server):
         where = header_fields(browser)
         for page in ("compare", "models", "train", "segment"):
             click(browser, f'button[data-page="{page}"]')
-            wait_until(lambda: browser.find_element("css selector", f"#page-{page}").is_displayed())
+            shown = browser.find_element("css selector", f"#page-{page}")
+            wait_until(shown.is_displayed)
             assert header_fields(browser) == where, page
         click(browser, "#save-tokens")
         wait_until(lambda: browser.find_element("css selector", "#tokens-status").text)
@@ -433,6 +434,7 @@ def test_compares_timing_wraps_between_stages_not_inside_one(browser, server, bu
         wait_done(browser, "compare", 120)
         spans, whole = stage_lines(browser, "#compare-left-timing")
         assert len(spans) == 4 and whole > 1, "the phone's column wraps the line"
-        assert spans == [1, 1, 1, 1], browser.find_element("css selector", "#compare-left-timing").text
+        timing = browser.find_element("css selector", "#compare-left-timing").text
+        assert spans == [1, 1, 1, 1], timing
     finally:
         browser.set_window_size(1280, 1600)
