@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.inputs.urlpolicy import Allowlist
+from model import MODEL_SPECS, spec_names
 
 ENV_PREFIX = "MASKRCNN_"
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -144,7 +145,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_model(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("expected auto, coco, coco-v2, demo, a file path or a model id")
+            raise ValueError(f"expected {spec_names(MODEL_SPECS)}, a file path or a model id")
         return value.strip()
 
     @field_validator("max_images_per_request")

@@ -28,7 +28,11 @@ _MODULES = {
     "Detection": "model.inference.predictor",
     "ImageResult": "model.inference.predictor",
     "Predictor": "model.inference.predictor",
+    "BASE_MODELS": "model.info",
+    "BUILTIN_MODELS": "model.info",
+    "MODEL_SPECS": "model.info",
     "ModelInfo": "model.info",
+    "spec_names": "model.info",
     "class_table_from_metadata": "model.info",
     "read_classes_file": "model.info",
     "DEMO_CHECKPOINT": "model.loading",
@@ -58,8 +62,11 @@ _MODULES = {
 
 __all__ = [
     "ANNOTATIONS_FILE",
+    "BASE_MODELS",
+    "BUILTIN_MODELS",
     "DEMO_CHECKPOINT",
     "METADATA_KEY",
+    "MODEL_SPECS",
     "PRETRAINED",
     "RUNTIMES",
     "CheckpointError",
@@ -95,6 +102,7 @@ __all__ = [
     "render_scenes",
     "resolve_device",
     "run_training",
+    "spec_names",
     "split_dataset",
     "to_coco_results",
     "unsafe_path_reason",
@@ -129,7 +137,15 @@ if TYPE_CHECKING:
     from model.inference.options import PredictOptions
     from model.inference.predictor import Detection, ImageResult, Predictor
     from model.inference.runtimes import RUNTIMES, choose_runtime
-    from model.info import ModelInfo, class_table_from_metadata, read_classes_file
+    from model.info import (
+        BASE_MODELS,
+        BUILTIN_MODELS,
+        MODEL_SPECS,
+        ModelInfo,
+        class_table_from_metadata,
+        read_classes_file,
+        spec_names,
+    )
     from model.loading import DEMO_CHECKPOINT, load_model, resolve_device
     from model.training.coco import to_coco_results
     from model.training.dataset import ANNOTATIONS_FILE, CocoDataset, split_dataset

@@ -8,6 +8,18 @@ from model.errors import InvalidOptionError
 
 ModelKind = Literal["demo", "coco", "custom"]
 
+# The models every installation can name: the bundled demo and torchvision's COCO
+# weights (``model.weights.PRETRAINED``). Specs add ``auto`` (COCO's weights when
+# cached, else the demo); a training job's base model adds ``scratch``.
+BUILTIN_MODELS = ("demo", "coco", "coco-v2")
+MODEL_SPECS = ("auto", *BUILTIN_MODELS)
+BASE_MODELS = ("scratch", *BUILTIN_MODELS)
+
+
+def spec_names(names: tuple[str, ...]) -> str:
+    """``names`` for a help text or an error: "auto, demo, coco, coco-v2"."""
+    return ", ".join(names)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

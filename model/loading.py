@@ -13,10 +13,12 @@ from torchvision.models.detection import MaskRCNN
 from model.checkpoint import load_state, read_checkpoint
 from model.errors import CheckpointError, WeightsUnavailableError
 from model.info import (
+    MODEL_SPECS,
     ModelInfo,
     class_table_from_metadata,
     default_class_table,
     read_classes_file,
+    spec_names,
 )
 from model.networks import build_network
 from model.weights import PRETRAINED, load_pretrained_state
@@ -124,7 +126,7 @@ def load_file(
     """Load our ``.safetensors`` checkpoint or a torchvision ``.pth``/``.pt`` state dict."""
     if not path.is_file():
         raise CheckpointError(
-            f"model {str(path)!r}: not auto, coco, coco-v2, demo, nor an existing file"
+            f"model {str(path)!r}: not {spec_names(MODEL_SPECS)}, nor an existing file"
         )
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

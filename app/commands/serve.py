@@ -4,6 +4,8 @@ gracefully (``app.server``)."""
 import argparse
 import sys
 
+from model import MODEL_SPECS, spec_names
+
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     parser = subparsers.add_parser(
@@ -19,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     )
     parser.add_argument("--port", type=int, help="port (MASKRCNN_PORT; default 8000)")
     parser.add_argument(
-        "--model", help="auto, coco, coco-v2, demo or a checkpoint (MASKRCNN_MODEL)"
+        "--model", help=f"{spec_names(MODEL_SPECS)} or a checkpoint (MASKRCNN_MODEL)"
     )
     parser.set_defaults(func=run)
 

@@ -6,6 +6,8 @@ model id (``model-…``, read from the database and ``DATA_DIR`` the
 
 import argparse
 
+from model import BASE_MODELS, MODEL_SPECS, spec_names
+
 RUNTIME_HELP = "what runs the network: auto (OpenVINO on the CPU, torch on a GPU), torch, openvino"
 PRECISION_HELP = (
     "fp32; fp16 or bf16 on a GPU; bf16 or int8 on a CPU with the units for them (OpenVINO)"
@@ -33,7 +35,7 @@ def resolve_model(spec: str, *, scratch: bool = False) -> tuple[str, str | None]
         settings = load_settings(model=spec)
     except SettingsError as e:
         raise SystemExit(f"maskrcnn: {e}") from None
-    names = "scratch, coco, coco-v2, demo" if scratch else "auto, coco, coco-v2, demo"
+    names = spec_names(BASE_MODELS if scratch else MODEL_SPECS)
     return resolve_model_spec(settings, names=names)
 
 
@@ -42,7 +44,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="auto",
-        help="auto, coco, coco-v2, demo, a checkpoint file or a registry model id",
+        help=f"{spec_names(MODEL_SPECS)}, a checkpoint file or a registry model id",
     )
     parser.add_argument("--classes-file", help="class names, one per line (background first)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

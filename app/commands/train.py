@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from model import BASE_MODELS, spec_names
+
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     from app.commands.shared import DefaultsShown
@@ -34,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     p.add_argument(
         "--base-model",
         default="scratch",
-        help="scratch, coco, coco-v2, demo, a checkpoint file or a registry model id",
+        help=f"{spec_names(BASE_MODELS)}, a checkpoint file or a registry model id",
     )
     p.add_argument("--architecture", default="maskrcnn_small_fpn", help="for --base-model scratch")
     p.add_argument("--image-size", type=int, help="shorter side the network resizes images to")

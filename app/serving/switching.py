@@ -25,7 +25,7 @@ from app.settings import Settings
 from app.store import registry
 from app.store.db import Database
 from app.store.registry import Activation, ActivationError
-from model import ModelInfo
+from model import BUILTIN_MODELS, ModelInfo, spec_names
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class ModelSwitcher:
     def spec_for(self, model_id: str) -> ModelSpec:
         """How to load ``model_id`` (blocking: may read the database); ``NotFoundError``
         for an id this replica cannot serve."""
-        if model_id in registry.BUILTIN_MODELS:
+        if model_id in BUILTIN_MODELS:
             return model_spec(self.settings, model=model_id)
         if model_id == self.startup_id:
             return self.startup_spec()
@@ -161,7 +161,7 @@ class ModelSwitcher:
             return model_spec(self.settings, model=model_id, db=self.db)
         raise NotFoundError(
             f"no model with id {model_id!r}; GET /v1/models lists them "
-            f"(built-in: {', '.join(registry.BUILTIN_MODELS)})"
+            f"(built-in: {spec_names(BUILTIN_MODELS)})"
         )
 
     async def activate(self, model_id: str) -> None:

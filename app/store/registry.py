@@ -38,16 +38,17 @@ from app.store.db import (
     utcnow,
 )
 from model import (
+    BUILTIN_MODELS,
     METADATA_KEY,
+    MODEL_SPECS,
     CheckpointError,
     ModelInfo,
     class_table_from_metadata,
     read_classes_file,
+    spec_names,
 )
 
 log = logging.getLogger(__name__)
-
-BUILTIN_MODELS = ("demo", "coco", "coco-v2")
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
 
 
@@ -120,7 +121,7 @@ def resolve_model_spec(
     *,
     model: str | None = None,
     db: Database | None = None,
-    names: str = "auto, coco, coco-v2, demo",
+    names: str = spec_names(MODEL_SPECS),
 ) -> tuple[str, str | None]:
     """``(spec for model.loading.load_model, model_id)`` of ``model`` (default:
     ``MODEL``): a registry id becomes its checkpoint's path and keeps its id,

@@ -27,8 +27,8 @@ from app.store.db import (
     new_id,
     utcnow,
 )
+from model import BASE_MODELS
 
-BUILTIN_BASE_MODELS = ("demo", "coco", "coco-v2", "scratch")
 MODELS_DIR = "models"  # checkpoints of trained versions, under DATA_DIR
 
 
@@ -82,9 +82,9 @@ def create_job(
                 code="unknown_dataset",
             )
         base = config["base_model"]
-        if base not in BUILTIN_BASE_MODELS and session.get(ModelRecord, base) is None:
+        if base not in BASE_MODELS and session.get(ModelRecord, base) is None:
             raise BadRequestError(
-                f"unknown base_model {base!r}: expected {', '.join(BUILTIN_BASE_MODELS)} "
+                f"unknown base_model {base!r}: expected {', '.join(BASE_MODELS)} "
                 "or a model id from GET /v1/models",
                 code="unknown_model",
             )
@@ -295,7 +295,7 @@ def fail_stale_jobs(db: Database, timeout_s: float) -> list[str]:
 def resolve_base_model(db: Database, base_model: str) -> str:
     """What ``model.training.transfer.starting_network`` takes: a built-in name as is, a
     registry id as its checkpoint file."""
-    if base_model in BUILTIN_BASE_MODELS:
+    if base_model in BASE_MODELS:
         return base_model
     with db.session() as session:
         record = session.get(ModelRecord, base_model)

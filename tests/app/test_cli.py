@@ -157,7 +157,7 @@ def test_an_unknown_model_names_every_kind_of_spec(tmp_path, registered):
     image.write_bytes(png_bytes(scene(32, 32, seed=0)))
     predicted = maskrcnn("predict", str(image), "--model", "model-nope", env=env)
     assert predicted.returncode == 1
-    assert "not auto, coco, coco-v2, demo, an existing file, nor a model id" in predicted.stderr
+    assert "not auto, demo, coco, coco-v2, an existing file, nor a model id" in predicted.stderr
     trained = maskrcnn(
         "train",
         "--dataset",
@@ -169,7 +169,7 @@ def test_an_unknown_model_names_every_kind_of_spec(tmp_path, registered):
         env=env,
     )
     assert trained.returncode == 1
-    assert "not scratch, coco, coco-v2, demo, an existing file, nor a model id" in trained.stderr
+    assert "not scratch, demo, coco, coco-v2, an existing file, nor a model id" in trained.stderr
 
 
 def test_train_refuses_zero_epochs_and_shows_its_defaults(tmp_path):

@@ -14,6 +14,7 @@ import model.loading as loading
 import model.weights as weights
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.errors import CheckpointError, WeightsUnavailableError
+from model.info import BASE_MODELS, BUILTIN_MODELS, MODEL_SPECS
 from model.loading import load_model
 from tests.model.conftest import make_network, random_image
 
@@ -124,7 +125,7 @@ def test_not_a_mask_rcnn(tmp_path):
 
 
 def test_unknown_spec_and_suffix(tmp_path):
-    with pytest.raises(CheckpointError, match="not auto, coco, coco-v2, demo"):
+    with pytest.raises(CheckpointError, match="not auto, demo, coco, coco-v2"):
         load_model(str(tmp_path / "missing.safetensors"))
     odd = tmp_path / "model.onnx"
     odd.write_bytes(b"x")
@@ -233,3 +234,9 @@ def test_coco_from_hub_cache(empty_hub):
     assert loaded.info.class_names[1] == "person"
     assert loaded.info.resolve_classes(["person", "dog"]) == frozenset({1, 18})
     assert_same_outputs(loaded.network, network.eval())
+
+
+def test_the_built_in_names_are_the_demo_and_each_pretrained_weight():
+    assert set(BUILTIN_MODELS) == {"demo", *weights.PRETRAINED}
+    assert set(MODEL_SPECS) - set(BUILTIN_MODELS) == {"auto"}
+    assert set(BASE_MODELS) - set(BUILTIN_MODELS) == {"scratch"}
