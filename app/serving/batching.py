@@ -131,6 +131,10 @@ class Batcher:
             self._released.clear()
             await self._released.wait()
 
+    def done_with(self, predictor: ServedPredictor) -> None:
+        """A closed ticket no longer uses ``predictor`` (``retire`` waits for this)."""
+        self._use(predictor, -1)
+
     def _use(self, predictor: ServedPredictor, delta: int) -> None:
         self._users[predictor] += delta
         if self._users[predictor] <= 0:
@@ -187,13 +191,15 @@ class Batcher:
         self._use(predictor, +1)
         return Ticket(self, n, predictor, bucket_key)
 
-    def _enqueue(
+    def enqueue(
         self,
         ticket: "Ticket",
         images: Sequence[torch.Tensor],
         options: Sequence[PredictOptions],
         deadline: float,
     ) -> list[WorkItem]:
+        """Queue a ticket's images (``Ticket.submit``); their places stay reserved
+        until the ticket gives them back (``unreserve``)."""
         if self._closing:
             raise NotReadyError("the server is shutting down", retry_after=5)
         loop = asyncio.get_running_loop()
@@ -207,7 +213,11 @@ class Batcher:
         self._wakeup.set()
         return items
 
-    def _withdraw(self, items: list[WorkItem], reason: str) -> None:
+    def unreserve(self, places: int) -> None:
+        """Give back places ``admit`` reserved: queued meanwhile, or never used."""
+        self._reserved -= places
+
+    def withdraw(self, items: list[WorkItem], reason: str) -> None:
         """Take a closed ticket's waiting images out of the queue."""
         for item in items:
             bucket = self._buckets.get(_queue_key(item))
@@ -359,19 +369,19 @@ class Ticket:
         """
         if len(images) != self._reserved:
             raise ValueError(f"reserved {self._reserved} places, got {len(images)} images")
-        self._items = self._batcher._enqueue(self, images, options, deadline)
+        self._items = self._batcher.enqueue(self, images, options, deadline)
         self._release()
         return list(await asyncio.gather(*(item.future for item in self._items)))
 
     def close(self, reason: str = "cancelled") -> None:
         self._release()
-        self._batcher._withdraw(self._items, reason)
+        self._batcher.withdraw(self._items, reason)
         if self._open:
             self._open = False
-            self._batcher._use(self.predictor, -1)
+            self._batcher.done_with(self.predictor)
 
     def _release(self) -> None:
-        self._batcher._reserved -= self._reserved
+        self._batcher.unreserve(self._reserved)
         self._reserved = 0
 
 

@@ -7,20 +7,16 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from model import InputGeometry, input_geometry
+from model import InputGeometry
 
 
 def image_size_key(image: torch.Tensor) -> Hashable:
     return tuple(image.shape[-2:])
 
 
-def bucket_key_for(network: torch.nn.Module | None) -> Callable[[torch.Tensor], Hashable]:
-    """Bucket by padded network input size; by exact image size when ``network``
-    has no torchvision transform."""
-    return bucket_key_from(input_geometry(network))
-
-
 def bucket_key_from(geometry: InputGeometry | None) -> Callable[[torch.Tensor], Hashable]:
+    """Bucket by the padded network input size ``geometry`` gives (a model's
+    ``input_geometry``); by exact image size when it gives none."""
     if geometry is None:
         return image_size_key
     if geometry.fixed:

@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -220,11 +220,6 @@ class ModelProcess(PredictInTwoStages):
     def watch(self, on_exit: Callable[[], None]) -> None:
         self.on_exit = on_exit
 
-    @property
-    def alive(self) -> bool:
-        # the sentinel, not is_alive(): that would wait for the child too (see _reap_lock)
-        return self._exited is None and not wait([self.process.sentinel], 0)
-
     def close(self) -> None:
         """Stop the child: it finishes what it was sent, then exits (killed after
         ``CLOSE_TIMEOUT_S``). Calls made after this fail with 503."""
@@ -298,10 +293,6 @@ class ModelPool(PredictInTwoStages):
     def concurrency(self) -> int:
         """Batches forwarded at once: one per child."""
         return len(self.children)
-
-    @property
-    def alive(self) -> bool:
-        return all(child.alive for child in self.children)
 
     def watch(self, on_exit: Callable[[], None]) -> None:
         self.on_exit = on_exit

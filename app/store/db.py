@@ -251,10 +251,6 @@ class Database:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self.session() as session:
-            session.merge(Meta(key=key, value=value, updated_at=utcnow()))
-
     def resolve(self, relative: str) -> Path:
         """A path stored in a row, under ``DATA_DIR``."""
         return self.data_dir / relative

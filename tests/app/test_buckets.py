@@ -4,7 +4,8 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from app.serving.buckets import bucket_key_for
+from app.serving.buckets import bucket_key_from
+from model import input_geometry
 
 
 class Net(torch.nn.Module):
@@ -18,7 +19,7 @@ class Net(torch.nn.Module):
 @pytest.mark.parametrize(("min_size", "max_size"), [(128, 128), (128, 200), (800, 1333)])
 def test_bucket_is_the_padded_network_input_size(min_size, max_size):
     network = Net(min_size=min_size, max_size=max_size)
-    key = bucket_key_for(network)
+    key = bucket_key_from(input_geometry(network))
     generator = torch.Generator().manual_seed(0)
     for _ in range(25):
         height, width = torch.randint(17, 700, (2,), generator=generator).tolist()
@@ -29,5 +30,5 @@ def test_bucket_is_the_padded_network_input_size(min_size, max_size):
 
 
 def test_without_a_transform_images_bucket_by_their_size():
-    key = bucket_key_for(None)
+    key = bucket_key_from(None)
     assert key(torch.zeros(3, 10, 20)) == (10, 20)

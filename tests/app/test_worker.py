@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from app.settings import SettingsError, load_settings
-from app.store.db import Database, DatasetRecord, ModelRecord, TrainingJobRecord, utcnow
+from app.store.db import Database, DatasetRecord, Meta, ModelRecord, TrainingJobRecord, utcnow
 from app.training import jobs
 from app.training.worker import Worker
 from tests.app.conftest import (
@@ -327,7 +327,8 @@ def test_the_worker_command_refuses_what_it_cannot_use(sqlite_url, tmp_path, mon
     assert "MASKRCNN_JOB_HEARTBEAT_TIMEOUT_S" in capsys.readouterr().err
 
     db = job_store(tmp_path / "data", sqlite_url)
-    db.set_meta("schema_version", "99")  # written by a newer release
+    with db.session() as session:  # written by a newer release
+        session.merge(Meta(key="schema_version", value="99", updated_at=utcnow()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")}
     env |= {"MASKRCNN_DATABASE_URL": sqlite_url, "MASKRCNN_DATA_DIR": str(db.data_dir)}
     command = [sys.executable, "-m", "app.cli", "worker"]
