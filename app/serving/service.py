@@ -25,6 +25,7 @@ from app.serving.ondemand import OnDemandModels
 from app.serving.predictors import ServedPredictor, build_predictor
 from app.serving.switching import ModelSwitcher, PredictorLoader
 from app.settings import Settings
+from app.store import registry
 from app.store.db import Database
 from model import ModelInfo
 
@@ -112,7 +113,7 @@ class Service:
             self._set_state(State.WARMING_UP)
             await self.models.serve_initial(predictor)
             self._set_state(State.READY)
-            self._poller = asyncio.create_task(self.models.poll_database(), name="maskrcnn-poll")
+            self._poller = asyncio.create_task(self.poll_database(), name="maskrcnn-poll")
         except Exception as e:
             what = f"serve model {self.settings.model!r}"
             if isinstance(e, DatabaseUnavailableError):
@@ -123,6 +124,22 @@ class Service:
                 await asyncio.to_thread(predictor.close)
             if self.on_fatal is not None:
                 self.on_fatal(e)
+
+    async def poll_database(self) -> None:
+        """Every ``MODEL_POLL_S``: the training jobs gauge, then activations made
+        through other replicas. A database hiccup does not stop the polling."""
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                counts = await self.db.run(registry.count_jobs, self.db)
+                for state, count in counts.items():
+                    self.metrics.training_jobs.labels(state=state).set(count)
+                await self.models.follow_activation()
+            except Exception as e:
+                self.metrics.database_up.set(0)
+                log.warning("cannot read the database: %s", e)
+            else:
+                self.metrics.database_up.set(1)
 
     async def _prepare_database(self) -> None:
         """Its tables; a database that cannot be reached is said to be one."""

@@ -250,27 +250,11 @@ class ModelSwitcher:
         await asyncio.to_thread(free_memory)
         log.info(message, model_id)
 
-    # -- the database poll --------------------------------------------------------------
+    # -- activations through other replicas ---------------------------------------------
 
-    async def poll_database(self) -> None:
-        """Every ``MODEL_POLL_S``: follow activations made through other replicas and
-        refresh the training jobs gauge."""
-        while True:
-            await asyncio.sleep(self.settings.model_poll_s)
-            try:
-                await self.refresh_from_database()
-            except Exception as e:  # a database hiccup must not stop the polling
-                self.metrics.database_up.set(0)
-                log.warning("cannot read the database: %s", e)
-            else:
-                self.metrics.database_up.set(1)
-
-    async def refresh_from_database(self) -> None:
-        """One poll: the jobs gauge, then a switch if another activation was recorded
-        since the last one this replica acted on."""
-        counts = await self.db.run(registry.count_jobs, self.db)
-        for state, count in counts.items():
-            self.metrics.training_jobs.labels(state=state).set(count)
+    async def follow_activation(self) -> None:
+        """Switch if another activation was recorded since the last one this replica
+        acted on (``Service.poll_database`` asks every ``MODEL_POLL_S``)."""
         if await self.db.run(registry.read_activation, self.db) == self._seen:
             return
         async with self._swap_lock:

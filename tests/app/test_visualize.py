@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from app.serving.visualize import (
+from app.api.visualize import (
     Rect,
     class_colour,
     label_size_px,

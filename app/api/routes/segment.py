@@ -20,12 +20,12 @@ from app.api.schemas import (
     SegmentRequest,
     error_responses,
 )
+from app.api.visualize import render_png
 from app.errors import BadRequestError
 from app.inputs.decoding import decode_all, gather_or_cancel, in_decoder_threads
 from app.inputs.memory import RequestMemory
 from app.inputs.urlfetch import ByteBudget
 from app.serving.predictors import ServedPredictor
-from app.serving.visualize import render_png
 
 router = APIRouter(
     prefix="/v1/segment",
