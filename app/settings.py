@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.inputs.urlpolicy import Allowlist
+from app.inputs.urlpolicy import Allowlist, FetchPolicy
 from model import MODEL_SPECS, spec_names
 
 ENV_PREFIX = "MASKRCNN_"
@@ -32,7 +32,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
     )
 
-    # model
+    # -- the model ------------------------------------------------------------------
     model: str = "auto"
     classes_file: Path | None = None
     device: str = "auto"
@@ -50,9 +50,6 @@ class Settings(BaseSettings):
     # share the device and forward N batches at once; 0: the model runs in the
     # HTTP server's process; auto: 2 on a GPU, 0 on the CPU (app.serving.service)
     model_processes: Annotated[int, Field(ge=0, le=16)] | Literal["auto"] = "auto"
-    # how often a replica checks the database for a newly activated model (and
-    # refreshes the training-jobs gauge)
-    model_poll_s: float = Field(2.0, gt=0, le=3600)
     # models besides the served one kept loaded for the `model` option of
     # /v1/segment* (app.serving.ondemand); 0 refuses the option for other models
     model_cache_size: int = Field(2, ge=0, le=16)
@@ -64,20 +61,26 @@ class Settings(BaseSettings):
     cuda_graphs: bool | Literal["auto"] = "auto"
     graph_batch_sizes: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8)
     graph_image_sizes: Annotated[tuple[str, ...], NoDecode] = ("640x480",)
+    # how often a replica reads the database: a model activated through another
+    # replica, and the training-jobs gauge
+    model_poll_s: float = Field(2.0, gt=0, le=3600)
 
-    # batching queue
+    # -- the batching queue (app.serving.batching) -------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(64, ge=1, le=100_000)
-    # what a client may hold of the server (app.api.connections): its headers in all,
-    # their arrival, the gap between two chunks of a body, an idle keep-alive
+    max_images_per_request: int = Field(32, ge=1)  # after max_queue_size: checked against it
+
+    # -- clients' connections and requests (app.api.connections): the headers in all,
+    # their arrival, the gap between two chunks of a body, an idle keep-alive, and a
+    # whole request
     max_header_kb: float = Field(16.0, gt=0, le=1024)
     header_timeout_s: float = Field(10.0, gt=0, le=600)
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     keep_alive_s: float = Field(5.0, gt=0, le=600)
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
 
-    # input limits
+    # -- images (app.inputs) -----------------------------------------------------------
     max_upload_mb: float = Field(50.0, gt=0)
     max_image_pixels: int = Field(40_000_000, ge=1)
     # counted from the images' headers before any is decoded (app.inputs.memory):
@@ -85,51 +88,55 @@ class Settings(BaseSettings):
     # decoded, in MB (503 busy)
     max_request_pixels: int = Field(120_000_000, ge=1)
     max_decode_memory_mb: float = Field(1536.0, gt=0)
-    max_images_per_request: int = Field(32, ge=1)
+    # image URLs the server fetches (app.inputs.urlpolicy); the last timeout covers
+    # all hops of one URL
     url_fetch: bool = True
     url_allow_private: bool = False
     url_allowlist: Annotated[tuple[str, ...], NoDecode] = ()
     url_connect_timeout_s: float = Field(5.0, gt=0, le=300)
     url_read_timeout_s: float = Field(10.0, gt=0, le=300)
-    url_total_timeout_s: float = Field(20.0, gt=0, le=3600)  # all hops of one URL
-    # when true (and API_TOKENS is set), /metrics resp. /docs, /redoc, /openapi.json
-    # need an API token too
-    protect_metrics: bool = False
-    protect_docs: bool = False
-    # dataset uploads (POST /v1/datasets): the zip's size (instead of MAX_UPLOAD_MB),
-    # what its files may unpack to in all, and how many entries it may list
+    url_total_timeout_s: float = Field(20.0, gt=0, le=3600)
+
+    # -- datasets (POST /v1/datasets): the zip's size (instead of MAX_UPLOAD_MB), what
+    # its files may unpack to in all, how many entries it may list; what its
+    # annotations.json may list; how many datasets are kept (429)
     max_dataset_mb: float = Field(2048.0, gt=0)
     max_dataset_unpacked_mb: float = Field(8192.0, gt=0)
     max_dataset_files: int = Field(50_000, ge=1)
-    # what its annotations.json may list
     max_dataset_images: int = Field(50_000, ge=1)
     max_dataset_annotations: int = Field(1_000_000, ge=1)
     max_dataset_categories: int = Field(1_000, ge=1)
-    # what the server keeps: datasets stored, training jobs waiting for a worker (429)
     max_datasets: int = Field(100, ge=1)
-    max_queued_jobs: int = Field(100, ge=1)
 
-    # storage, jobs and auth
-    data_dir: Path = Path("data")
-    database_url: str | None = None
-    # connecting, a pooled connection, a statement, and every call the server makes:
-    # past it, routes that need the database answer 503 database_unavailable
-    database_timeout_s: float = Field(5.0, gt=0, le=300)
-    api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
-    admin_token: SecretStr | None = None
+    # -- training jobs (docs/training-jobs.md): a worker in the server (RUN_WORKER) or
+    # apart; it heartbeats its running job every JOB_HEARTBEAT_S, and one silent for
+    # JOB_HEARTBEAT_TIMEOUT_S is marked failed; jobs waiting for a worker (429)
     run_worker: bool = True
-    # training jobs (docs/training-jobs.md): a worker heartbeats its running job every
-    # JOB_HEARTBEAT_S; one silent for JOB_HEARTBEAT_TIMEOUT_S is marked failed
     job_heartbeat_s: float = Field(5.0, gt=0, le=600)
     job_heartbeat_timeout_s: float = Field(30.0, gt=0, le=86_400)
     worker_poll_s: float = Field(1.0, gt=0, le=600)
     job_threads: int = Field(0, ge=0, le=1024, description="torch threads per job; 0: half")
+    max_queued_jobs: int = Field(100, ge=1)
 
-    # where `maskrcnn serve` listens: this machine only, unless told otherwise
+    # -- storage and the database: the timeout covers connecting, a pooled
+    # connection, a statement, and every call the server makes: past it, routes that
+    # need the database answer 503 database_unavailable
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    database_timeout_s: float = Field(5.0, gt=0, le=300)
+
+    # -- access: inference and admin tokens; when true (and API_TOKENS is set),
+    # /metrics resp. /docs, /redoc, /openapi.json need an API token too
+    api_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    admin_token: SecretStr | None = None
+    protect_metrics: bool = False
+    protect_docs: bool = False
+
+    # -- where `maskrcnn serve` listens: this machine only, unless told otherwise
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=0, le=65535)
 
-    # logging
+    # -- logging -------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -243,6 +250,26 @@ class Settings(BaseSettings):
     def database_url_or_default(self) -> str:
         """``DATABASE_URL``, or a SQLite file under ``DATA_DIR``."""
         return self.database_url or f"sqlite:///{self.data_dir / 'maskrcnn.db'}"
+
+    def fetch_policy(self) -> FetchPolicy:
+        """What an image URL may reach and take: ``URL_ALLOW_PRIVATE``,
+        ``URL_ALLOWLIST``, the URL timeouts and ``MAX_UPLOAD_MB``."""
+        return FetchPolicy(
+            max_bytes=self.max_upload_bytes,
+            allow_private=self.url_allow_private,
+            allowlist=Allowlist.parse(self.url_allowlist),
+            connect_timeout_s=self.url_connect_timeout_s,
+            read_timeout_s=self.url_read_timeout_s,
+            total_timeout_s=self.url_total_timeout_s,
+        )
+
+    def as_environment(self, *names: str, **values: Any) -> dict[str, str]:
+        """The settings ``names`` (and ``values``, settings given here) as the
+        variables a child process reads them from: ``{"MASKRCNN_DEVICE": "cpu", ...}``."""
+        values = {name: getattr(self, name) for name in names} | values
+        if unknown := sorted(set(values) - set(type(self).model_fields)):
+            raise ValueError(f"unknown settings: {', '.join(unknown)}")
+        return {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in values.items()}
 
 
 def load_settings(**overrides: Any) -> Settings:

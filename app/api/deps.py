@@ -9,7 +9,6 @@ from fastapi import Depends, Request
 
 from app.errors import NotReadyError
 from app.inputs.urlfetch import UrlFetcher
-from app.inputs.urlpolicy import Allowlist, FetchPolicy
 from app.serving.batching import Batcher
 from app.serving.predictors import ServedPredictor
 from app.serving.service import Service, State
@@ -84,16 +83,7 @@ BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 def get_url_fetcher(settings: SettingsDep) -> UrlFetcher:
     """A fetcher bound by ``URL_ALLOW_PRIVATE``, ``URL_ALLOWLIST``, the URL timeouts
     and ``MAX_UPLOAD_MB`` (``app.inputs.urlpolicy``)."""
-    return UrlFetcher(
-        FetchPolicy(
-            max_bytes=settings.max_upload_bytes,
-            allow_private=settings.url_allow_private,
-            allowlist=Allowlist.parse(settings.url_allowlist),
-            connect_timeout_s=settings.url_connect_timeout_s,
-            read_timeout_s=settings.url_read_timeout_s,
-            total_timeout_s=settings.url_total_timeout_s,
-        )
-    )
+    return UrlFetcher(settings.fetch_policy())
 
 
 UrlFetcherDep = Annotated[UrlFetcher, Depends(get_url_fetcher)]

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.store.db import BACKGROUND_TIMEOUT_S, Database
+    from app.store.db import Database
     from app.training.worker import Worker
 
     try:
@@ -39,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskrcnn worker: {e}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    db = Database(
-        settings.database_url_or_default,
-        data_dir=settings.data_dir,
-        timeout_s=BACKGROUND_TIMEOUT_S,
-    )
+    db = Database.from_settings(settings, background=True)
     worker = Worker(db, settings)
 
     def stop(signum: int, _frame) -> None:

@@ -45,6 +45,8 @@ from app.serving.buckets import bucket_key_from, image_size_key
 from app.serving.metrics import Metrics
 from app.serving.predictors import ServedPredictor
 from app.serving.stages import BatchRunner, ItemResult, WorkItem, fail
+from app.serving.tickets import Ticket
+from app.settings import Settings
 from model import PredictOptions
 
 __all__ = ["Batcher", "ItemResult", "Ticket"]
@@ -90,6 +92,23 @@ class Batcher:
         self._batches: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._closing = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, predictor: ServedPredictor, *, metrics: Metrics
+    ) -> "Batcher":
+        """The queue ``MAX_BATCH_SIZE``, ``MAX_BATCH_DELAY_MS`` and ``MAX_QUEUE_SIZE``
+        describe, on ``predictor``: by its size buckets, forwarding as many batches
+        at once as it can."""
+        return cls(
+            predictor,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            bucket_key=bucket_key_from(predictor.input_geometry),
+            metrics=metrics,
+            concurrency=predictor.concurrency,
+        )
 
     # -- state ------------------------------------------------------------------
 
@@ -165,7 +184,7 @@ class Batcher:
 
     # -- admission --------------------------------------------------------------
 
-    def admit(self, n: int, predictor: ServedPredictor | None = None) -> "Ticket":
+    def admit(self, n: int, predictor: ServedPredictor | None = None) -> Ticket:
         """Reserve ``n`` queue places (``QueueFullError`` when they are not free) for
         images to run on ``predictor``: by default the served model; another one
         (``app.serving.ondemand``) is batched apart, by its own size buckets."""
@@ -193,7 +212,7 @@ class Batcher:
 
     def enqueue(
         self,
-        ticket: "Ticket",
+        ticket: Ticket,
         images: Sequence[torch.Tensor],
         options: Sequence[PredictOptions],
         deadline: float,
@@ -320,69 +339,6 @@ class Batcher:
             self._busy -= len(items)
             self._use(predictor, -1)
             self._slots.release()
-
-
-class Ticket:
-    """Queue places reserved by ``Batcher.admit``; use it as a context manager.
-
-    Leaving the ``with`` block returns unused places and withdraws images still
-    waiting (the request timed out, failed or was cancelled), so they never
-    reach the model.
-
-    ``predictor`` is the model the request's images will run on (the one served
-    when it was admitted): resolve the request's options against its ``info``.
-    """
-
-    def __init__(
-        self,
-        batcher: Batcher,
-        reserved: int,
-        predictor: ServedPredictor,
-        bucket_key: Callable[[torch.Tensor], Hashable],
-    ):
-        self._batcher = batcher
-        self._reserved = reserved
-        self._items: list[WorkItem] = []
-        self._open = True
-        self.predictor = predictor
-        self.bucket_key = bucket_key
-
-    def __enter__(self) -> "Ticket":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        reason = {TimeoutError: "deadline", asyncio.CancelledError: "cancelled"}.get(
-            exc_type, "error"
-        )
-        self.close(reason)
-
-    async def submit(
-        self,
-        images: Sequence[torch.Tensor],
-        options: Sequence[PredictOptions],
-        *,
-        deadline: float,
-    ) -> list[ItemResult]:
-        """Queue the images (as many as reserved) and wait for their results, in order.
-
-        ``deadline`` is a ``time.monotonic()`` instant.
-        """
-        if len(images) != self._reserved:
-            raise ValueError(f"reserved {self._reserved} places, got {len(images)} images")
-        self._items = self._batcher.enqueue(self, images, options, deadline)
-        self._release()
-        return list(await asyncio.gather(*(item.future for item in self._items)))
-
-    def close(self, reason: str = "cancelled") -> None:
-        self._release()
-        self._batcher.withdraw(self._items, reason)
-        if self._open:
-            self._open = False
-            self._batcher.done_with(self.predictor)
-
-    def _release(self) -> None:
-        self._batcher.unreserve(self._reserved)
-        self._reserved = 0
 
 
 def _queue_key(item: WorkItem) -> Hashable:

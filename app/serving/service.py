@@ -50,11 +50,7 @@ class Service:
     def __init__(self, settings: Settings, *, load_predictor: PredictorLoader | None = None):
         self.settings = settings
         self.metrics = Metrics(max_batch_size=settings.max_batch_size)
-        self.db = Database(
-            settings.database_url_or_default,
-            data_dir=settings.data_dir,
-            timeout_s=settings.database_timeout_s,
-        )
+        self.db = Database.from_settings(settings)
         self.models = ModelSwitcher(
             settings,
             self.db,

@@ -100,16 +100,7 @@ class ModelSwitcher:
     async def serve_initial(self, predictor: ServedPredictor) -> None:
         """Warm ``predictor`` up and start the queue on it."""
         seconds = await asyncio.to_thread(warm_up, predictor)
-        s = self.settings
-        batcher = Batcher(
-            predictor,
-            max_batch_size=s.max_batch_size,
-            max_batch_delay_s=s.max_batch_delay_ms / 1000,
-            max_queue_size=s.max_queue_size,
-            bucket_key=bucket_key_from(predictor.input_geometry),
-            metrics=self.metrics,
-            concurrency=predictor.concurrency,
-        )
+        batcher = Batcher.from_settings(self.settings, predictor, metrics=self.metrics)
         batcher.record_batch_time(seconds)
         await batcher.start()
         self.predictor, self.batcher = predictor, batcher

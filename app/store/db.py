@@ -45,6 +45,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.errors import DatabaseUnavailableError
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -177,6 +178,17 @@ class Database:
     statement on PostgreSQL, waiting for a lock on SQLite, and every call made through
     ``run``, which the server uses so that a slow or stalled database holds
     none of the threads anything else needs."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, background: bool = False) -> "Database":
+        """The database ``DATABASE_URL`` names (by default a SQLite file), its files
+        under ``DATA_DIR``; a call waits ``DATABASE_TIMEOUT_S``, or in ``background``
+        work (the worker, a training process) ``BACKGROUND_TIMEOUT_S``."""
+        return cls(
+            settings.database_url_or_default,
+            data_dir=settings.data_dir,
+            timeout_s=BACKGROUND_TIMEOUT_S if background else settings.database_timeout_s,
+        )
 
     def __init__(self, url: str, *, data_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.url = url

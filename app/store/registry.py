@@ -169,7 +169,7 @@ def database(settings: Settings, db: Database | None) -> Iterator[Database]:
     if db is not None:
         yield db
         return
-    own = Database(settings.database_url_or_default, data_dir=settings.data_dir)
+    own = Database.from_settings(settings)
     try:
         yield own
     finally:

@@ -31,7 +31,6 @@ from app.errors import AppError
 from app.logs import configure_logging
 from app.settings import Settings, load_settings
 from app.store.db import (
-    BACKGROUND_TIMEOUT_S,
     Database,
     DatabaseUnreachable,
     DatasetRecord,
@@ -188,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(job_threads(settings))
-    db = Database(
-        settings.database_url_or_default,
-        data_dir=settings.data_dir,
-        timeout_s=BACKGROUND_TIMEOUT_S,
-    )
+    db = Database.from_settings(settings, background=True)
     try:
         run_job(db, settings, args.job_id, args.worker_id)
         return 0

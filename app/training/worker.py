@@ -186,14 +186,17 @@ class Worker:
         threads = str(job_threads(self.settings))
         env = {
             **os.environ,
-            "MASKRCNN_DATABASE_URL": self.db.url,
-            "MASKRCNN_DATA_DIR": str(self.db.data_dir),
-            "MASKRCNN_DEVICE": self.settings.device,
-            "MASKRCNN_RUNTIME": self.settings.runtime,
-            "MASKRCNN_JOB_THREADS": threads,
-            "MASKRCNN_JOB_HEARTBEAT_TIMEOUT_S": str(self.settings.job_heartbeat_timeout_s),
-            "MASKRCNN_LOG_LEVEL": self.settings.log_level,
-            "MASKRCNN_LOG_FORMAT": self.settings.log_format,
+            # what the runner's load_settings() reads (app.training.runner)
+            **self.settings.as_environment(
+                "device",
+                "runtime",
+                "job_heartbeat_timeout_s",
+                "log_level",
+                "log_format",
+                database_url=self.db.url,
+                data_dir=self.db.data_dir,
+                job_threads=threads,
+            ),
             "OMP_NUM_THREADS": threads,
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")])
