@@ -110,7 +110,7 @@ STEP_KIND=step syncs syncs-dynamic --static off
 STEP_KIND=step syncs syncs-static --static on
 STEP_KIND=gpu_step syncs syncs-graphs --graphs
 step pytest-static 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/model/test_static.py > '$OUT/pytest-static.txt' 2>&1; status=\$?; \
+  tests/model/inference/test_static.py > '$OUT/pytest-static.txt' 2>&1; status=\$?; \
   tail -5 '$OUT/pytest-static.txt'; exit \$status"
 step served-fp16-b32 70 python3 bench/served.py "${R50[@]}" --precision fp16 \
   --concurrency "$SAT" "${SERVED[@]}" --max-batch-size $((BATCH * 4)) \
@@ -125,10 +125,10 @@ served_processes served-fp16-processes2 120 2 "$BATCH" "$CONC"
 served_processes served-fp16-processes3 100 3 "$BATCH" "$HIGH"
 served_processes served-fp16-processes4 80 4 "$BATCH" "$SAT"
 step pytest 120 bash -c "python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/model/test_nms.py tests/model/test_precision.py tests/model/test_fusion.py \
-  tests/model/test_masks.py tests/model/test_rle.py tests/model/test_static.py \
-  tests/app/test_device_decode.py \
-  tests/app/test_modelprocess.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
+  tests/model/inference/test_nms.py tests/model/inference/test_precision.py tests/model/inference/test_fusion.py \
+  tests/model/inference/test_masks.py tests/model/inference/test_rle.py tests/model/inference/test_static.py \
+  tests/app/inputs/test_device_decode.py \
+  tests/app/serving/test_modelprocess.py > '$OUT/pytest.txt' 2>&1; status=\$?; \
   tail -5 '$OUT/pytest.txt'; exit \$status"
 step plain-blocks 50 python3 bench/bare.py "${R50[@]}" --precision fp16 \
   --batch-sizes "$FEW" --seconds "$SECONDS_PER" --plain-blocks

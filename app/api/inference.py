@@ -21,7 +21,6 @@ from app.inputs.memory import DecodeMemory, RequestMemory
 from app.serving.batching import Batcher, ItemResult
 from app.serving.predictors import ServedPredictor
 from app.settings import Settings
-from model import ModelInfo, PredictOptions
 
 T = TypeVar("T")
 
@@ -30,18 +29,6 @@ class ClientDisconnectedError(AppError):
     """The client went away; nobody reads this answer (logged as 499)."""
 
     status_code, code = 499, "client_closed_request"
-
-
-def to_predict_options(options: SegmentOptions, info: ModelInfo) -> PredictOptions:
-    classes = info.resolve_classes(options.classes) if options.classes else None
-    return PredictOptions(
-        score_threshold=options.score_threshold,
-        iou_threshold=options.iou_threshold,
-        mask_threshold=options.mask_threshold,
-        max_detections=options.max_detections,
-        classes=classes,
-        mask_format=str(options.mask_format),  # the plain value: it crosses to model processes
-    )
 
 
 def request_deadline(request: Request, settings: Settings) -> float:
@@ -135,7 +122,7 @@ async def queue_images(
         predictor = await await_or_abort(request, on_demand.get(model), deadline)
     with batcher.admit(len(options), predictor) as ticket:
         info = ticket.predictor.info
-        resolved = [to_predict_options(opts, info) for opts in options]
+        resolved = [opts.for_model(info) for opts in options]
         # under the deadline too: an ended request's images are not decoded
         decoded = await await_or_abort(request, decode(ticket.predictor, memory), deadline)
         images = [d.image for d in decoded]

@@ -121,14 +121,30 @@ _FORM_NAMES = {
 }
 
 
+def _flattened(form: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """A form whose options come from a form model (``allOf: [SegmentOptions]``
+    beside its file fields) as one flat object: generators then give it one class
+    with every field."""
+    if "allOf" not in form:
+        return form
+    properties, required = dict(form.get("properties", {})), list(form.get("required", []))
+    for part in form.pop("allOf"):
+        model = components[part["$ref"].rsplit("/", 1)[1]]
+        properties |= model.get("properties", {})
+        required += [name for name in model.get("required", []) if name not in required]
+    return {**form, "properties": properties, "required": required}
+
+
 def name_schemas(schema: dict[str, Any]) -> dict[str, Any]:
-    """The multipart bodies renamed (``_FORM_NAMES``), and the two shapes of an
-    image source added (``app.api.schemas.IMAGE_SHAPES``)."""
+    """The multipart bodies renamed (``_FORM_NAMES``) and flattened, and the two
+    shapes of an image source added (``app.api.schemas.IMAGE_SHAPES``)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for old, new in _FORM_NAMES.items():
         if old in components:
-            components[new] = {**components.pop(old), "title": new}
+            components[new] = {**_flattened(components.pop(old), components), "title": new}
     components.update(IMAGE_SHAPES)
+    if '"#/components/schemas/SegmentOptions"' not in json.dumps(schema):  # the forms' only
+        components.pop("SegmentOptions", None)
     text = json.dumps(schema)
     for old, new in _FORM_NAMES.items():
         text = text.replace(f'"#/components/schemas/{old}"', f'"#/components/schemas/{new}"')

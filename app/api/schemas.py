@@ -5,7 +5,17 @@ import enum
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    field_validator,
+    model_validator,
+)
+
+from model import ModelInfo, PredictOptions
 
 
 def printable(text: str) -> str:
@@ -27,14 +37,17 @@ class MaskFormat(enum.StrEnum):
 
 
 class SegmentOptions(BaseModel):
-    """Per-request options; the same names as multipart form fields and JSON keys."""
+    """Per-request options: the one schema of the multipart form fields (a form
+    model), the JSON keys, and ``maskrcnn predict``'s options."""
 
     score_threshold: float = Field(0.5, ge=0, le=1, description="keep detections scoring ≥ this")
     iou_threshold: float = Field(0.5, ge=0, le=1, description="per-class NMS IoU threshold")
     mask_threshold: float = Field(0.5, ge=0, le=1, description="binarise soft masks at this")
     max_detections: int = Field(100, ge=0, le=1000, description="per image, best first")
     classes: list[int | str] | None = Field(
-        None, description="only these class ids or names (default: all)"
+        None,
+        description="only these class ids or names (default: all); in a form, repeat the "
+        "field or separate them with commas",
     )
     mask_format: MaskFormat = Field(
         MaskFormat.RLE, description="`rle` (COCO compressed RLE), `polygon` or `none`"
@@ -47,6 +60,31 @@ class SegmentOptions(BaseModel):
         "of the active one; loaded on first use and kept among the last "
         "MODEL_CACHE_SIZE used",
     )
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        """``"cat,dog"`` (a form field, a command-line option) is two classes."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        parts = [p for v in value for p in (v.split(",") if isinstance(v, str) else [v])]
+        kept = [p.strip() if isinstance(p, str) else p for p in parts]
+        return [p for p in kept if p != ""] or None
+
+    def for_model(self, info: ModelInfo) -> PredictOptions:
+        """The model's own options: class names and ids resolved against ``info``'s
+        classes (``InvalidOptionError`` for one it does not have)."""
+        classes = info.resolve_classes(self.classes) if self.classes else None
+        return PredictOptions(
+            score_threshold=self.score_threshold,
+            iou_threshold=self.iou_threshold,
+            mask_threshold=self.mask_threshold,
+            max_detections=self.max_detections,
+            classes=classes,
+            mask_format=str(self.mask_format),  # the plain value: it crosses to model processes
+        )
 
 
 # The two shapes of an ``ImageSource``, named in the OpenAPI document (added to its

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+# the options of /v1/segment this command takes, from the same schema
+# (app.api.schemas.SegmentOptions): names, defaults, ranges and help alike
+OPTIONS = ("score_threshold", "iou_threshold", "mask_threshold", "max_detections", "classes")
+
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     from app.commands.shared import DefaultsShown, add_model_options
@@ -23,10 +27,12 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     add_model_options(parser)
     parser.add_argument("--out", default="results.json", help="output file (- for stdout)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="lowest score kept")
-    parser.add_argument("--iou-threshold", type=float, default=0.5, help="per-class NMS IoU")
-    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut")
-    parser.add_argument("--max-detections", type=int, default=100, help="per image, at most")
+    from app.api.schemas import SegmentOptions
+
+    for name in OPTIONS:  # strings: the schema reads them as the form's fields are read
+        field = SegmentOptions.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, default=field.default, help=field.description)
     parser.add_argument(
         "--annotations",
         help="a COCO annotations file: take image ids from it, matching file names",
@@ -35,21 +41,36 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.commands.shared import load_predictor_from
-    from model import InvalidImageError, PredictOptions, list_images, read_image, to_coco_results
+    from pydantic import ValidationError
 
+    from app.api.schemas import SegmentOptions
+    from app.commands.shared import load_predictor_from
+    from model import (
+        InvalidImageError,
+        InvalidOptionError,
+        list_images,
+        read_image,
+        to_coco_results,
+    )
+
+    try:
+        wanted = SegmentOptions(**{name: getattr(args, name) for name in OPTIONS})
+    except ValidationError as e:
+        for error in e.errors():
+            flag = "--" + str(error["loc"][0]).replace("_", "-")
+            print(f"maskrcnn predict: {flag}: {error['msg']}", file=sys.stderr)
+        return 2
     paths = list_images(args.images)
     if not paths:
         print("maskrcnn predict: no image files found", file=sys.stderr)
         return 2
     image_ids = resolve_image_ids(paths, args.annotations)
     predictor = load_predictor_from(args)
-    options = PredictOptions(
-        score_threshold=args.score_threshold,
-        iou_threshold=args.iou_threshold,
-        mask_threshold=args.mask_threshold,
-        max_detections=args.max_detections,
-    )
+    try:
+        options = wanted.for_model(predictor.info)
+    except InvalidOptionError as e:
+        print(f"maskrcnn predict: --classes: {e}", file=sys.stderr)
+        return 2
     rows, failed = [], 0
     with tqdm(total=len(paths), unit="img", desc=f"predict ({predictor.info.id})") as bar:
         for start in range(0, len(paths), max(1, args.batch_size)):

@@ -4,7 +4,7 @@ Replaces torchvision's ``paste_masks_in_image`` (one Python iteration, one host
 sync and one full-image float buffer per detection) with a few batched tensor
 ops per chunk of detections, run on whatever device the inputs live on. The
 geometry is torchvision's, so results match it pixel for pixel up to float
-rounding (checked in ``tests/model/test_masks.py``).
+rounding (checked in ``tests/model/inference/test_masks.py``).
 """
 
 import math

@@ -134,6 +134,24 @@ def png_bytes(array: np.ndarray) -> bytes:
     return encode(Image.fromarray(array), "PNG")
 
 
+# 8 distinct scenes: 6 of one shape (one size bucket), 2 of others
+SCENES = [scene(96, 96, seed) for seed in range(6)] + [scene(64, 112, 6), scene(120, 80, 7)]
+SCENE_PNGS = [png_bytes(image) for image in SCENES]
+
+
+def gradient(width=40, height=30) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    array = np.stack([np.tile(x, (height, 1))] * 3, axis=2)
+    array[..., 1] = 100
+    return Image.fromarray(array)
+
+
+def corrupt_jpeg() -> bytes:
+    """A JPEG whose header reads (size, mode, end marker) but that has no image data."""
+    data = encode(gradient(), "JPEG")
+    return data[: data.index(b"\xff\xda")] + b"\xff\xd9"
+
+
 # -- a tiny real model and real servers ------------------------------------------
 
 
@@ -261,6 +279,19 @@ class ServerProcess:
         self._log.close()
 
 
+def run_serve(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``maskrcnn serve *args`` run to its exit (a start-up it refuses), with none of
+    the tests' ``MASKRCNN_*`` variables but ``env``'s and its ``DATA_DIR`` under
+    ``tmp_path``; its output captured."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MASKRCNN_")}
+    clean["MASKRCNN_DATA_DIR"] = str(tmp_path / "data")  # never ./data in the repo
+    command = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(free_port()), *args]
+    return subprocess.run(
+        command, cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
 def kept_variable(name: str) -> bool:
     """Whether a server the tests start keeps this variable of the tests' environment:
     not the ``MASKRCNN_*`` settings (each test sets its own), but the run's cache of
@@ -293,6 +324,16 @@ def served_model_id(client, png: bytes, headers: dict[str, str] | None = None) -
     response = client.post("/v1/segment", files=files, headers=headers)
     assert response.status_code == 200, response.text
     return response.json()["model"]["id"]
+
+
+def timed_segment(url: str) -> tuple[int, float]:
+    """One ``/v1/segment`` of ``SCENE_PNGS[0]`` on a new connection to ``url``: the
+    status and the seconds it took."""
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=30) as client:
+        files = [("images", ("a.png", SCENE_PNGS[0], "image/png"))]
+        response = client.post("/v1/segment", files=files)
+    return response.status_code, time.monotonic() - started
 
 
 class Traffic:
@@ -401,7 +442,7 @@ def box_iou(a, b) -> float:
 
 def same_detections(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
     """Same classes in the same order, scores within 0.02 (enough to tell which of
-    two models answered; boxes are compared in test_server.py)."""
+    two models answered; boxes are compared in tests/app/api/test_server.py)."""
     return len(got) == len(expected) and all(
         g[0] == e[0] and abs(g[1] - e[1]) <= 0.02 for g, e in zip(got, expected, strict=True)
     )

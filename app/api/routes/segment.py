@@ -4,7 +4,7 @@ import base64
 import binascii
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.api.auth import ApiToken
@@ -13,8 +13,6 @@ from app.api.inference import check_image_count, encode_segmentation, run_images
 from app.api.responses import OrjsonResponse
 from app.api.schemas import (
     ImageSource,
-    MaskFormat,
-    Printable,
     SegmentationPublic,
     SegmentOptions,
     SegmentRequest,
@@ -35,39 +33,8 @@ router = APIRouter(
 )
 
 
-async def form_options(
-    score_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
-    iou_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
-    mask_threshold: Annotated[float, Form(ge=0, le=1)] = 0.5,
-    max_detections: Annotated[int, Form(ge=0, le=1000)] = 100,
-    classes: Annotated[
-        list[str] | None,
-        Form(description="class names or ids: repeat the field or separate with commas"),
-    ] = None,
-    mask_format: Annotated[MaskFormat, Form()] = MaskFormat.RLE,
-    model: Annotated[
-        Printable | None,
-        Form(
-            min_length=1,
-            max_length=64,
-            description="a model id from GET /v1/models (or a built-in) to run instead of "
-            "the active one; loaded on first use",
-        ),
-    ] = None,
-) -> SegmentOptions:
-    wanted = [c.strip() for field in classes or [] for c in field.split(",") if c.strip()]
-    return SegmentOptions(
-        score_threshold=score_threshold,
-        iou_threshold=iou_threshold,
-        mask_threshold=mask_threshold,
-        max_detections=max_detections,
-        classes=wanted or None,
-        mask_format=mask_format,
-        model=model,
-    )
-
-
-FormOptions = Annotated[SegmentOptions, Depends(form_options)]
+# the options as form fields: the JSON body's schema, as a form model
+FormOptions = Annotated[SegmentOptions, Form()]
 
 
 def decode_target(predictor: ServedPredictor) -> dict[str, Any]:

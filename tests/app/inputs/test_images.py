@@ -3,7 +3,6 @@
 import asyncio
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,14 +11,7 @@ from app.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTy
 from app.inputs.decoding import EncodedJpeg, Probe, decode_all, decode_image, reduction
 from app.inputs.memory import DecodeMemory, RequestMemory
 from model import InputGeometry
-from tests.app.conftest import encode
-
-
-def gradient(width=40, height=30) -> Image.Image:
-    x = np.linspace(0, 255, width, dtype=np.uint8)
-    array = np.stack([np.tile(x, (height, 1))] * 3, axis=2)
-    array[..., 1] = 100
-    return Image.fromarray(array)
+from tests.app.conftest import corrupt_jpeg, encode, gradient
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP"])
@@ -80,12 +72,6 @@ def test_decode_all_names_the_bad_one():
         names = ["images[0]", "images[1]"]
         asyncio.run(decode_all([good, b"hello"], names, memory, max_pixels=10_000))
     assert memory.budget.used == 0  # refused from the headers: nothing reserved
-
-
-def corrupt_jpeg() -> bytes:
-    """A JPEG whose header reads (size, mode, end marker) but that has no image data."""
-    data = encode(gradient(), "JPEG")
-    return data[: data.index(b"\xff\xda")] + b"\xff\xd9"
 
 
 @pytest.mark.parametrize("orientation", [1, 6])

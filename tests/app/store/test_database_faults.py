@@ -18,24 +18,17 @@ from tests.app.conftest import (
     AS_ADMIN,
     add_dataset,
     job_store,
+    run_serve,
     running_server,
     throwaway_database,
+    timed_segment,
     wait_for,
 )
 from tests.app.dbproxy import FaultyProxy
-from tests.app.test_server import PNGS
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 2.0  # MASKRCNN_DATABASE_TIMEOUT_S of these servers
-
-
-def segment(url: str) -> tuple[int, float]:
-    started = time.monotonic()
-    with httpx.Client(base_url=url, timeout=30) as client:
-        files = [("images", ("a.png", PNGS[0], "image/png"))]
-        response = client.post("/v1/segment", files=files)
-    return response.status_code, time.monotonic() - started
 
 
 def database_call(url: str, path: str, method: str = "GET") -> tuple[int, str, float]:
@@ -49,14 +42,14 @@ def database_call(url: str, path: str, method: str = "GET") -> tuple[int, str, f
 def inference_holds_while(server, calls: list[tuple[str, str]]) -> list[tuple[int, str, float]]:
     """Send the database ``calls`` at once, and segment requests one after the
     other meanwhile: each segment must be answered in its usual time."""
-    usual = max(segment(server.url)[1] for _ in range(3))
+    usual = max(timed_segment(server.url)[1] for _ in range(3))
     before = server.accepted(route=None)
     with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
         waiting = [pool.submit(database_call, server.url, path, method) for method, path in calls]
         arrived = before + len(calls)
         wait_for(lambda: server.accepted(route=None) >= arrived, 30, "the database calls")
         while not all(w.done() for w in waiting):
-            status, seconds = segment(server.url)
+            status, seconds = timed_segment(server.url)
             assert status == 200
             assert seconds < max(2.0, 5 * usual), f"segment took {seconds:.1f} s"
             assert server.client.get("/readyz").status_code == 200
@@ -153,7 +146,7 @@ def test_control_characters_in_ids_and_stored_strings_are_4xx_on_postgresql(on_p
     )
     assert upload.status_code == 422 and "name: control characters" in upload.text
     assert client.get("/v1/datasets", headers=AS_ADMIN).status_code == 200  # still serving
-    assert segment(on_postgresql.url)[0] == 200
+    assert timed_segment(on_postgresql.url)[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -161,22 +154,18 @@ def test_control_characters_in_ids_and_stored_strings_are_4xx_on_postgresql(on_p
     ["mysql://bob:s3cret@db/x", "postgresql+psycopg2://bob:s3cret@db/x", "postgresql://db:port/x"],
 )
 def test_a_database_url_that_cannot_be_used_stops_start_up_naming_the_variable(tmp_path, url):
-    from tests.app.test_serve_command import serve
-
-    result = serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
+    result = run_serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
     assert result.returncode == 2
     assert "MASKRCNN_DATABASE_URL" in result.stderr and "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_an_unreachable_database_at_start_up_is_reported_as_one(tmp_path):
-    from tests.app.test_serve_command import serve
-
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
     url = f"postgresql://bob:s3cret@127.0.0.1:{port}/x"
-    result = serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
+    result = run_serve(tmp_path, "--model", "demo", MASKRCNN_DATABASE_URL=url)
     assert result.returncode == 1
     assert "the database at postgresql://bob:***@127.0.0.1" in result.stderr
     assert "cannot serve model" not in result.stderr and "s3cret" not in result.stderr

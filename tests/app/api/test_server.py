@@ -12,13 +12,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tests.app.conftest import box_iou, png_bytes, running_server, scene, wait_for
+from tests.app.conftest import SCENE_PNGS, SCENES, box_iou, running_server, wait_for
 
 pytestmark = pytest.mark.slow
-
-# 8 distinct images: 6 of one shape (one size bucket), 2 of others
-IMAGES = [scene(96, 96, seed) for seed in range(6)] + [scene(64, 112, 6), scene(120, 80, 7)]
-PNGS = [png_bytes(image) for image in IMAGES]
 
 
 def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
@@ -31,7 +27,7 @@ def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
 
 
 def segment(client: httpx.Client, indices, **options) -> httpx.Response:
-    files = [("images", (f"{i}.png", PNGS[i], "image/png")) for i in indices]
+    files = [("images", (f"{i}.png", SCENE_PNGS[i], "image/png")) for i in indices]
     return client.post("/v1/segment", files=files, data=options)
 
 
@@ -50,7 +46,7 @@ def reference(checkpoint):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for image in IMAGES:
+        for image in SCENES:
             tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
             [result] = predictor.predict([tensor], [PredictOptions()])
             results.append([{**d.__dict__, "box": list(d.box)} for d in result.detections])
@@ -80,10 +76,10 @@ def test_concurrent_clients_share_batches_and_get_correct_results(server, refere
         answers = [a for batch in pool.map(client_work, range(16)) for a in batch]
     assert len(answers) == 64
     for index, result in answers:
-        assert (result["height"], result["width"]) == IMAGES[index].shape[:2]
+        assert (result["height"], result["width"]) == SCENES[index].shape[:2]
         assert_same_detections(result["detections"], reference[index])
         for detection in result["detections"]:
-            assert mask_utils.decode(detection["mask"]).shape == IMAGES[index].shape[:2]
+            assert mask_utils.decode(detection["mask"]).shape == SCENES[index].shape[:2]
     new_forwards = server.metric("maskrcnn_forwards_total") - forwards
     new_images = server.metric("maskrcnn_images_forwarded_total") - images
     assert new_images == 64
@@ -133,16 +129,16 @@ def test_healthz_answers_fast_while_the_model_is_busy(server):
 
 
 def test_visualize_returns_a_png_of_the_input_size_drawn_where_masks_are(server):
-    files = {"image": ("scene.png", PNGS[0], "image/png")}
+    files = {"image": ("scene.png", SCENE_PNGS[0], "image/png")}
     response = server.client.post("/v1/segment/visualize", files=files)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     drawn = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
-    assert drawn.shape == IMAGES[0].shape
+    assert drawn.shape == SCENES[0].shape
     detections = segment(server.client, [0]).json()["results"][0]["detections"]
     masks = [mask_utils.decode(d["mask"]).astype(bool) for d in detections]
     covered = np.logical_or.reduce(masks)
     assert covered.any()
-    changed = np.abs(drawn - IMAGES[0]).sum(axis=2) > 0
+    changed = np.abs(drawn - SCENES[0]).sum(axis=2) > 0
     assert changed[covered].mean() > 0.9
 
 

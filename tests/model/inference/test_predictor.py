@@ -9,11 +9,8 @@ from model.errors import InvalidImageError, InvalidOptionError
 from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
 from tests.model.conftest import random_image
+from tests.model.inference.reference import MAX_MASK_MISMATCH, decode, torchvision_reference
 
-# Largest fraction of a mask's pixels that differs from torchvision's pasted mask,
-# measured in tests/model/test_masks.py over 12,000 random masks: at most 8.6e-6 (one
-# float tie at the threshold); this test asserts the 0.5% bound of the issue.
-MAX_MASK_MISMATCH = 0.005
 # OpenVINO's float32 convolutions round differently from torch's (4e-6 of the largest
 # feature on R50-FPN): boxes and scores are compared within these bounds instead
 OPENVINO_BOX_ATOL, OPENVINO_SCORE_ATOL = 0.05, 1e-3
@@ -33,21 +30,6 @@ def predictor(network, info, request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images():
     return [random_image(100, 130, 1), random_image(90, 70, 2), random_image(128, 128, 3)]
-
-
-def torchvision_reference(network, images, *, score=0.05, iou=0.5, top=100):
-    heads = network.roi_heads
-    saved = heads.score_thresh, heads.nms_thresh, heads.detections_per_img
-    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = score, iou, top
-    try:
-        with torch.no_grad():
-            return network([image.float() / 255 for image in images])
-    finally:
-        heads.score_thresh, heads.nms_thresh, heads.detections_per_img = saved
-
-
-def decode(det) -> np.ndarray:
-    return mask_utils.decode(det.mask).astype(bool)
 
 
 @pytest.mark.parametrize("mask_threshold", [0.5, 0.3])

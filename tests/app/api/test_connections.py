@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.app.conftest import running_server
-from tests.app.test_database_faults import segment
+from tests.app.conftest import running_server, timed_segment
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ def test_fifty_slow_header_connections_are_closed_and_stop_no_one(guarded):
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     for _ in range(5):
-        status, seconds = segment(guarded.url)
+        status, seconds = timed_segment(guarded.url)
         assert status == 200 and seconds < 5
     results = [answer(sock) for sock in socks]
     for status, body, closed_at in results:
@@ -84,7 +83,7 @@ def test_a_stalled_body_is_a_408_in_the_error_shape(guarded):
     assert status == 408 and body["error"]["code"] == "request_timeout"
     assert "BODY_TIMEOUT_S" in body["error"]["message"]
     assert closed_at - started < LIMITS["body_timeout_s"] + 3
-    assert segment(guarded.url)[0] == 200
+    assert timed_segment(guarded.url)[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -105,7 +104,7 @@ def test_oversized_and_malformed_requests_are_400s_in_the_error_shape(guarded, r
     assert status in (400, 413), status
     assert body is not None and body["error"]["code"] in ("bad_request", "payload_too_large")
     assert closed_at - started < 2
-    assert segment(guarded.url)[0] == 200
+    assert timed_segment(guarded.url)[0] == 200
 
 
 def test_an_idle_keep_alive_connection_is_closed(guarded):

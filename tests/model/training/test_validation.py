@@ -21,7 +21,7 @@ from model.training.validation import (
     unsafe_path_reason,
     validate_coco,
 )
-from tests.model.test_dataset import H, W, default_annotations, write_dataset
+from tests.model.training.tiny_coco import H, W, default_annotations, write_dataset
 
 SIZES = {10: (W, H)}
 CATEGORIES = {3, 7}

@@ -31,6 +31,7 @@ from model.errors import InvalidImageError, InvalidOptionError
 from model.geometry import input_geometry
 from model.inference.options import PredictOptions
 from tests.app.conftest import (
+    corrupt_jpeg,
     encode,
     job_store,
     model_children,
@@ -42,7 +43,6 @@ from tests.app.conftest import (
     wait_ready,
 )
 from tests.app.fakes import load_fake, run, solid_image, started, submit
-from tests.app.test_images import corrupt_jpeg
 
 IMAGES = [scene(96, 96, seed) for seed in range(3)] + [scene(64, 112, 3)]
 TENSORS = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in IMAGES]

@@ -1,7 +1,7 @@
 """Zero-downtime activation: the queue swaps models between batches,
 and real ``maskrcnn serve`` replicas switch under load without failing a request,
 together when they share a PostgreSQL database. (A restart serving the active
-version is in ``test_registry.py``.)"""
+version is in ``tests/app/store/test_registry.py``.)"""
 
 import asyncio
 import contextlib

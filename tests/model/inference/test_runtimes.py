@@ -33,7 +33,7 @@ from model.training.dataset import CocoDataset
 from model.training.evaluation import evaluate_predictor
 from model.training.synthetic import generate_dataset, render_scenes
 from tests.model.conftest import make_network, random_image
-from tests.model.precision_cases import (
+from tests.model.inference.precision_cases import (
     PARTNER_SCORE,
     assert_partners,
     assert_sane,
@@ -46,7 +46,7 @@ needs_bf16 = pytest.mark.skipif(
     reason=f"this CPU has no bfloat16 units ({' or '.join(BF16_FLAGS)})",
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SMALL = "maskrcnn_small_fpn"  # the demo's architecture: converted in a second or two
 
 # ||bf16 - fp32|| / ||fp32|| of the FPN levels (bf16's unit roundoff is 3.9e-3, and

@@ -21,7 +21,7 @@ import torch
 from model.inference.fusion import to_backbone_input
 from model.inference.options import PredictOptions
 from model.inference.predictor import Predictor
-from tests.model.precision_cases import (
+from tests.model.inference.precision_cases import (
     PARTNER_SCORE,
     assert_partners,
     assert_sane,

@@ -17,7 +17,7 @@ from model.inference.predictor import Predictor
 from model.inference.static import StaticSizes, static_inputs
 from model.loading import DEMO_CHECKPOINT, load_model
 from tests.model.conftest import random_image, shapes_images
-from tests.model.test_predictor import MAX_MASK_MISMATCH, decode, torchvision_reference
+from tests.model.inference.reference import MAX_MASK_MISMATCH, decode, torchvision_reference
 
 BOX_TOLERANCE, SCORE_TOLERANCE = 0.05, 1e-3
 # images of different sizes that R50 (128/160) resizes differently and pads alike

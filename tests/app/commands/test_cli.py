@@ -184,3 +184,30 @@ def test_train_refuses_zero_epochs_and_shows_its_defaults(tmp_path):
     ).stdout
     for default in ("(default: 10)", "(default: scratch)", "a tenth of all steps, at most 200"):
         assert default in " ".join(shown.split()), default
+
+
+@pytest.mark.slow
+def test_predict_takes_segments_options_checked_as_the_api_checks_them(tmp_path):
+    image = tmp_path / "scene.png"
+    image.write_bytes(png_bytes(scene(128, 128, 4)))
+    out = tmp_path / "results.json"
+    refused = maskrcnn("predict", str(image), "--model", "demo", "--score-threshold", "2")
+    assert refused.returncode == 2
+    assert "--score-threshold: Input should be less than or equal to 1" in refused.stderr
+
+    assert maskrcnn(
+        "predict", str(image), "--model", "demo", "--score-threshold", "0.05", "--out", str(out)
+    ).returncode == 0
+    every = json.loads(out.read_text())
+    found = sorted({row["category_id"] for row in every})
+    assert len(found) >= 2, "a scene with two kinds of shapes"
+    wanted = found[:1]
+    assert maskrcnn(
+        "predict", str(image), "--model", "demo", "--score-threshold", "0.05",
+        "--classes", ",".join(map(str, wanted)), "--out", str(out),
+    ).returncode == 0
+    only = json.loads(out.read_text())
+    assert only == [row for row in every if row["category_id"] in wanted]
+
+    unknown = maskrcnn("predict", str(image), "--model", "demo", "--classes", "zebra")
+    assert unknown.returncode == 2 and "--classes" in unknown.stderr and "zebra" in unknown.stderr

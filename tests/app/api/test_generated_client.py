@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.app.test_server import PNGS
+from tests.app.conftest import SCENE_PNGS
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,9 @@ def test_the_generated_client_segments_visualizes_and_lists_models(
         client = root.Client(base_url=server.url, timeout=timeout)
 
     def upload():
-        return types.File(payload=io.BytesIO(PNGS[0]), file_name="a.png", mime_type="image/png")
+        return types.File(
+            payload=io.BytesIO(SCENE_PNGS[0]), file_name="a.png", mime_type="image/png"
+        )
 
     segment = generated(".api.segmentation.segment")
     result = segment.sync(client=client, body=models.SegmentForm(images=[upload()]))
@@ -80,7 +82,7 @@ def test_the_generated_client_segments_visualizes_and_lists_models(
     assert all(isinstance(d.mask, models.RleMaskPublic) for d in image.detections)
 
     as_json = generated(".api.segmentation.segment_json")
-    inline = models.ImageData(data=base64.b64encode(PNGS[0]).decode())
+    inline = models.ImageData(data=base64.b64encode(SCENE_PNGS[0]).decode())
     by_json = as_json.sync(client=client, body=models.SegmentRequest(images=[inline]))
     assert isinstance(by_json, models.SegmentationPublic), by_json
     assert [d.box for d in by_json.results[0].detections] == [d.box for d in image.detections]
@@ -94,7 +96,7 @@ def test_the_generated_client_segments_visualizes_and_lists_models(
 
 
 def test_visualize_labels_its_png_as_the_accept_header_asks(server):
-    files = {"image": ("a.png", PNGS[0], "image/png")}
+    files = {"image": ("a.png", SCENE_PNGS[0], "image/png")}
     for accept, expected in [
         ("application/octet-stream", "application/octet-stream"),
         ("image/png", "image/png"),

@@ -9,8 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from tests.app.conftest import AS_ADMIN, png_bytes, running_server, scene
-from tests.app.test_serve_command import serve
+from tests.app.conftest import AS_ADMIN, png_bytes, run_serve, running_server, scene
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +109,7 @@ def test_an_image_past_pillows_own_limit_names_max_image_pixels(admin_server):
 
 
 def test_a_short_admin_token_stops_start_up_naming_the_variable(tmp_path):
-    result = serve(tmp_path, "--model", "demo", MASKRCNN_ADMIN_TOKEN="abc")
+    result = run_serve(tmp_path, "--model", "demo", MASKRCNN_ADMIN_TOKEN="abc")
     assert result.returncode == 2
     assert "MASKRCNN_ADMIN_TOKEN" in result.stderr and "at least 8 characters" in result.stderr
 
