@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "train or fine-tune a model on a COCO dataset",
     "evaluate": "COCO bbox/segm mAP of a model on a COCO dataset",
     "download": "pre-fetch pretrained weights into the torch hub cache",
+    "export": "write a model as ONNX, or as a Triton model folder",
 }
 
 

@@ -19,6 +19,9 @@ _MODULES = {
     "InvalidOptionError": "model.errors",
     "ModelError": "model.errors",
     "WeightsUnavailableError": "model.errors",
+    "export_onnx": "model.export",
+    "write_model_files": "model.export",
+    "write_triton_repository": "model.export",
     "InputGeometry": "model.geometry",
     "input_geometry": "model.geometry",
     "list_images": "model.inference.images",
@@ -89,6 +92,7 @@ __all__ = [
     "class_table_from_metadata",
     "download_weights",
     "evaluate_predictor",
+    "export_onnx",
     "format_metrics",
     "gpus_for_ddp",
     "input_geometry",
@@ -107,6 +111,8 @@ __all__ = [
     "to_coco_results",
     "unsafe_path_reason",
     "validate_coco",
+    "write_model_files",
+    "write_triton_repository",
 ]
 
 
@@ -132,6 +138,7 @@ if TYPE_CHECKING:
         ModelError,
         WeightsUnavailableError,
     )
+    from model.export import export_onnx, write_model_files, write_triton_repository
     from model.geometry import InputGeometry, input_geometry
     from model.inference.images import list_images, pil_to_tensor, read_image
     from model.inference.options import PredictOptions

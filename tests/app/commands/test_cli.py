@@ -55,10 +55,12 @@ def test_an_unknown_command_is_refused_by_name():
     assert "invalid choice: 'nope'" in result.stderr
 
 
-def maskrcnn(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The real command, on the CPU."""
+def maskrcnn(
+    *args: str, env: dict[str, str] | None = None, on_cpu: bool = True
+) -> subprocess.CompletedProcess:
+    """The real command, on the CPU (``on_cpu``: for a command that takes ``--device``)."""
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args, "--device", "cpu"],
+        [sys.executable, "-m", "app.cli", *args, *(["--device", "cpu"] if on_cpu else [])],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -211,3 +213,22 @@ def test_predict_takes_segments_options_checked_as_the_api_checks_them(tmp_path)
 
     unknown = maskrcnn("predict", str(image), "--model", "demo", "--classes", "zebra")
     assert unknown.returncode == 2 and "--classes" in unknown.stderr and "zebra" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_export_writes_an_onnx_file_onnx_runtime_runs(tmp_path):
+    import numpy as np
+    import onnxruntime
+
+    exported = maskrcnn("export", "--model", "demo", "--out", str(tmp_path / "onnx"), on_cpu=False)
+    assert exported.returncode == 0, exported.stderr
+    runner = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    image = scene(96, 128, 5).transpose(2, 0, 1).astype(np.float32) / 255
+    boxes, labels, scores, masks = runner.run(None, {"images": image})
+    assert masks.shape[1:] == (1, 96, 128) and len(boxes) == len(labels) == len(scores)
+    classes = json.loads((tmp_path / "onnx" / "classes.json").read_text())
+    assert classes[0]["name"] == "background" and len(classes) > 1
+
+    refused = maskrcnn("export", "--out", str(tmp_path / "t"), "--triton", "../x", on_cpu=False)
+    assert refused.returncode == 2 and "--triton" in refused.stderr
+    assert not (tmp_path / "x").exists()

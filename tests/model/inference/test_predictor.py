@@ -32,6 +32,27 @@ def images():
     return [random_image(100, 130, 1), random_image(90, 70, 2), random_image(128, 128, 3)]
 
 
+def in_reference_order(detections, ref, info, box_atol: float, score_atol: float) -> list:
+    """``detections`` reordered as torchvision ordered them: two whose scores are
+    within ``score_atol`` (0.93255 and 0.93255 on an AVX2-only CPU) may come in
+    either order. Each reference detection takes the first unused one of its class
+    within both tolerances; one it cannot find stays in place, to fail below."""
+    left = list(detections)
+    ordered = []
+    for label, box, score in zip(ref["labels"].tolist(), ref["boxes"], ref["scores"], strict=True):
+        for index, det in enumerate(left):
+            if (
+                det.class_id == info.class_ids[label]
+                and abs(det.score - score.item()) <= score_atol
+                and (torch.tensor(det.box) - box).abs().max().item() <= box_atol
+            ):
+                ordered.append(left.pop(index))
+                break
+        else:
+            ordered.append(left.pop(0))
+    return ordered
+
+
 @pytest.mark.parametrize("mask_threshold", [0.5, 0.3])
 def test_matches_torchvision(predictor, network, info, images, mask_threshold):
     options = PredictOptions(score_threshold=0.05, mask_threshold=mask_threshold)
@@ -46,22 +67,25 @@ def test_matches_torchvision(predictor, network, info, images, mask_threshold):
         assert (result.height, result.width) == tuple(image.shape[1:])
         assert len(result.detections) == len(ref["boxes"])
         total += len(result.detections)
+        detections = result.detections
+        if predictor.runtime.name == "openvino":  # near-ties may come in either order
+            detections = in_reference_order(detections, ref, info, box_atol, score_atol)
         ids = [info.class_ids[label] for label in ref["labels"].tolist()]
-        assert [d.class_id for d in result.detections] == ids
-        assert [d.class_name for d in result.detections] == [
+        assert [d.class_id for d in detections] == ids
+        assert [d.class_name for d in detections] == [
             info.class_names[label] for label in ref["labels"].tolist()
         ]
         torch.testing.assert_close(
-            torch.tensor([d.box for d in result.detections]), ref["boxes"], atol=box_atol, rtol=0
+            torch.tensor([d.box for d in detections]), ref["boxes"], atol=box_atol, rtol=0
         )
         torch.testing.assert_close(
-            torch.tensor([d.score for d in result.detections]),
+            torch.tensor([d.score for d in detections]),
             ref["scores"],
             atol=score_atol,
             rtol=0,
         )
         ref_masks = (ref["masks"][:, 0] >= mask_threshold).numpy()
-        for det, ref_mask in zip(result.detections, ref_masks, strict=True):
+        for det, ref_mask in zip(detections, ref_masks, strict=True):
             ours_mask = decode(det)
             assert ours_mask.shape == ref_mask.shape
             wrong = np.count_nonzero(ours_mask != ref_mask)
