@@ -20,6 +20,7 @@ _MODULES = {
     "ModelError": "model.errors",
     "WeightsUnavailableError": "model.errors",
     "export_onnx": "model.export",
+    "triton_config": "model.export",
     "write_model_files": "model.export",
     "write_triton_repository": "model.export",
     "InputGeometry": "model.geometry",
@@ -109,6 +110,7 @@ __all__ = [
     "spec_names",
     "split_dataset",
     "to_coco_results",
+    "triton_config",
     "unsafe_path_reason",
     "validate_coco",
     "write_model_files",
@@ -138,7 +140,12 @@ if TYPE_CHECKING:
         ModelError,
         WeightsUnavailableError,
     )
-    from model.export import export_onnx, write_model_files, write_triton_repository
+    from model.export import (
+        export_onnx,
+        triton_config,
+        write_model_files,
+        write_triton_repository,
+    )
     from model.geometry import InputGeometry, input_geometry
     from model.inference.images import list_images, pil_to_tensor, read_image
     from model.inference.options import PredictOptions

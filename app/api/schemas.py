@@ -141,6 +141,9 @@ class SegmentRequest(SegmentOptions):
     images: list[ImageSource] = Field(min_length=1, description="images, answered in order")
 
 
+# a Triton model's name: a folder name and a URL part
+TRITON_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
 MODEL_KIND = (
     "`demo`: the bundled model, which knows only synthetic shapes (circles, squares, "
     "triangles...), not photos; `coco`: torchvision's COCO weights; `custom`: a "

@@ -7,9 +7,6 @@ import sys
 
 from model import MODEL_SPECS, spec_names
 
-# Triton's model names become folder names and URL parts
-TRITON_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     from app.commands.shared import DefaultsShown
@@ -36,10 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from app.api.schemas import TRITON_NAME_PATTERN
     from app.commands.shared import resolve_model
     from model import load_model, write_model_files, write_triton_repository
 
-    if args.triton is not None and not TRITON_NAME.match(args.triton):
+    if args.triton is not None and not re.match(TRITON_NAME_PATTERN, args.triton):
         print(
             f"maskrcnn export: --triton {args.triton!r}: letters, digits, '_', '.' and '-', "
             "at most 64",

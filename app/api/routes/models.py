@@ -1,14 +1,23 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
 start-up model, the served one) and activation."""
 
-from typing import Annotated
+import asyncio
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, Response
 
 from app.api.auth import AdminToken, ApiToken
 from app.api.deps import PredictorDep, ServiceDep
-from app.api.schemas import ClassPublic, ModelPublic, ModelsPublic, error_responses
+from app.api.schemas import (
+    TRITON_NAME_PATTERN,
+    ClassPublic,
+    ModelPublic,
+    ModelsPublic,
+    error_responses,
+)
 from app.errors import NotFoundError
+from app.serving.exports import exported, triton_zip
 from app.serving.predictors import ServedPredictor
 from app.serving.service import Service
 from app.store import registry
@@ -122,3 +131,48 @@ async def activate_model(model_id: str, service: ServiceDep) -> ModelPublic:
     `activation_failed`). Needs the admin token."""
     await service.activate(model_id)
     return await get_model(model_id, service, service.predictor)
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.get(
+    "/{model_id}/export",
+    name="export_model",
+    response_class=Response,
+    dependencies=[AdminToken],
+    responses={
+        200: {
+            "content": {"application/octet-stream": _BINARY, "application/zip": _BINARY},
+            "description": "`model.onnx`, or with `triton` a zip of a Triton model folder",
+        },
+        **error_responses(403, 404),
+    },
+)
+async def export_model(
+    model_id: str,
+    service: ServiceDep,
+    format: Annotated[Literal["onnx"], Query(description="`onnx`, the one format")] = "onnx",
+    triton: Annotated[
+        str | None,
+        Query(
+            pattern=TRITON_NAME_PATTERN,
+            description="a Triton model name: answer a zip of NAME/config.pbtxt, "
+            "NAME/1/model.onnx and NAME/classes.json instead",
+        ),
+    ] = None,
+) -> Response:
+    """The model as ONNX, for ONNX Runtime or Triton (docs/export.md): torchvision's
+    forward with its resize, normalisation and thresholds, one float32 RGB image
+    `(3, height, width)` in [0, 1] in, `boxes`, `labels`, `scores` and `masks` out.
+    Exported on the CPU at the first request for a model (about 20 s for R50-FPN),
+    then kept. Needs the admin token."""
+    spec = await service.db.run(service.models.spec_for, model_id)
+    folder = await asyncio.to_thread(exported, spec, model_id, service.settings.data_dir)
+    if triton is None:
+        onnx_file = folder / "model.onnx"
+        binary = "application/octet-stream"
+        return FileResponse(onnx_file, media_type=binary, filename=f"{model_id}.onnx")
+    body = await asyncio.to_thread(triton_zip, folder, triton)
+    disposition = {"Content-Disposition": f'attachment; filename="{triton}.zip"'}
+    return Response(body, media_type="application/zip", headers=disposition)

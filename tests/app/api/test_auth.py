@@ -20,7 +20,7 @@ OTHER_API = "inference-token-2"
 ADMIN = "admin-token-123"
 TOKENS = {"api_tokens": f"{API},{OTHER_API}", "admin_token": ADMIN}
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
-ADMIN_PATHS = re.compile(r"^/v1/(datasets|training-jobs)(/|$)|^/v1/models/[^/]+/activate$")
+ADMIN_PATHS = re.compile(r"^/v1/(datasets|training-jobs)(/|$)|^/v1/models/[^/]+/(activate|export)$")
 DOCS = ("/openapi.json", "/docs", "/redoc")
 
 
