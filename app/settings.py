@@ -269,6 +269,10 @@ class Settings(BaseSettings):
         values = {name: getattr(self, name) for name in names} | values
         if unknown := sorted(set(values) - set(type(self).model_fields)):
             raise ValueError(f"unknown settings: {', '.join(unknown)}")
+        # None, lists and secrets have no one spelling here: pass them another way
+        plain = str | int | float | Path
+        if unwritable := sorted(n for n, v in values.items() if not isinstance(v, plain)):
+            raise ValueError(f"not written as a variable: {', '.join(unwritable)}")
         return {f"{ENV_PREFIX}{name.upper()}": str(value) for name, value in values.items()}
 
 

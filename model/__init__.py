@@ -19,6 +19,7 @@ _MODULES = {
     "InvalidOptionError": "model.errors",
     "ModelError": "model.errors",
     "WeightsUnavailableError": "model.errors",
+    "ONNX_OPSET": "model.export",
     "export_onnx": "model.export",
     "triton_config": "model.export",
     "write_model_files": "model.export",
@@ -71,6 +72,7 @@ __all__ = [
     "DEMO_CHECKPOINT",
     "METADATA_KEY",
     "MODEL_SPECS",
+    "ONNX_OPSET",
     "PRETRAINED",
     "RUNTIMES",
     "CheckpointError",
@@ -141,6 +143,7 @@ if TYPE_CHECKING:
         WeightsUnavailableError,
     )
     from model.export import (
+        ONNX_OPSET,
         export_onnx,
         triton_config,
         write_model_files,

@@ -22,7 +22,7 @@ import torch
 
 from model.info import ModelInfo
 
-OPSET = 17
+ONNX_OPSET = 17
 INPUT = "images"
 OUTPUTS = ("boxes", "labels", "scores", "masks")
 ONNX_FILE = "model.onnx"
@@ -31,7 +31,7 @@ CLASSES_FILE = "classes.json"
 EXAMPLE_SIZE = (480, 640)
 
 
-def export_onnx(network: torch.nn.Module, path: Path, *, opset: int = OPSET) -> Path:
+def export_onnx(network: torch.nn.Module, path: Path, *, opset: int = ONNX_OPSET) -> Path:
     """Write ``network`` (a torchvision Mask R-CNN) to ``path`` as ONNX, atomically:
     a reader never sees half a file."""
     network = network.eval().cpu().float()

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from app.commands.shared import resolve_model
     from model import load_model, write_model_files, write_triton_repository
 
-    if args.triton is not None and not re.match(TRITON_NAME_PATTERN, args.triton):
+    if args.triton is not None and not re.fullmatch(TRITON_NAME_PATTERN, args.triton):
         print(
             f"maskrcnn export: --triton {args.triton!r}: letters, digits, '_', '.' and '-', "
             "at most 64",

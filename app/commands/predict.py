@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
     for name in OPTIONS:  # strings: the schema reads them as the form's fields are read
         field = SegmentOptions.model_fields[name]
         flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, default=field.default, help=field.description)
+        repeated = {"action": "append"} if name == "classes" else {}  # a list, as in the form
+        parser.add_argument(flag, default=field.default, help=field.description, **repeated)
     parser.add_argument(
         "--annotations",
         help="a COCO annotations file: take image ids from it, matching file names",

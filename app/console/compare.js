@@ -47,7 +47,7 @@ export async function refreshModels({ left = null, right = null, force = false }
     fillModelSelect(rightSelect, models, { preferred: right ?? (rightSelect.value || other) });
     if (status.textContent === NEEDS_API_TOKEN) setStatus(status, "");
   } catch (err) {
-    setStatus(status, `models: ${err}`, "error");
+    setStatus(status, `models: ${err}`, "error", { sticky: true });
   }
 }
 

@@ -254,7 +254,7 @@ export async function refreshModels() {
   try {
     fillModelSelect(modelSelect, await getModels(), { activeOption: "active model" });
   } catch (err) {
-    setStatus(status, `models: ${err}`, "error");
+    setStatus(status, `models: ${err}`, "error", { sticky: true });
   }
 }
 

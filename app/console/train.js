@@ -236,7 +236,7 @@ function follow() {
     makeError: (code, text) => errorFrom(code, text),
     lastEventId: watch.lastEventId,
   })
-    .catch((err) => watch.controller === controller && setStatus(status, `events: ${err}`, "error"))
+    .catch((err) => watch.controller === controller && setStatus(status, `events: ${err}`, "error", { sticky: true }))
     .finally(() => {
       if (watch.controller === controller) watch.controller = null;
     });
@@ -346,7 +346,7 @@ export async function refresh() {
   if (!watch.controller) follow(); // e.g. the admin token was typed again
   const results = await Promise.allSettled([loadDatasets(), loadJobs(), loadBaseModels()]);
   const failed = results.find((r) => r.status === "rejected");
-  if (failed) setStatus($("#job-start-status"), String(failed.reason), "error");
+  if (failed) setStatus($("#job-start-status"), String(failed.reason), "error", { sticky: true });
   lossChart.draw();
   mapChart.draw();
 }
@@ -354,7 +354,8 @@ export async function refresh() {
 /** The models changed (a job's model, an activation): the base-model choices follow. */
 export function onModelsChanged() {
   if (!visible || !hasAdmin()) return;
-  loadBaseModels().catch((err) => setStatus($("#job-start-status"), `models: ${err}`, "error"));
+  const sticky = { sticky: true }; // the choices are stale until a refresh loads them
+  loadBaseModels().catch((err) => setStatus($("#job-start-status"), `models: ${err}`, "error", sticky));
 }
 
 export function onShow() {

@@ -17,11 +17,17 @@ export function el(tag, props = {}, ...children) {
   return node;
 }
 
-/** Show a message in a status element; kind: "" | "error" | "ok". */
-export function setStatus(node, text, kind = "") {
+/**
+ * Show a message in a status element; kind: "" | "error" | "ok". ``sticky``: a
+ * state rather than an answer (the event stream broke, a list did not load): the
+ * next action does not clear it.
+ */
+export function setStatus(node, text, kind = "", { sticky = false } = {}) {
   node.textContent = text;
   node.classList.toggle("error", kind === "error");
   node.classList.toggle("ok", kind === "ok");
+  if (sticky) node.dataset.sticky = "true";
+  else delete node.dataset.sticky;
 }
 
 /**
@@ -32,7 +38,9 @@ export function setStatus(node, text, kind = "") {
 export function clearAnswersOnNextAction() {
   const clear = (e) => {
     if (!e.target.closest?.("button, input, select, [tabindex]")) return;
-    for (const line of document.querySelectorAll(".status.error, .status.ok")) setStatus(line, "");
+    for (const line of document.querySelectorAll(".status.error, .status.ok")) {
+      if (!line.dataset.sticky) setStatus(line, "");
+    }
   };
   document.addEventListener("click", clear, true);
   document.addEventListener("change", clear, true);

@@ -1,66 +1,100 @@
 """Models as files for other engines (``GET /v1/models/{id}/export``): the ONNX
 graph and class table ``model.export`` writes, made once per model on the CPU and
-kept under ``DATA_DIR/exports``; a Triton model folder is zipped from them."""
+kept under ``DATA_DIR/exports``; a Triton model folder is zipped from them once per
+name. Exports run one at a time, in a thread of their own: one never holds the
+threads that activation and on-demand loading use."""
 
+import asyncio
 import hashlib
-import io
 import os
 import shutil
 import tempfile
-import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+import torchvision
+
 from app.serving.loading import ModelSpec
-from model import load_model, triton_config, write_model_files
+from model import ONNX_OPSET, load_model, triton_config, write_model_files
 
 ONNX_FILE, CLASSES_FILE = "model.onnx", "classes.json"
-_locks: dict[str, threading.Lock] = {}
-_locks_lock = threading.Lock()
+# what the graph depends on besides the model: a new exporter makes new files
+EXPORTER = f"opset {ONNX_OPSET}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+_EXPORTS = ThreadPoolExecutor(1, thread_name_prefix="maskrcnn-export")
+
+
+def _stat(path: str | None) -> list[str]:
+    if path is None or not os.path.isfile(path):
+        return []
+    stat = os.stat(path)
+    return [str(stat.st_size), str(stat.st_mtime_ns)]
 
 
 def _key(spec: ModelSpec, model_id: str) -> str:
-    """The model's name in the cache: its id and source, and the source file's
-    size and time when it is one (a start-up file may change between runs)."""
-    parts = [model_id, spec.source, spec.classes_file or ""]
-    if os.path.isfile(spec.source):
-        stat = os.stat(spec.source)
-        parts += [str(stat.st_size), str(stat.st_mtime_ns)]
+    """The model's name in the cache: its id, source and classes file (with their
+    size and time when they are files: a start-up file may change between runs),
+    and the exporter."""
+    parts = [model_id, spec.source, *_stat(spec.source), spec.classes_file or ""]
+    parts += [*_stat(spec.classes_file), EXPORTER]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
-def exported(spec: ModelSpec, model_id: str, data_dir: Path) -> Path:
-    """The folder holding ``model.onnx`` and ``classes.json`` of the model (blocking:
-    the first call exports, about 20 s for R50-FPN on a CPU; one at a time per model)."""
-    key = _key(spec, model_id)
-    folder = data_dir / "exports" / key
-    with _locks_lock:
-        lock = _locks.setdefault(key, threading.Lock())
-    with lock:
-        if (folder / ONNX_FILE).is_file():
-            return folder
+def _publish(data_dir: Path, folder: Path, write) -> None:
+    """``write(staging)`` fills a folder under ``DATA_DIR/tmp`` (swept after a
+    crash), which then becomes ``folder`` whole; another replica's, if it came
+    first, is kept."""
+    staging_root = data_dir / "tmp"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"export-{folder.name}-", dir=staging_root))
+    try:
+        write(staging)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from other users of the volume
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exported(spec: ModelSpec, model_id: str, data_dir: Path) -> Path:
+    folder = data_dir / "exports" / _key(spec, model_id)
+    if not (folder / ONNX_FILE).is_file():
         loaded = load_model(
             spec.source, classes_file=spec.classes_file, model_id=spec.model_id, device="cpu"
         )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
-        try:
-            write_model_files(loaded.network, loaded.info, partial)
-            os.replace(partial, folder)  # whole or not at all, also for other replicas
-        except OSError:
-            if not (folder / ONNX_FILE).is_file():
-                raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        _publish(data_dir, folder, lambda to: write_model_files(loaded.network, loaded.info, to))
     return folder
 
 
-def triton_zip(folder: Path, name: str) -> bytes:
-    """A Triton model repository entry as a zip: ``name/config.pbtxt``,
-    ``name/1/model.onnx``, ``name/classes.json``."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(f"{name}/config.pbtxt", triton_config(name))
-        archive.write(folder / ONNX_FILE, f"{name}/1/{ONNX_FILE}")
-        archive.write(folder / CLASSES_FILE, f"{name}/{CLASSES_FILE}")
-    return buffer.getvalue()
+def _triton_zip(folder: Path, name: str, data_dir: Path) -> Path:
+    """``name/config.pbtxt``, ``name/1/model.onnx`` (stored: float weights do not
+    compress) and ``name/classes.json``, zipped next to the export."""
+    zipped = folder / "triton" / name / f"{name}.zip"
+    if not zipped.is_file():
+
+        def write(to: Path) -> None:
+            with zipfile.ZipFile(to / zipped.name, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(f"{name}/config.pbtxt", triton_config(name))
+                archive.write(folder / ONNX_FILE, f"{name}/1/{ONNX_FILE}", zipfile.ZIP_STORED)
+                archive.write(folder / CLASSES_FILE, f"{name}/{CLASSES_FILE}")
+
+        _publish(data_dir, zipped.parent, write)
+    return zipped
+
+
+async def exported(spec: ModelSpec, model_id: str, data_dir: Path) -> Path:
+    """The folder holding ``model.onnx`` and ``classes.json`` of the model; the first
+    call exports (about 20 s for R50-FPN on a CPU)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_EXPORTS, _exported, spec, model_id, data_dir)
+
+
+async def triton_zip(folder: Path, name: str, data_dir: Path) -> Path:
+    """The zip of a Triton model folder ``name`` made from an export ``folder``."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_EXPORTS, _triton_zip, folder, name, data_dir)

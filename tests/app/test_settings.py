@@ -110,3 +110,21 @@ def test_the_old_pixels_in_flight_setting_is_refused_naming_its_successor(monkey
     monkeypatch.setenv("MASKRCNN_MAX_PIXELS_IN_FLIGHT", "400000000")
     with pytest.raises(SettingsError, match="MASKRCNN_MAX_DECODE_MEMORY_MB"):
         load_settings()
+
+
+def test_settings_written_for_a_child_process_read_back_the_same(monkeypatch, tmp_path):
+    settings = load_settings(device="cpu", job_heartbeat_timeout_s=45, data_dir=tmp_path)
+    written = settings.as_environment("device", "job_heartbeat_timeout_s", log_level="DEBUG")
+    assert written == {
+        "MASKRCNN_DEVICE": "cpu",
+        "MASKRCNN_JOB_HEARTBEAT_TIMEOUT_S": "45.0",
+        "MASKRCNN_LOG_LEVEL": "DEBUG",
+    }
+    for name, value in written.items():
+        monkeypatch.setenv(name, value)
+    child = load_settings()
+    assert (child.device, child.job_heartbeat_timeout_s, child.log_level) == ("cpu", 45, "DEBUG")
+    with pytest.raises(ValueError, match="classes_file"):  # None has no spelling
+        settings.as_environment("classes_file")
+    with pytest.raises(ValueError, match="unknown settings: nope"):
+        settings.as_environment(nope=1)

@@ -1,7 +1,6 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
 start-up model, the served one) and activation."""
 
-import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -165,14 +164,14 @@ async def export_model(
     """The model as ONNX, for ONNX Runtime or Triton (docs/export.md): torchvision's
     forward with its resize, normalisation and thresholds, one float32 RGB image
     `(3, height, width)` in [0, 1] in, `boxes`, `labels`, `scores` and `masks` out.
-    Exported on the CPU at the first request for a model (about 20 s for R50-FPN),
-    then kept. Needs the admin token."""
+    Exported on the CPU at the first request for a model (about 20 s for R50-FPN;
+    one export at a time), then kept. Needs the admin token."""
     spec = await service.db.run(service.models.spec_for, model_id)
-    folder = await asyncio.to_thread(exported, spec, model_id, service.settings.data_dir)
+    data_dir = service.settings.data_dir
+    folder = await exported(spec, model_id, data_dir)
     if triton is None:
         onnx_file = folder / "model.onnx"
         binary = "application/octet-stream"
         return FileResponse(onnx_file, media_type=binary, filename=f"{model_id}.onnx")
-    body = await asyncio.to_thread(triton_zip, folder, triton)
-    disposition = {"Content-Disposition": f'attachment; filename="{triton}.zip"'}
-    return Response(body, media_type="application/zip", headers=disposition)
+    zipped = await triton_zip(folder, triton, data_dir)
+    return FileResponse(zipped, media_type="application/zip", filename=zipped.name)

@@ -202,14 +202,18 @@ def test_predict_takes_segments_options_checked_as_the_api_checks_them(tmp_path)
     ).returncode == 0
     every = json.loads(out.read_text())
     found = sorted({row["category_id"] for row in every})
-    assert len(found) >= 2, "a scene with two kinds of shapes"
-    wanted = found[:1]
-    assert maskrcnn(
-        "predict", str(image), "--model", "demo", "--score-threshold", "0.05",
-        "--classes", ",".join(map(str, wanted)), "--out", str(out),
-    ).returncode == 0
-    only = json.loads(out.read_text())
-    assert only == [row for row in every if row["category_id"] in wanted]
+    assert len(found) >= 3, "a scene with three kinds of shapes"
+    for wanted, flags in [
+        (found[:1], ["--classes", str(found[0])]),
+        (found[:2], ["--classes", f"{found[0]},{found[1]}"]),  # as a form field takes them
+        (found[1:3], ["--classes", str(found[1]), "--classes", str(found[2])]),  # or repeated
+    ]:
+        assert maskrcnn(
+            "predict", str(image), "--model", "demo", "--score-threshold", "0.05",
+            *flags, "--out", str(out),
+        ).returncode == 0
+        only = json.loads(out.read_text())
+        assert only == [row for row in every if row["category_id"] in wanted], flags
 
     unknown = maskrcnn("predict", str(image), "--model", "demo", "--classes", "zebra")
     assert unknown.returncode == 2 and "--classes" in unknown.stderr and "zebra" in unknown.stderr
@@ -229,6 +233,7 @@ def test_export_writes_an_onnx_file_onnx_runtime_runs(tmp_path):
     classes = json.loads((tmp_path / "onnx" / "classes.json").read_text())
     assert classes[0]["name"] == "background" and len(classes) > 1
 
-    refused = maskrcnn("export", "--out", str(tmp_path / "t"), "--triton", "../x", on_cpu=False)
-    assert refused.returncode == 2 and "--triton" in refused.stderr
-    assert not (tmp_path / "x").exists()
+    for name in ("../x", "shapes\n"):
+        refused = maskrcnn("export", "--out", str(tmp_path / "t"), "--triton", name, on_cpu=False)
+        assert refused.returncode == 2 and "--triton" in refused.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t").exists()
