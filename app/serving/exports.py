@@ -7,8 +7,6 @@ threads that activation and on-demand loading use."""
 import asyncio
 import hashlib
 import os
-import shutil
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 import torchvision
 
 from app.serving.loading import ModelSpec
+from app.store.staging import publish, staging
 from model import ONNX_OPSET, load_model, triton_config, write_model_files
 
 ONNX_FILE, CLASSES_FILE = "model.onnx", "classes.json"
@@ -42,23 +41,15 @@ def _key(spec: ModelSpec, model_id: str) -> str:
 
 
 def _publish(data_dir: Path, folder: Path, write) -> None:
-    """``write(staging)`` fills a folder under ``DATA_DIR/tmp`` (swept after a
-    crash), which then becomes ``folder`` whole; another replica's, if it came
-    first, is kept."""
-    staging_root = data_dir / "tmp"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"export-{folder.name}-", dir=staging_root))
-    try:
-        write(staging)
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from other users of the volume
-        folder.parent.mkdir(parents=True, exist_ok=True)
+    """``write(staged)`` fills a staging folder, which then becomes ``folder``
+    whole; another replica's, if it came first, is kept."""
+    with staging(data_dir, f"export-{folder.name}-") as staged:
+        write(staged)
         try:
-            os.replace(staging, folder)
+            publish(staged, folder)
         except OSError:
             if not folder.is_dir():
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _exported(spec: ModelSpec, model_id: str, data_dir: Path) -> Path:

@@ -12,7 +12,6 @@ them from worker threads.
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +22,7 @@ from app.errors import ConflictError, NotFoundError, QuotaError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
+from app.store.staging import publish, staging
 from model import (
     ANNOTATIONS_FILE,
     CocoDataset,
@@ -57,19 +57,11 @@ def store_dataset(
     before it is stored: a few more may pass when uploads race)."""
     check_dataset_count(db, settings.max_datasets)
     dataset_id = new_id("ds")
-    staging_root = db.data_dir / "tmp"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{dataset_id}-", dir=staging_root))
     relative = f"datasets/{dataset_id}"
     final = db.resolve(relative)
-    try:
-        extracted, coco = check_upload(upload, staging, settings)
-        staging.chmod(0o755)  # mkdtemp's 0o700 would hide it from a worker run as another user
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staging(db.data_dir, f"{dataset_id}-") as staged:
+        extracted, coco = check_upload(upload, staged, settings)
+        publish(staged, final)
     record = DatasetRecord(
         id=dataset_id,
         name=name,
