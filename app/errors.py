@@ -38,6 +38,12 @@ class ConflictError(AppError):
     status_code, code = 409, "conflict"
 
 
+class UnprocessableError(AppError):
+    """Well formed, but past what this deployment can do."""
+
+    status_code, code = 422, "validation_error"
+
+
 class PayloadTooLargeError(AppError):
     status_code, code = 413, "payload_too_large"
 

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(30.0, gt=0, le=86_400)
     worker_poll_s: float = Field(1.0, gt=0, le=600)
     job_threads: int = Field(0, ge=0, le=1024, description="torch threads per job; 0: half")
+    # the most `processes` a job may ask for; 0: this machine's GPUs when jobs train
+    # on CUDA, else its cores (set it on API replicas that run no worker)
+    job_max_processes: int = Field(0, ge=0, le=1024)
     max_queued_jobs: int = Field(100, ge=1)
 
     # -- storage and the database: the timeout covers connecting, a pooled

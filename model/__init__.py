@@ -51,6 +51,7 @@ _MODULES = {
     "split_dataset": "model.training.dataset",
     "gpus_for_ddp": "model.training.distributed",
     "is_main_rank": "model.training.distributed",
+    "process_capacity": "model.training.distributed",
     "evaluate_predictor": "model.training.evaluation",
     "format_metrics": "model.training.evaluation",
     "TrainConfig": "model.training.loop",
@@ -104,6 +105,7 @@ __all__ = [
     "load_coco",
     "load_model",
     "pil_to_tensor",
+    "process_capacity",
     "read_classes_file",
     "read_image",
     "render_scenes",
@@ -166,7 +168,7 @@ if TYPE_CHECKING:
     from model.loading import DEMO_CHECKPOINT, load_model, resolve_device
     from model.training.coco import to_coco_results
     from model.training.dataset import ANNOTATIONS_FILE, CocoDataset, split_dataset
-    from model.training.distributed import gpus_for_ddp, is_main_rank
+    from model.training.distributed import gpus_for_ddp, is_main_rank, process_capacity
     from model.training.evaluation import evaluate_predictor, format_metrics
     from model.training.loop import TrainConfig
     from model.training.pipeline import TrainingPlan, run_training

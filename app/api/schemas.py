@@ -299,7 +299,9 @@ class TrainingJobConfig(BaseModel):
         "`maskrcnn_small_fpn`) or a registry model id from GET /v1/models",
     )
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(4, ge=1, le=64, description="images per optimizer step")
+    batch_size: int = Field(
+        4, ge=1, le=64, description="images per optimizer step, in each of the `processes`"
+    )
     learning_rate: float = Field(
         0.01,
         gt=0,
@@ -318,6 +320,14 @@ class TrainingJobConfig(BaseModel):
         0.1, ge=0, le=0.5, description="share of images held out for per-epoch COCO mAP; 0: none"
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="validation split and initialisation")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="training processes, one DDP run under torchrun (nccl on GPUs, gloo on the "
+        "CPU), each with its shard of every epoch; at most the worker's GPUs, or its cores "
+        "on the CPU (`JOB_MAX_PROCESSES`)",
+    )
 
 
 class TrainingJobCreate(TrainingJobConfig):

@@ -17,7 +17,13 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from app.errors import BadRequestError, ConflictError, NotFoundError, QuotaError
+from app.errors import (
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    QuotaError,
+    UnprocessableError,
+)
 from app.store.db import (
     FINAL_STATES,
     Database,
@@ -63,11 +69,23 @@ def remove_checkpoint(db: Database, job_id: str) -> None:
 
 
 def create_job(
-    db: Database, dataset_id: str, config: dict[str, Any], *, max_queued: int
+    db: Database,
+    dataset_id: str,
+    config: dict[str, Any],
+    *,
+    max_queued: int,
+    max_processes: int | None = None,
 ) -> TrainingJobRecord:
-    """Queue a job after checking that its dataset and base model exist (400 if not)
-    and that fewer than ``max_queued`` jobs wait (429 if not; a few more may pass
-    when requests race)."""
+    """Queue a job after checking that its dataset and base model exist (400 if not),
+    that it asks for at most ``max_processes`` processes (422 if not) and that fewer
+    than ``max_queued`` jobs wait (429 if not; a few more may pass when requests race)."""
+    processes = config.get("processes", 1)
+    if max_processes is not None and processes > max_processes:
+        raise UnprocessableError(
+            f"processes: {processes} asked, at most {max_processes} here (a worker runs one "
+            "a GPU when training on CUDA, one a core on the CPU; MASKRCNN_JOB_MAX_PROCESSES)",
+            code="too_many_processes",
+        )
     with db.session() as session:
         queued = session.scalar(select(func.count()).where(TrainingJobRecord.state == "queued"))
         if queued >= max_queued:

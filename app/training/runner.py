@@ -8,6 +8,10 @@ validation mAP, and on success writes the checkpoint to
 ``DATA_DIR/models/<model id>.safetensors`` and registers it in the transaction
 that marks the job ``succeeded``.
 
+A job of several ``processes`` runs one of these a process under torchrun
+(``app.training.launch``), as one DDP run: rank 0 alone writes progress, validates,
+writes the checkpoint and registers it; any rank records the failure it meets.
+
 It stops by itself when the job is cancelled or stops being its worker's (seen at
 the next progress write), and exits at once when its worker dies: its stdin is a
 pipe from the worker, which the kernel closes whatever way the worker ends.
@@ -25,6 +29,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from app.errors import AppError
@@ -102,10 +107,17 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
     """Train the job's model and register it; raises on failure (nothing registered)."""
     # here, not at the top: the worker imports this module for its constants and
     # must not pay for torch
-    from model import TrainConfig, TrainingPlan, run_training
+    from model import TrainConfig, TrainingPlan, process_capacity, resolve_device, run_training
 
     job = jobs.get_job(db, job_id)
     config = job.config
+    processes = config.get("processes", 1)
+    capacity = process_capacity(resolve_device(settings.device))
+    if processes > capacity:
+        raise JobError(
+            f"the job asks for {processes} processes; this worker runs at most {capacity} "
+            "(one a GPU when training on CUDA, one a core on the CPU)"
+        )
     with db.session() as session:
         dataset = session.get(DatasetRecord, job.dataset_id)
     if dataset is None:
@@ -134,6 +146,8 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
     outage_s = settings.job_heartbeat_timeout_s
     reporter = ProgressReporter(db, job_id, worker_id, outage_s=outage_s)
     outcome = run_training(plan, progress=reporter, announce=log.info, show_validation=False)
+    if outcome is None:
+        return  # a rank other than 0 of a job of several processes: rank 0 registers
     model = ModelRecord(
         id=model_id,
         architecture=outcome.metadata["architecture"],
@@ -154,18 +168,32 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
     log.info("job %s succeeded: model %s", job_id, model_id)
 
 
-def exit_with_parent() -> None:
-    """Exit as soon as stdin, a pipe from the worker, reaches end of file."""
+def when_parent_exits(action: Callable[[], object]) -> None:
+    """Call ``action`` (on a thread of its own) once stdin, a pipe from the worker,
+    reaches end of file: the kernel closes it whatever way the worker ends."""
     if not stat.S_ISFIFO(os.fstat(0).st_mode):
         return  # started by hand
 
     def watch() -> None:
         while os.read(0, 4096):
             pass
-        log.error("the worker went away; stopping")
-        os._exit(EXIT_ORPHANED)
+        action()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def exit_now() -> None:
+    log.error("the worker went away; stopping")
+    os._exit(EXIT_ORPHANED)
+
+
+def discard_checkpoint(db: Database, job_id: str) -> None:
+    """Remove the job's checkpoint: rank 0's to write, so its to remove (another
+    rank failing late must not remove what rank 0 registered)."""
+    from model import is_main_rank
+
+    if is_main_rank():
+        jobs.remove_checkpoint(db, job_id)
 
 
 def describe(error: BaseException) -> str:
@@ -181,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     parser.add_argument("worker_id")
     args = parser.parse_args(argv)
-    exit_with_parent()
+    when_parent_exits(exit_now)
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
     import torch
@@ -193,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except JobStopped as e:
         log.info("%s; stopping", e)
-        jobs.remove_checkpoint(db, args.job_id)
+        discard_checkpoint(db, args.job_id)
         return EXIT_STOPPED
     except Exception as e:
         log.exception("job %s failed", args.job_id)
-        jobs.remove_checkpoint(db, args.job_id)
+        discard_checkpoint(db, args.job_id)
         reason = describe(e)
         try:
             retrying(

@@ -4,7 +4,8 @@ Embedded in ``maskrcnn serve`` as a thread (``RUN_WORKER``, on by default) or on
 its own as ``maskrcnn worker``. Every ``WORKER_POLL_S`` it marks ``failed`` the
 running jobs of any worker, on any replica, that stopped heartbeating for
 ``JOB_HEARTBEAT_TIMEOUT_S``; when idle, it claims the oldest queued job
-(``app.training.jobs.claim_next_job``) and starts ``python -m app.training.runner`` for it.
+(``app.training.jobs.claim_next_job``) and starts its process, or its processes under
+torchrun (``app.training.launch``).
 
 While that process trains, the worker heartbeats the job every ``JOB_HEARTBEAT_S``
 and stops the process when a cancel is requested or the job stopped being its
@@ -26,7 +27,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.settings import Settings
 from app.store.db import Database, DatabaseUnreachable, SchemaError, TrainingJobRecord, retrying
 from app.training import jobs
+from app.training.launch import job_command
 from app.training.runner import EXIT_DATABASE, EXIT_STOPPED, job_threads
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,14 @@ class Worker:
         """Run a claimed job's process to its end and leave the job in a final state."""
         log.info("training job %s claimed by %s", job.id, self.worker_id)
         try:
-            process = self._spawn(job.id)
+            process = self._spawn(job.id, job.config.get("processes", 1))
         except OSError as e:
             jobs.finish_job(
                 self.db, job.id, self.worker_id, "failed", f"cannot start training: {e}"
             )
             return
         ended_by = self._supervise(process, job.id)
+        process.stdin.close()  # ranks a stopped launcher left behind see it and exit
         try:
             retrying(
                 lambda: self._settle(job.id, process.returncode, ended_by),
@@ -182,14 +184,15 @@ class Worker:
             self.unreachable_at = time.monotonic()
             log.error("cannot record the end of training job %s: %s", job.id, e)
 
-    def _spawn(self, job_id: str) -> subprocess.Popen:
-        threads = str(job_threads(self.settings))
+    def _spawn(self, job_id: str, processes: int) -> subprocess.Popen:
+        threads = str(max(1, job_threads(self.settings) // processes))  # each process's
         env = {
             **os.environ,
             # what the runner's load_settings() reads (app.training.runner)
             **self.settings.as_environment(
                 "device",
                 "runtime",
+                "job_heartbeat_s",  # the timeout is checked against it
                 "job_heartbeat_timeout_s",
                 "log_level",
                 "log_format",
@@ -206,7 +209,7 @@ class Worker:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", "app.training.runner", job_id, self.worker_id],
+                job_command(job_id, self.worker_id, processes),
                 stdin=subprocess.PIPE,  # closes when this process ends: the child follows
                 stdout=out,
                 stderr=subprocess.STDOUT,

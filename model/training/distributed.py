@@ -1,7 +1,8 @@
 """Single-process or DDP training context.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes the GPU of its
-``LOCAL_RANK``, BatchNorm becomes SyncBatchNorm, the network is wrapped in
+``LOCAL_RANK`` and BatchNorm becomes SyncBatchNorm (on the CPU, with gloo, each
+process keeps its own BatchNorm statistics), the network is wrapped in
 ``DistributedDataParallel`` and each process reads its shard of every epoch.
 Otherwise everything is a no-op around one process. Either way the epoch order
 depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
@@ -30,8 +31,10 @@ class Context:
     def wrap(self, network: nn.Module) -> nn.Module:
         if self.world_size == 1:
             return network
-        network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        ids = [self.device.index] if self.device.type == "cuda" else None
+        ids = None
+        if self.device.type == "cuda":  # torch syncs BatchNorm statistics on GPUs only
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+            ids = [self.device.index]
         return nn.parallel.DistributedDataParallel(
             network, device_ids=ids, find_unused_parameters=True
         )
@@ -71,6 +74,14 @@ def context(device: torch.device) -> Context:
 def is_main_rank() -> bool:
     """Whether this process writes results: rank 0 under ``torchrun``, or alone."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_capacity(device: torch.device) -> int:
+    """The most training processes this machine runs on ``device``: one a GPU on
+    CUDA (each takes the GPU of its ``LOCAL_RANK``), one a core on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0))
 
 
 def gpus_for_ddp() -> int:

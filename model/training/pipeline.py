@@ -167,7 +167,8 @@ def training_record(plan: TrainingPlan, result: TrainResult) -> dict:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_description(plan.device),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # of each process
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # under torchrun, all nodes'
     }
 
 

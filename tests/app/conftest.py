@@ -606,12 +606,14 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def training_processes(job_id: str) -> list[int]:
-    """Pids of live ``app.training.runner`` processes for ``job_id``."""
+    """Pids of live training processes for ``job_id``: its ``app.training.runner``
+    processes, and for a job of several the launcher that started them."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             args = cmdline.read_bytes().split(b"\0")
-            if b"app.training.runner" in args and job_id.encode() in args:
+            started = b"app.training.runner" in args or b"app.training.launch" in args
+            if started and job_id.encode() in args:
                 found.append(int(cmdline.parent.name))
     return found
 

@@ -190,3 +190,46 @@ def test_the_overlays_place_pods_on_gpu_or_cpu_nodes(rendered):
     cpu = rendered["cpu"]
     assert settings(cpu)["MASKRCNN_DEVICE"] == "cpu"
     assert int(container(cpu, "maskrcnn-api")["resources"]["requests"]["cpu"]) >= 4
+
+
+def test_a_job_asks_for_no_more_processes_than_the_worker_pod_runs(rendered):
+    for variant, objects in rendered.items():
+        limit = int(settings(objects)["MASKRCNN_JOB_MAX_PROCESSES"])
+        resources = container(objects, "maskrcnn-worker")["resources"]
+        gpus = int(resources["limits"].get("nvidia.com/gpu", 0))
+        assert 1 <= limit <= (gpus or int(resources["requests"]["cpu"])), variant
+
+
+def test_the_trainjob_example_runs_maskrcnn_train_under_torchrun_on_the_data_volume(rendered):
+    """Not part of any kustomization (it needs Kubeflow Trainer): its command is one
+    that ``maskrcnn train`` takes, on the base's image and volume."""
+    from app.cli import build_parser
+
+    example = KUBERNETES / "examples" / "trainjob.yaml"
+    job = yaml.safe_load(example.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert all(("TrainJob", job["metadata"]["name"]) not in o for o in rendered.values())
+    spec, trainer = job["spec"], job["spec"]["trainer"]
+    assert spec["runtimeRef"]["name"] == "torch-distributed"
+    assert trainer["command"] == ["python", "-m", "torch.distributed.run"]
+    module, command = trainer["args"][:2], trainer["args"][2:]
+    assert module == ["-m", "app.cli"] and command[0] == "train"
+    args = build_parser("train").parse_args(command)  # exits on a flag it does not take
+    assert args.base_model == "coco"
+
+    base = yaml.safe_load((KUBERNETES / "base" / "kustomization.yaml").read_text())
+    [image] = base["images"]
+    assert trainer["image"] == f"{image['newName']}:{image['newTag']}"
+    gpus = trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
+    assert trainer["numProcPerNode"] == gpus and trainer["numNodes"] >= 2
+
+    [override] = spec["podTemplateOverrides"]
+    [volume] = override["spec"]["volumes"]
+    [node] = override["spec"]["containers"]
+    [mount] = node["volumeMounts"]
+    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in rendered[
+        "base"
+    ]
+    data_dir = settings(rendered["base"])["MASKRCNN_DATA_DIR"]
+    assert mount == {"name": volume["name"], "mountPath": data_dir}
+    assert args.dataset.startswith(data_dir + "/") and args.out.startswith(data_dir + "/")

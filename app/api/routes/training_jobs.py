@@ -27,6 +27,7 @@ from app.serving.service import Service, State
 from app.store.db import FINAL_STATES, Database, TrainingJobRecord
 from app.training import jobs
 from app.training.datasets import get_dataset, validation_image
+from app.training.launch import process_limit
 
 router = APIRouter(
     prefix="/v1/training-jobs",
@@ -72,10 +73,17 @@ def create_training_job(
     """Queue a training job on an uploaded dataset; a worker picks it up.
 
     400 `unknown_dataset` or `unknown_model` when `dataset_id` or `base_model`
-    names nothing; 422 for values out of range; 429 `too_many_jobs` when
+    names nothing; 422 for values out of range, `too_many_processes` past what the
+    workers can run (`JOB_MAX_PROCESSES`); 429 `too_many_jobs` when
     `MAX_QUEUED_JOBS` wait already."""
     config = body.model_dump(exclude={"dataset_id"})
-    job = jobs.create_job(db, body.dataset_id, config, max_queued=settings.max_queued_jobs)
+    job = jobs.create_job(
+        db,
+        body.dataset_id,
+        config,
+        max_queued=settings.max_queued_jobs,
+        max_processes=process_limit(settings),
+    )
     return job_public(job)
 
 

@@ -3,6 +3,7 @@ stream in-process; then real training jobs run by the worker embedded in a real
 ``maskrcnn serve``, followed over HTTP."""
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def test_a_job_is_queued_with_defaults_and_listed_newest_first(api):
         "image_size": None,
         "val_fraction": 0.1,
         "seed": 0,
+        "processes": 1,
     }
     assert job["progress"] == {
         "epoch": 0,
@@ -143,6 +145,7 @@ def test_bad_requests_are_refused_with_the_reason(api):
         ("val_fraction", 0.9),
         ("image_size", 8),
         ("seed", -1),
+        ("processes", 0),
         ("surprise", 1),
     ]:
         response = create(api, **{field: value})
@@ -152,6 +155,25 @@ def test_bad_requests_are_refused_with_the_reason(api):
     response = api.get("/v1/training-jobs", params={"state": "done"}, headers=AS_ADMIN)
     assert response.status_code == 422
     assert list_count(api) == 0  # nothing was queued
+
+
+def test_a_job_asks_for_at_most_the_processes_its_workers_run(api, tmp_path):
+    """One a core here (no GPU), unless JOB_MAX_PROCESSES says what the workers run."""
+    cores = len(os.sched_getaffinity(0))
+    assert create(api, processes=cores).status_code == 202
+    response = create(api, processes=cores + 1)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "too_many_processes"
+    assert f"{cores + 1} asked, at most {cores} here" in error["message"]
+    assert "MASKRCNN_JOB_MAX_PROCESSES" in error["message"]
+    assert list_count(api) == 1
+
+    settings = {"admin_token": ADMIN_TOKEN, "run_worker": False, "job_max_processes": 8}
+    with fake_client(data_dir=tmp_path / "data", **settings) as client:
+        client.dataset_id = add_dataset(client.app.state.service.db, num_images=2)
+        assert create(client, processes=8).json()["config"]["processes"] == 8
+        assert create(client, processes=9).json()["error"]["code"] == "too_many_processes"
 
 
 def list_count(api) -> int:
@@ -436,9 +458,11 @@ def test_a_client_that_reconnects_misses_nothing_and_gets_nothing_twice(follower
 
 
 @pytest.mark.slow
-def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path, processes):
     """End to end over HTTP: upload a generated dataset zip, train one epoch from
-    ``demo``, follow the events to ``succeeded``, find the version in the registry."""
+    ``demo`` (in one process, or two under torchrun: DDP with gloo), follow the events
+    to ``succeeded``, find the version in the registry."""
     from model.inference.predictor import Predictor
     from model.loading import load_model
     from model.training.dataset import CocoDataset, split_dataset
@@ -458,7 +482,8 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
     assert upload.status_code == 201, upload.text
     dataset_id = upload.json()["id"]
 
-    job = post_job(trainer, **TINY_JOB, val_fraction=0.25, dataset_id=dataset_id)
+    body = {**TINY_JOB, "val_fraction": 0.25, "processes": processes}
+    job = post_job(trainer, **body, dataset_id=dataset_id)
     url = f"/v1/training-jobs/{job['id']}/events"
     with trainer.client.stream("GET", url, headers=AS_ADMIN, timeout=120) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -468,7 +493,8 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
     states = [data["state"] for name, data in events if name == "state"]
     assert states[-1] == "succeeded" and "running" in states, states
     progress = [data for name, data in events if name == "progress"]
-    assert progress[-1]["step"] == progress[-1]["total_steps"] == 3  # 6 training images / 2
+    # 6 training images, 2 a step: each process steps through its share
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == {1: 3, 2: 2}[processes]
     [epoch] = [data for name, data in events if name == "epoch"]
     assert epoch["epoch"] == 1 and epoch["losses"]["loss"] > 0
     assert {"AP", "AP50", "AR100"} <= set(epoch["bbox"]) and {"AP", "AP50"} <= set(epoch["segm"])
@@ -478,7 +504,8 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
     assert final["error"] is None and final["metrics"] == [epoch]
     model_id = final["model_id"]
     assert model_id == "model-" + job["id"].removeprefix("job-")
-    assert model_files(trainer) == [f"{model_id}.safetensors"]  # no temporary files left
+    assert f"{model_id}.safetensors" in model_files(trainer)
+    assert not [name for name in model_files(trainer) if ".tmp" in name or ".partial" in name]
     with trainer.db.session() as session:
         record = session.get(ModelRecord, model_id)
         dataset_path = session.get(DatasetRecord, dataset_id).path
@@ -501,6 +528,7 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
     meta = loaded.info.metadata
     assert (meta["job_id"], meta["dataset_id"]) == (job["id"], dataset_id)
     assert meta["classes"] == record.classes and meta["arch_kwargs"]["min_size"] == 64
+    assert meta["training"]["processes"] == processes
     _, val_set = split_dataset(CocoDataset(trainer.db.resolve(dataset_path)), 0.25, seed=0)
     measured = evaluate_predictor(Predictor(loaded.network, loaded.info), val_set)
     for iou_type in ("bbox", "segm"):
@@ -509,8 +537,9 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path):
 
 
 @pytest.mark.slow
-def test_cancelling_a_running_job_stops_its_training(trainer):
-    job = post_job(trainer, **{**TINY_JOB, "epochs": 500}, val_fraction=0)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cancelling_a_running_job_stops_its_training(trainer, processes):
+    job = post_job(trainer, **{**TINY_JOB, "epochs": 500}, val_fraction=0, processes=processes)
     running = wait_for(
         lambda: (j := get_job(trainer, job["id"]))["progress"]["step"] >= 1 and j,
         60,

@@ -293,6 +293,26 @@ def test_a_file_it_cannot_remove_does_not_stop_the_worker(sqlite_url, tmp_path):
     db.dispose()
 
 
+def test_a_job_of_more_processes_than_its_worker_runs_fails_with_the_reason(
+    sqlite_url, tmp_path
+):
+    """The API's limit is JOB_MAX_PROCESSES where set; a worker that runs fewer
+    processes (one a core here) fails the job, saying so, and leaves nothing."""
+    db = job_store(tmp_path / "data", sqlite_url)
+    cores = len(os.sched_getaffinity(0))
+    job_id = jobs.create_job(
+        db, add_dataset(db, num_images=2), {**CONFIG, "processes": cores + 1}, max_queued=1
+    ).id
+    settings = load_settings(database_url=sqlite_url, data_dir=db.data_dir, **FAST_JOBS)
+    worker = Worker(db, settings)
+    worker.run_job(jobs.claim_next_job(db, worker.worker_id))
+    job = jobs.get_job(db, job_id)
+    assert job.state == "failed"
+    assert f"asks for {cores + 1} processes; this worker runs at most {cores}" in job.error
+    assert_nothing_left(db, job_id)
+    db.dispose()
+
+
 # -- real worker processes ---------------------------------------------------------------
 
 
@@ -359,7 +379,12 @@ def assert_nothing_left(db: Database, job_id: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(postgres_url, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(
+    postgres_url, tmp_path, processes
+):
+    """Whether a job runs in one process or in two under torchrun, none outlives the
+    worker that started it, or the job."""
     db = job_store(tmp_path / "data", postgres_url)
     dataset = add_dataset(db)
     env = {"database_url": postgres_url, "data_dir": db.data_dir, **FAST_JOBS}
@@ -367,8 +392,9 @@ def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(postgres_url, 
         worker_process(env, tmp_path / "w1.log") as w1,
         worker_process(env, tmp_path / "w2.log") as w2,
     ):
-        job_id = jobs.create_job(db, dataset, dict(LONG), max_queued=100).id
+        job_id = jobs.create_job(db, dataset, {**LONG, "processes": processes}, max_queued=100).id
         job = wait_training(db, job_id)
+        assert len(training_processes(job_id)) == {1: 1, 2: 3}[processes]  # with the launcher
         owner, other = (w1, w2) if job_pid(job) == w1.pid else (w2, w1)
         assert job_pid(job) == owner.pid and job.state == "running"
 
@@ -385,7 +411,7 @@ def test_a_killed_worker_s_job_fails_within_the_heartbeat_timeout(postgres_url, 
         assert_nothing_left(db, job_id)
 
         # the survivor stops gracefully on SIGTERM: its job ends failed, with the reason
-        second = jobs.create_job(db, dataset, dict(LONG), max_queued=100).id
+        second = jobs.create_job(db, dataset, {**LONG, "processes": processes}, max_queued=100).id
         job = wait_for(
             lambda: (j := jobs.get_job(db, second)).state == "running" and j, 30, "a claim"
         )
