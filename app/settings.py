@@ -123,8 +123,11 @@ class Settings(BaseSettings):
 
     # -- storage and the database: the timeout covers connecting, a pooled
     # connection, a statement, and every call the server makes: past it, routes that
-    # need the database answer 503 database_unavailable
+    # need the database answer 503 database_unavailable. STORAGE_URL: where datasets
+    # and checkpoints live (app.store.objects); empty: DATA_DIR itself, else DATA_DIR
+    # is this process's cache
     data_dir: Path = Path("data")
+    storage_url: str = ""
     database_url: str | None = None
     database_timeout_s: float = Field(5.0, gt=0, le=300)
 
@@ -173,6 +176,21 @@ class Settings(BaseSettings):
         if beat is not None and value < 2 * beat:
             raise ValueError(f"must be at least twice MASKRCNN_JOB_HEARTBEAT_S ({beat})")
         return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        """A URL whose filesystem fsspec has and can import (s3fs for ``s3://``)."""
+        if not value.strip():
+            return ""
+        import fsspec
+
+        protocol, _ = fsspec.core.split_protocol(value.strip())
+        try:
+            fsspec.get_filesystem_class(protocol or "file")
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"no filesystem for this URL: {e}") from None
+        return value.strip()
 
     @field_validator("graph_batch_sizes")
     @classmethod

@@ -46,6 +46,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from app.errors import DatabaseUnavailableError
 from app.settings import Settings
+from app.store.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,11 +189,22 @@ class Database:
             settings.database_url_or_default,
             data_dir=settings.data_dir,
             timeout_s=BACKGROUND_TIMEOUT_S if background else settings.database_timeout_s,
+            storage_url=settings.storage_url,
         )
 
-    def __init__(self, url: str, *, data_dir: Path, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str,
+        *,
+        data_dir: Path,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        storage_url: str = "",
+    ):
+        """``storage_url``: where the files its rows name live (``app.store.objects``;
+        empty: ``data_dir``)."""
         self.url = url
         self.data_dir = Path(data_dir)
+        self.objects = ObjectStore(storage_url, self.data_dir)
         self.timeout_s = timeout_s
         self.engine: Engine = _make_engine(url, timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -262,10 +274,6 @@ class Database:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def resolve(self, relative: str) -> Path:
-        """A path stored in a row, under ``DATA_DIR``."""
-        return self.data_dir / relative
 
     def dispose(self) -> None:
         if self._threads is not None:

@@ -142,12 +142,13 @@ def resolve_model_spec(
             f"model {spec!r}: not {names}, an existing file, nor a model id in the registry "
             f"(MASKRCNN_DATABASE_URL, MASKRCNN_DATA_DIR={settings.data_dir})"
         )
-    path = db.resolve(record.path)
-    if not path.is_file():
+    try:
+        path = db.objects.fetch_file(record.path)  # into this replica's cache, once
+    except FileNotFoundError:
         raise CheckpointError(
-            f"model {spec!r}: its checkpoint {path} is missing; every replica needs the "
-            f"shared DATA_DIR volume (MASKRCNN_DATA_DIR={settings.data_dir})"
-        )
+            f"model {spec!r}: its checkpoint {db.objects.location(record.path)} is missing; "
+            "every replica needs the same store: one STORAGE_URL, or a shared DATA_DIR volume"
+        ) from None
     return str(path), record.id
 
 
@@ -159,8 +160,12 @@ def training_images(settings: Settings, model_id: str, db: Database | None = Non
             record = session.get(ModelRecord, model_id)
             dataset_id = record.dataset_id if record else None
             dataset = session.get(DatasetRecord, dataset_id) if dataset_id else None
-        folder = db.resolve(dataset.path) if dataset else None
-    return folder if folder is not None and folder.is_dir() else None
+        if dataset is None:
+            return None
+        try:
+            return db.objects.fetch_folder(dataset.path)
+        except FileNotFoundError:
+            return None
 
 
 @contextlib.contextmanager

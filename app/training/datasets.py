@@ -9,6 +9,7 @@ leaves nothing on disk. These functions block (disk, database); routes call
 them from worker threads.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from app.errors import ConflictError, NotFoundError, QuotaError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
+from app.store.objects import StorageError
 from app.store.staging import publish, staging
 from model import (
     ANNOTATIONS_FILE,
@@ -58,7 +60,7 @@ def store_dataset(
     check_dataset_count(db, settings.max_datasets)
     dataset_id = new_id("ds")
     relative = f"datasets/{dataset_id}"
-    final = db.resolve(relative)
+    final = db.objects.local(relative)
     with staging(db.data_dir, f"{dataset_id}-") as staged:
         extracted, coco = check_upload(upload, staged, settings)
         publish(staged, final)
@@ -75,11 +77,13 @@ def store_dataset(
         size_bytes=extracted.total_bytes,
     )
     try:
+        db.objects.put(relative)  # whole in the store before the row names it
         check_dataset_count(db, settings.max_datasets)
         with db.session() as session:
             session.add(record)
     except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
+        with contextlib.suppress(StorageError):  # logged
+            db.objects.delete(relative)
         raise
     log.info("dataset %s stored: %d images", dataset_id, record.num_images)
     return record
@@ -204,19 +208,23 @@ def validation_image(path: Path, val_fraction: float, seed: int, index: int) -> 
 
 
 def _remove_folder(db: Database, relative: str) -> None:
-    """Rename out of ``datasets/`` first (atomic), so a half-deleted folder is never
-    visible under the dataset's path."""
-    folder = db.resolve(relative)
-    trash = db.data_dir / "tmp" / f"deleted-{folder.name}-{new_id('rm')}"
+    """Rename the local copy out of ``datasets/`` first (atomic), so a half-deleted
+    folder is never visible under the dataset's path; then the store's (its row is
+    gone already: a store that fails leaves objects no row names, and says so)."""
+    folder = db.objects.local(relative)
+    trash: Path | None = db.data_dir / "tmp" / f"deleted-{folder.name}-{new_id('rm')}"
     try:
         trash.parent.mkdir(parents=True, exist_ok=True)
         os.rename(folder, trash)
     except FileNotFoundError:
-        return
+        trash = None  # not on this machine
     except OSError as e:
         log.warning("could not move %s away for deletion: %s", folder, e)
         trash = folder
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    with contextlib.suppress(StorageError):  # logged, with the store's reason
+        db.objects.delete(relative)
 
 
 def sweep_staging(data_dir: Path, *, older_than_s: float = STALE_STAGING_S) -> int:

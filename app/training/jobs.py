@@ -10,6 +10,7 @@ state: ``succeeded`` (with the model it registered), ``failed`` (with a reason) 
 exactly one final state.
 """
 
+import contextlib
 import math
 from datetime import timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ from app.store.db import (
     new_id,
     utcnow,
 )
+from app.store.objects import StorageError
 from model import BASE_MODELS
 
 MODELS_DIR = "models"  # checkpoints of trained versions, under DATA_DIR
@@ -58,11 +60,14 @@ def checkpoint_path(job_id: str) -> str:
 
 def remove_checkpoint(db: Database, job_id: str) -> None:
     """Delete what a job that did not succeed may have left: its checkpoint (written,
-    never registered) and the temporary files of an interrupted write."""
-    final = db.resolve(checkpoint_path(job_id))
-    final.unlink(missing_ok=True)
+    never registered, here and in the store) and the temporary files of an
+    interrupted write."""
+    key = checkpoint_path(job_id)
+    final = db.objects.local(key)
     for partial in final.parent.glob(f".{final.name}.tmp-*"):
         partial.unlink(missing_ok=True)
+    with contextlib.suppress(StorageError):  # logged; the object stays, named by no row
+        db.objects.delete(key)
 
 
 # -- the API's side ------------------------------------------------------------
@@ -319,7 +324,7 @@ def resolve_base_model(db: Database, base_model: str) -> str:
         record = session.get(ModelRecord, base_model)
     if record is None:
         raise NotFoundError(f"base model {base_model!r} is no longer in the registry")
-    return str(db.resolve(record.path))
+    return str(db.objects.fetch_file(record.path))
 
 
 def finite(value: Any) -> Any:
@@ -335,4 +340,4 @@ def finite(value: Any) -> Any:
 
 def log_path(db: Database, job_id: str) -> Path:
     """The training process's output (kept for operators; its tail explains a crash)."""
-    return db.resolve(f"jobs/{job_id}.log")
+    return db.data_dir / "jobs" / f"{job_id}.log"  # this worker's: never in the store

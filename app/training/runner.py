@@ -5,8 +5,9 @@ it runs, stops it on cancel and records a crash. This process does the training
 (``model.training.pipeline.run_training``, as ``maskrcnn train`` does), writes progress
 to the job row at most every ``PROGRESS_INTERVAL_S`` plus every epoch's losses and
 validation mAP, and on success writes the checkpoint to
-``DATA_DIR/models/<model id>.safetensors`` and registers it in the transaction
-that marks the job ``succeeded``.
+``DATA_DIR/models/<model id>.safetensors``, copies it to the store when that is
+elsewhere (``STORAGE_URL``: the dataset was fetched from there too), and
+registers it in the transaction that marks the job ``succeeded``.
 
 A job of several ``processes`` runs one of these a process under torchrun
 (``app.training.launch``), as one DDP run: rank 0 alone writes progress, validates,
@@ -122,11 +123,11 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
         dataset = session.get(DatasetRecord, job.dataset_id)
     if dataset is None:
         raise JobError(f"dataset {job.dataset_id} no longer exists")
-    out = db.resolve(jobs.checkpoint_path(job_id))
+    out = db.objects.local(jobs.checkpoint_path(job_id))
     out.parent.mkdir(parents=True, exist_ok=True)
     model_id = jobs.model_id_for(job_id)
     plan = TrainingPlan(
-        dataset=db.resolve(dataset.path),
+        dataset=db.objects.fetch_folder(dataset.path),
         out=out,
         config=TrainConfig(
             epochs=config["epochs"],
@@ -148,6 +149,7 @@ def run_job(db: Database, settings: Settings, job_id: str, worker_id: str) -> No
     outcome = run_training(plan, progress=reporter, announce=log.info, show_validation=False)
     if outcome is None:
         return  # a rank other than 0 of a job of several processes: rank 0 registers
+    db.objects.put(jobs.checkpoint_path(job_id))  # whole in the store before its row
     model = ModelRecord(
         id=model_id,
         architecture=outcome.metadata["architecture"],

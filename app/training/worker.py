@@ -198,6 +198,7 @@ class Worker:
                 "log_format",
                 database_url=self.db.url,
                 data_dir=self.db.data_dir,
+                storage_url=self.db.objects.url if self.db.objects.remote else "",
                 job_threads=threads,
             ),
             "OMP_NUM_THREADS": threads,

@@ -496,6 +496,63 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+# -- object storage ----------------------------------------------------------------
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "moto-key", "AWS_SECRET_ACCESS_KEY": "moto-secret-key"}
+
+
+@contextlib.contextmanager
+def s3_server(log_path: Path) -> Iterator[str]:
+    """moto's S3 API server on a free loopback port; yields its endpoint URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(url + "/moto-api/", timeout=2)
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto's server did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def new_bucket(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the S3 server at ``endpoint``, with the standard ``AWS_*``
+    variables that reach it set for the test (and the processes it starts);
+    returns a ``STORAGE_URL`` with a prefix in it."""
+    import boto3
+
+    variables = {**S3_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    name = f"maskrcnn-{secrets.token_hex(4)}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}/service"
+
+
+def bucket_keys(storage_url: str) -> list[str]:
+    """Every key under ``storage_url``'s prefix, relative to it (boto3: not our code)."""
+    import boto3
+
+    bucket, prefix = storage_url.removeprefix("s3://").split("/", 1)
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + "/"
+    )
+    found = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return sorted(key.removeprefix(prefix + "/") for key in found)
+
+
 # -- training jobs ----------------------------------------------------------------
 
 # a job body that trains in seconds on a CPU: one epoch from ``demo`` on 64 px images
@@ -557,7 +614,7 @@ def add_dataset(db, *, num_images: int = 8, image_size: int = 64, seed: int = 0)
     dataset_id = new_id("ds")
     path = f"datasets/{dataset_id}"
     coco = generate_dataset(
-        db.resolve(path), num_images=num_images, image_size=image_size, seed=seed,
+        db.objects.local(path), num_images=num_images, image_size=image_size, seed=seed,
         max_objects=3, min_radius=0.15, max_radius=0.3,
     )
     with db.session() as session:
@@ -584,8 +641,8 @@ def register_model(db, checkpoint: Path, **fields) -> str:
     db.create_schema()
     model_id = fields.pop("id", None) or new_id("model")
     path = f"models/{model_id}.safetensors"
-    db.resolve(path).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, db.resolve(path))
+    db.objects.local(path).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(checkpoint, db.objects.local(path))
     row = {"architecture": "maskrcnn_resnet50_fpn", "base_model": "demo"}
     row |= {"classes": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}], **fields}
     with db.session() as session:

@@ -61,6 +61,8 @@ def test_dotenv_file_is_read(tmp_path):
         ("MODEL_PROCESSES", "-1"),
         ("MODEL_PROCESSES", "17"),
         ("MODEL_PROCESSES", "some"),
+        ("STORAGE_URL", "nosuchstore://bucket/prefix"),
+        ("JOB_MAX_PROCESSES", "-1"),
     ],
 )
 def test_invalid_values_name_the_variable(monkeypatch, name, value):

@@ -20,7 +20,7 @@ from tests.app.conftest import REPO
 from tests.deploy.conftest import missing
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
-OVERLAYS = ("gpu", "cpu", "keda")
+OVERLAYS = ("gpu", "cpu", "keda", "s3")
 # the preStop `sleep` action needs 1.30; the package's newest is today's Kubernetes
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CUSTOM = {"PodMonitor", "ScaledObject"}  # CRDs: checked below, not by the core schemas
@@ -127,7 +127,9 @@ def test_secrets_are_referenced_never_written(rendered):
     example = yaml.safe_load((KUBERNETES / "secret.example.yaml").read_text())
     keys = {
         e["valueFrom"]["secretKeyRef"]["key"]
-        for e in container(rendered["base"], "maskrcnn-api")["env"]
+        for objects in rendered.values()
+        for name in ("maskrcnn-api", "maskrcnn-worker")
+        for e in container(objects, name)["env"]
         if "valueFrom" in e
     }
     assert keys <= set(example["stringData"]), "the example names every key the pods read"
@@ -233,3 +235,18 @@ def test_the_trainjob_example_runs_maskrcnn_train_under_torchrun_on_the_data_vol
     data_dir = settings(rendered["base"])["MASKRCNN_DATA_DIR"]
     assert mount == {"name": volume["name"], "mountPath": data_dir}
     assert args.dataset.startswith(data_dir + "/") and args.out.startswith(data_dir + "/")
+
+
+def test_with_a_bucket_no_pod_needs_another_s_disk(rendered):
+    objects = rendered["s3"]
+    assert not [name for kind, name in objects if kind == "PersistentVolumeClaim"]
+    assert settings(objects)["MASKRCNN_STORAGE_URL"].startswith("s3://")
+    for name in ("maskrcnn-api", "maskrcnn-worker"):
+        volumes = {v["name"]: v for v in pod(objects, name)["spec"]["volumes"]}
+        [mount] = [m for m in container(objects, name)["volumeMounts"] if m["name"] == "data"]
+        assert mount["mountPath"] == settings(objects)["MASKRCNN_DATA_DIR"]
+        assert set(volumes["data"]) == {"name", "emptyDir"}  # its own cache
+        env = {e["name"]: e for e in container(objects, name)["env"]}
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[variable]["valueFrom"]["secretKeyRef"]["optional"] is True  # or IRSA
+    assert any(kind == "PersistentVolumeClaim" for kind, _ in rendered["base"])

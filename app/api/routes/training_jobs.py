@@ -152,8 +152,9 @@ async def get_training_job_validation_image(
     job = await db.run(jobs.get_job, db, job_id)
     dataset = await db.run(get_dataset, db, job.dataset_id)
     config = job.config
+    folder = await asyncio.to_thread(db.objects.fetch_folder, dataset.path)
     data = await asyncio.to_thread(
-        validation_image, db.resolve(dataset.path), config["val_fraction"], config["seed"], index
+        validation_image, folder, config["val_fraction"], config["seed"], index
     )
     found = sniff_format(data)  # one of the four: every image was checked at upload
     return Response(

@@ -117,7 +117,7 @@ def test_activation_under_load_fails_no_request_and_switches_once(
     db = job_store(data)
     new = register_model(db, new_checkpoint)
     broken = register_model(db, new_checkpoint, id="model-broken")
-    db.resolve(f"models/{broken}.safetensors").write_bytes(b"truncated")
+    db.objects.local(f"models/{broken}.safetensors").write_bytes(b"truncated")
     db.dispose()
     env = {"data_dir": data, "admin_token": ADMIN_TOKEN, "max_batch_size": 4, "run_worker": "false"}
     env["model_processes"] = model_processes

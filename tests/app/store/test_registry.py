@@ -310,7 +310,7 @@ def test_restart_serves_the_active_model_and_can_go_back_to_its_own(
 ):
     model_id = register_model(db, other_checkpoint)
     broken = register_model(db, checkpoint, id="model-bad")
-    db.resolve(f"models/{broken}.safetensors").write_bytes(b"\x00" * 64)  # corrupt on disk
+    db.objects.local(f"models/{broken}.safetensors").write_bytes(b"\x00" * 64)  # corrupt on disk
     registry.write_activation(db, model_id)
     settings = {"loader": None, "model": str(checkpoint), "device": "cpu"}
     with caplog.at_level(logging.INFO), app_client(data_dir, **settings) as client:

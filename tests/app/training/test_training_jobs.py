@@ -206,7 +206,7 @@ def test_a_jobs_validation_image_is_one_the_job_holds_out(api, val_fraction):
     db = api.db
     dataset_id = add_dataset(db, num_images=6, image_size=48, seed=3)
     job = create(api, dataset_id=dataset_id, val_fraction=val_fraction, seed=7).json()
-    root = db.resolve(db_dataset_path(db, dataset_id))
+    root = db.objects.local(db_dataset_path(db, dataset_id))
     full = CocoDataset(root)
     _, held_out = split_dataset(full, val_fraction, seed=7)
     expected = [(root / im["file_name"]).read_bytes() for im in (held_out or full).images]
@@ -524,12 +524,12 @@ def test_upload_train_follow_and_find_the_new_model(trainer, tmp_path, processes
 
     # the checkpoint holds what the record says, and the metrics are its COCO mAP on
     # the validation split, re-measured here with pycocotools
-    loaded = load_model(str(trainer.db.resolve(record.path)))
+    loaded = load_model(str(trainer.db.objects.local(record.path)))
     meta = loaded.info.metadata
     assert (meta["job_id"], meta["dataset_id"]) == (job["id"], dataset_id)
     assert meta["classes"] == record.classes and meta["arch_kwargs"]["min_size"] == 64
     assert meta["training"]["processes"] == processes
-    _, val_set = split_dataset(CocoDataset(trainer.db.resolve(dataset_path)), 0.25, seed=0)
+    _, val_set = split_dataset(CocoDataset(trainer.db.objects.local(dataset_path)), 0.25, seed=0)
     measured = evaluate_predictor(Predictor(loaded.network, loaded.info), val_set)
     for iou_type in ("bbox", "segm"):
         for stat in ("AP", "AP50", "AR100"):
@@ -576,7 +576,7 @@ def test_cancelling_a_running_job_stops_its_training(trainer, processes):
 @pytest.mark.slow
 def test_a_job_that_cannot_train_fails_with_the_reason(trainer):
     broken = add_dataset(trainer.db, num_images=2)
-    folder = trainer.db.resolve(f"datasets/{broken}")
+    folder = trainer.db.objects.local(f"datasets/{broken}")
     (folder / "annotations.json").write_text('{"images": [], "annotations": [], "categories": []}')
     job = post_job(trainer, **TINY_JOB, dataset_id=broken)
     failed = wait_for(

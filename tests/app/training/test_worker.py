@@ -191,12 +191,12 @@ def test_a_silent_worker_s_job_fails_and_its_files_go(sqlite_url, tmp_path):
     jobs.claim_next_job(db, "host:2:alive")
     with db.session() as session:
         session.get(TrainingJobRecord, stale).heartbeat_at = utcnow() - timedelta(seconds=31)
-    checkpoint = db.resolve(jobs.checkpoint_path(stale))
+    checkpoint = db.objects.local(jobs.checkpoint_path(stale))
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"written, never registered")
     partial = checkpoint.with_name(f".{checkpoint.name}.tmp-123")
     partial.write_bytes(b"half")
-    kept = db.resolve(jobs.checkpoint_path(alive))
+    kept = db.objects.local(jobs.checkpoint_path(alive))
     kept.write_bytes(b"still training")
 
     assert jobs.fail_stale_jobs(db, timeout_s=30) == [stale]
@@ -276,7 +276,7 @@ def test_a_file_it_cannot_remove_does_not_stop_the_worker(sqlite_url, tmp_path):
     first, second = queue_jobs(db, 2)
     jobs.claim_next_job(db, "host:1:dead")
     jobs.claim_next_job(db, "host:1:dead")
-    db.resolve(jobs.checkpoint_path(first)).mkdir(parents=True)  # unlink() fails
+    db.objects.local(jobs.checkpoint_path(first)).mkdir(parents=True)  # unlink() fails
     with db.session() as session:
         session.get(TrainingJobRecord, first).heartbeat_at = utcnow() - timedelta(seconds=10)
     settings = load_settings(database_url=sqlite_url, data_dir=db.data_dir, **FAST_JOBS)
