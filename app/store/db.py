@@ -58,6 +58,7 @@ THREADS = 4  # the database's own threads in one process
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE_STATES = ("queued", "running")  # a job in these still needs its dataset and base
 
 
 class DatabaseUnreachable(Exception):

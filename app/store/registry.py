@@ -26,9 +26,10 @@ from safetensors import safe_open
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.errors import AppError
+from app.errors import AppError, ConflictError, NotFoundError
 from app.settings import Settings
 from app.store.db import (
+    ACTIVE_STATES,
     JOB_STATES,
     Database,
     DatasetRecord,
@@ -37,6 +38,7 @@ from app.store.db import (
     TrainingJobRecord,
     utcnow,
 )
+from app.store.objects import StorageError
 from model import (
     BUILTIN_MODELS,
     METADATA_KEY,
@@ -106,6 +108,37 @@ def list_records(db: Database) -> list[ModelRecord]:
 def get_record(db: Database, model_id: str) -> ModelRecord | None:
     with db.session() as session:
         return session.get(ModelRecord, model_id)
+
+
+def delete_record(db: Database, model_id: str) -> None:
+    """Remove a registered version: its row, then its checkpoint in the store and
+    here. 404 for an id that is no registered version (the built-in ones included);
+    409 while it is the active model or the base of a queued or running job."""
+    with db.session() as session:
+        record = session.get(ModelRecord, model_id, with_for_update=True)
+        if record is None:
+            raise NotFoundError(
+                f"no registered model {model_id!r}; GET /v1/models lists them (the built-in "
+                "ones cannot be deleted)"
+            )
+        active = session.get(Meta, "active_model")
+        if active is not None and active.value == model_id:
+            raise ConflictError(
+                f"model {model_id!r} is the active model; activate another one first"
+            )
+        waiting = session.scalars(
+            select(TrainingJobRecord).where(TrainingJobRecord.state.in_(ACTIVE_STATES))
+        )
+        using = [f"{j.id} ({j.state})" for j in waiting if j.config.get("base_model") == model_id]
+        if using:
+            raise ConflictError(
+                f"model {model_id!r} is the base model of training job {', '.join(using)}; "
+                "cancel the job or wait for it to finish, then delete the model"
+            )
+        session.delete(record)
+    with contextlib.suppress(StorageError):  # logged; the object stays, named by no row
+        db.objects.delete(record.path)
+    log.info("model %s deleted", model_id)
 
 
 def count_jobs(db: Database) -> dict[str, int]:

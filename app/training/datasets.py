@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from app.errors import ConflictError, NotFoundError, QuotaError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
-from app.store.db import Database, DatasetRecord, TrainingJobRecord, new_id
+from app.store.db import ACTIVE_STATES, Database, DatasetRecord, TrainingJobRecord, new_id
 from app.store.objects import StorageError
 from app.store.staging import publish, staging
 from model import (
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MAX_PROBLEMS = 50
 MAX_ANNOTATIONS_BYTES = 512 * 2**20  # json.loads needs several times this in memory
-ACTIVE_JOB_STATES = ("queued", "running")
 STALE_STAGING_S = 24 * 3600  # far longer than any upload takes to extract and check
 
 
@@ -183,7 +182,7 @@ def delete_dataset(db: Database, dataset_id: str) -> None:
         jobs = session.execute(
             select(TrainingJobRecord.id, TrainingJobRecord.state).where(
                 TrainingJobRecord.dataset_id == dataset_id,
-                TrainingJobRecord.state.in_(ACTIVE_JOB_STATES),
+                TrainingJobRecord.state.in_(ACTIVE_STATES),
             )
         ).all()
         active = [f"{job_id} ({state})" for job_id, state in jobs]

@@ -2,7 +2,8 @@
 own, that share only PostgreSQL and an S3 bucket (moto's S3 API server on
 loopback). A dataset uploaded through one replica trains on the worker in a job
 of two processes; the model, activated through the other replica, is served by
-both; every file is in the bucket, and deleting the dataset deletes its objects."""
+both; every file is in the bucket, and deleting the dataset or the model deletes
+its objects."""
 
 import os
 import signal
@@ -149,3 +150,9 @@ def run_the_flow(a: ServerProcess, b: ServerProcess, archive, storage: str, dirs
     deleted = b.client.delete(f"/v1/datasets/{dataset_id}", headers=AS_ADMIN)
     assert deleted.status_code == 204, deleted.text
     assert bucket_keys(storage) == [f"models/{model_id}.safetensors"]
+
+    # a version no longer served is deleted with its object
+    assert a.client.delete(f"/v1/models/{model_id}", headers=AS_ADMIN).status_code == 409
+    assert a.client.post("/v1/models/demo/activate", headers=AS_ADMIN).status_code == 200
+    assert a.client.delete(f"/v1/models/{model_id}", headers=AS_ADMIN).status_code == 204
+    assert bucket_keys(storage) == []

@@ -115,6 +115,22 @@ async def get_model(model_id: str, service: ServiceDep, predictor: PredictorDep)
     raise NotFoundError(f"no model with id {model_id!r}; GET /v1/models lists them")
 
 
+@router.delete(
+    "/{model_id}",
+    name="delete_model",
+    status_code=204,
+    response_class=Response,
+    dependencies=[AdminToken],
+    responses=error_responses(403, 404, 409),
+)
+async def delete_model(model_id: str, service: ServiceDep) -> Response:
+    """Delete a registered version and its checkpoint (in the object store too). 409
+    `conflict` while it is the active model or the base of a queued or running
+    training job; 404 for the built-in models. Needs the admin token."""
+    await service.db.run(registry.delete_record, service.db, model_id)
+    return Response(status_code=204)
+
+
 @router.post(
     "/{model_id}/activate",
     name="activate_model",

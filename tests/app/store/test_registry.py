@@ -206,6 +206,37 @@ def test_activation_swaps_the_served_model_and_frees_the_old_one(data_dir, db, d
         assert registry.read_activation(db).model_id == "demo"
 
 
+def test_a_registered_model_is_deleted_with_its_checkpoint_unless_in_use(data_dir, db, dummy):
+    kept, gone = register_model(db, dummy), register_model(db, dummy)
+    checkpoint = db.objects.local(f"models/{gone}.safetensors")
+    assert checkpoint.is_file()
+    job = TrainingJobRecord(id="job-uses", state="queued", dataset_id="ds-1", progress={},
+                            config={"base_model": kept})  # fmt: skip
+    with db.session() as session:
+        session.add(job)
+    with app_client(data_dir, api_tokens=API) as client:
+        path = f"/v1/models/{gone}"
+        inference = {"Authorization": f"Bearer {API}"}
+        error_of(client.delete(path, headers=inference), 403, "forbidden")
+        assert client.post(f"{path}/activate", headers=AS_ADMIN).status_code == 200
+        message = error_of(client.delete(path, headers=AS_ADMIN), 409, "conflict")
+        assert "is the active model" in message
+        assert client.post("/v1/models/fake/activate", headers=AS_ADMIN).status_code == 200
+
+        assert client.delete(path, headers=AS_ADMIN).status_code == 204
+        assert not checkpoint.exists()
+        error_of(client.get(path, headers=inference), 404, "not_found")
+        error_of(client.delete(path, headers=AS_ADMIN), 404, "not_found")
+        error_of(client.post(f"{path}/activate", headers=AS_ADMIN), 404, "not_found")
+
+        message = error_of(client.delete(f"/v1/models/{kept}", headers=AS_ADMIN), 409, "conflict")
+        assert "job-uses (queued)" in message
+        assert "built-in" in error_of(client.delete("/v1/models/demo", headers=AS_ADMIN), 404,
+                                      "not_found")  # fmt: skip
+    assert registry.get_record(db, kept) is not None
+    assert db.objects.local(f"models/{kept}.safetensors").is_file()
+
+
 def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
     """A load that succeeded and a warm-up that did not (out of memory beside the
     served model, typically): nothing may keep the new model once the error is
