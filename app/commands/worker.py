@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction, summary: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from app.store.db import Database
+    from app.training.datasets import sweep_staging
     from app.training.worker import Worker
 
     try:
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     db = Database.from_settings(settings, background=True)
+    # what a killed job left half-fetched from the object store (old entries only)
+    sweep_staging(settings.data_dir)
     worker = Worker(db, settings)
 
     def stop(signum: int, _frame) -> None:

@@ -74,7 +74,7 @@ class OnDemandModels:
     async def _load(self, model_id: str) -> ServedPredictor:
         started = time.perf_counter()
         try:
-            spec = await self.switcher.db.run(self.switcher.spec_for, model_id)
+            spec = await self.switcher.resolve(model_id)
         except NotFoundError as e:
             raise BadRequestError(str(e), code="unknown_model") from None
         # in this process whatever MODEL_PROCESSES says: one copy per cached model

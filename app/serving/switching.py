@@ -79,7 +79,7 @@ class ModelSwitcher:
                 self.settings.model,
             )
             try:
-                spec = await self.db.run(self.spec_for, wanted)
+                spec = await self.resolve(wanted)
                 predictor = await self._load(spec)
             except Exception as e:
                 log.error(
@@ -93,7 +93,7 @@ class ModelSwitcher:
                     registry.describe_spec, self.settings.model, self.settings.classes_file
                 )
                 return predictor
-        predictor = await self._load(await self.db.run(self.startup_spec))
+        predictor = await self._load(await asyncio.to_thread(self.startup_spec))
         self.startup_info = predictor.info
         return predictor
 
@@ -141,6 +141,13 @@ class ModelSwitcher:
             self._startup_spec = model_spec(self.settings, db=self.db)
         return self._startup_spec
 
+    async def resolve(self, model_id: str) -> ModelSpec:
+        """``spec_for`` off the event loop. Not under ``db.run``'s timeout: a
+        registry model's checkpoint may be fetched from the object store first
+        (``STORAGE_URL``), which can take longer than ``DATABASE_TIMEOUT_S``; its
+        database reads have the connection's own timeouts."""
+        return await asyncio.to_thread(self.spec_for, model_id)
+
     def spec_for(self, model_id: str) -> ModelSpec:
         """How to load ``model_id`` (blocking: may read the database); ``NotFoundError``
         for an id this replica cannot serve."""
@@ -160,12 +167,14 @@ class ModelSwitcher:
 
         ``NotFoundError`` for an unknown id, ``ActivationError`` when it cannot be
         loaded or warmed up (nothing changes then)."""
-        spec = await self.db.run(self.spec_for, model_id)
+        spec = await self.resolve(model_id)
         async with self._swap_lock:
             self._check_ready()
 
             async def record() -> None:
-                self._seen = await self.db.run(registry.write_activation, self.db, model_id)
+                self._seen = await self.db.run(
+                    registry.write_activation, self.db, model_id, registered=bool(spec.model_id)
+                )
 
             if self.predictor.info.id == model_id:
                 await record()
@@ -257,7 +266,7 @@ class ModelSwitcher:
                 return
             log.info("model %r was activated; switching to it", activation.model_id)
             try:
-                spec = await self.db.run(self.spec_for, activation.model_id)
+                spec = await self.resolve(activation.model_id)
                 await self._switch(spec)
             except Exception as e:
                 self.metrics.model_switches.labels(result="failed").inc()

@@ -14,16 +14,23 @@ are never reused or rewritten: an object cached once stays valid.
   files) goes to the store; it is complete there before any row names it.
 - ``fetch_file`` / ``fetch_folder``: the local copy, fetched into the cache on
   first use (into ``DATA_DIR/tmp``, then renamed into place: a half-fetched copy
-  is never seen).
+  is never seen). Processes that want one key at once fetch it once: the others
+  wait on a lock file and find it there.
 - ``delete``: the object(s) in the store and the local copy.
+
+Messages name a key and ``STORAGE_URL``, never its value; the log has the store's
+own reason.
 """
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import posixpath
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -48,11 +55,14 @@ class ObjectStore:
         """``url``: an fsspec URL, or empty for ``cache`` itself (``DATA_DIR``)."""
         self.cache = Path(cache)
         self.url = url or str(self.cache)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.root = self.root.rstrip("/")
-        # the same folder as the cache: nothing to copy, ever
-        local = isinstance(self.fs, LocalFileSystem)
-        self.remote = not (local and Path(self.root).resolve() == self.cache.resolve())
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.root = root.rstrip("/")
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs = LocalFileSystem(auto_mkdir=True)  # put() makes the folders it needs
+            # the same folder as the cache: nothing to copy, ever
+            self.remote = Path(self.root).resolve() != self.cache.resolve()
+        else:
+            self.remote = True
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r}, cache={str(self.cache)!r})"
@@ -62,8 +72,8 @@ class ObjectStore:
         return self.cache / key
 
     def location(self, key: str) -> str:
-        """Where ``key`` lives, for messages to operators."""
-        return f"{self.url.rstrip('/')}/{key}" if self.remote else str(self.local(key))
+        """``key`` for a message: its local path, or its key in ``STORAGE_URL``."""
+        return f"STORAGE_URL/{key}" if self.remote else str(self.local(key))
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -84,13 +94,14 @@ class ObjectStore:
         with self._calling(f"storing {key}"):
             if sources:
                 self.fs.put(sources, targets)
-        log.info("stored %s in %s (%d files)", key, self.url, len(sources))
+        log.info("stored %s in the object store (%d files)", key, len(sources))
 
-    def delete(self, key: str) -> None:
-        """Remove ``key`` (a file, or a folder and everything under it) from the store
-        and from this machine; nothing there is not an error."""
+    def delete(self, key: str, *, folder: bool = False) -> None:
+        """Remove ``key`` (with ``folder``: everything under it) from this machine and
+        from the store; nothing there is not an error. A local copy that cannot be
+        removed raises ``OSError``."""
         local = self.local(key)
-        if local.is_dir():
+        if folder:
             shutil.rmtree(local, ignore_errors=True)
         else:
             local.unlink(missing_ok=True)
@@ -98,7 +109,15 @@ class ObjectStore:
             return
         # the inner suppress: never stored, or deleted already
         with self._calling(f"deleting {key}"), contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self._path(key), recursive=True)
+            self.fs.rm(self._path(key), recursive=folder)
+
+    def discard(self, key: str, *, folder: bool = False) -> None:
+        """``delete`` what no row names any more: a failure is logged, not raised
+        (what could not be deleted stays, named by nothing)."""
+        try:
+            self.delete(key, folder=folder)
+        except (StorageError, OSError) as e:
+            log.warning("could not delete %s (%s); it stays, named by no row", key, e)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -106,65 +125,77 @@ class ObjectStore:
         """The local copy of the file ``key``; ``FileNotFoundError`` if the store has
         none."""
         local = self.local(key)
-        if local.is_file() or not self.remote:
+        if not self.remote or local.is_file():
             if not local.is_file():
-                raise FileNotFoundError(f"no {self.location(key)}")
+                raise FileNotFoundError(f"{self.location(key)} does not exist")
             return local
-        with self._fetching(local) as staged, self._calling(f"fetching {key}", missing=True):
-            self.fs.get_file(self._path(key), str(staged))
+        with self._fetching(local, folder=False) as staged:
+            if staged is not None:
+                with self._calling(f"fetching {key}", missing=True):
+                    self.fs.get_file(self._path(key), str(staged))
+                log.info("fetched %s from the object store", key)
         return local
 
     def fetch_folder(self, key: str) -> Path:
         """The local copy of the folder ``key``; ``FileNotFoundError`` if the store has
         nothing under it."""
         local = self.local(key)
-        if local.is_dir() or not self.remote:
+        if not self.remote or local.is_dir():
             if not local.is_dir():
-                raise FileNotFoundError(f"no {self.location(key)}")
+                raise FileNotFoundError(f"{self.location(key)} does not exist")
             return local
         prefix = self._path(key)
-        with self._calling(f"listing {key}", missing=True):
-            self.fs.invalidate_cache(prefix)  # a listing from before it was stored
-            found = self.fs.find(prefix)
-        if not found:
-            raise FileNotFoundError(f"no {self.location(key)}")
-        with self._fetching(local, folder=True) as staged, self._calling(f"fetching {key}"):
-            relative = [posixpath.relpath(p, prefix) for p in found]
-            for name in relative:
-                (staged / name).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get(found, [str(staged / name) for name in relative])
+        with self._fetching(local, folder=True) as staged:
+            if staged is not None:
+                with self._calling(f"fetching {key}", missing=True):
+                    self.fs.invalidate_cache(prefix)  # a listing from before it was stored
+                    found = self.fs.find(prefix)
+                    if not found:
+                        raise FileNotFoundError(f"{self.location(key)} does not exist")
+                    relative = [posixpath.relpath(p, prefix) for p in found]
+                    for name in relative:
+                        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get(found, [str(staged / name) for name in relative])
+                log.info("fetched %s from the object store (%d files)", key, len(found))
         return local
 
     @contextlib.contextmanager
-    def _fetching(self, local: Path, *, folder: bool = False):
-        """A path under ``DATA_DIR/tmp`` to fetch into, renamed to ``local`` when the
-        block succeeds (when another process fetched it first, its copy stays)."""
-        staged = self.cache / "tmp" / f"fetch-{local.name}-{uuid.uuid4().hex[:8]}"
-        staged.parent.mkdir(parents=True, exist_ok=True)
+    def _fetching(self, local: Path, *, folder: bool) -> Iterator[Path | None]:
+        """Under a lock per key: ``None`` when another process fetched ``local``
+        meanwhile, else a path under ``DATA_DIR/tmp`` to fetch into, renamed to
+        ``local`` when the block succeeds."""
+        scratch = self.cache / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
         local.parent.mkdir(parents=True, exist_ok=True)
-        if folder:
-            staged.mkdir()
-        try:
-            yield staged
-            with contextlib.suppress(OSError):  # a folder there already: not empty
+        digest = hashlib.sha256(str(local).encode()).hexdigest()[:16]
+        with open(scratch / f"fetch-{digest}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if local.exists():
+                yield None
+                return
+            staged = scratch / f"fetch-{local.name}-{uuid.uuid4().hex[:8]}"
+            if folder:
+                staged.mkdir()
+            try:
+                yield staged
                 os.rename(staged, local)
-        finally:
-            if staged.is_dir():
-                shutil.rmtree(staged, ignore_errors=True)
-            else:
-                staged.unlink(missing_ok=True)
+            finally:
+                if staged.is_dir():
+                    shutil.rmtree(staged, ignore_errors=True)
+                else:
+                    staged.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def _calling(self, what: str, *, missing: bool = False):
+    def _calling(self, what: str, *, missing: bool = False) -> Iterator[None]:
         """The store's failures as ``StorageError``; with ``missing``, a missing
         object stays ``FileNotFoundError`` (a missing bucket is a failure either way
         when writing)."""
         try:
             yield
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             if missing:
-                raise
-            log.error("object store %s: %s failed: not found", self.url, what)
+                raise FileNotFoundError(f"STORAGE_URL/{what.split()[-1]} does not exist") from e
+            log.error("object store %s: %s failed: not found (%s)", self.url, what, e)
             raise StorageError(f"the object store failed {what} (STORAGE_URL)") from None
         except Exception as e:
             log.error("object store %s: %s failed: %s", self.url, what, e)

@@ -38,7 +38,6 @@ from app.store.db import (
     TrainingJobRecord,
     utcnow,
 )
-from app.store.objects import StorageError
 from model import (
     BUILTIN_MODELS,
     METADATA_KEY,
@@ -87,10 +86,14 @@ def read_activation(db: Database) -> Activation | None:
     return Activation(rows["active_model"], rows.get("active_model_changed_at", ""))
 
 
-def write_activation(db: Database, model_id: str) -> Activation:
-    """Make ``model_id`` the model every replica serves (one transaction)."""
+def write_activation(db: Database, model_id: str, *, registered: bool = False) -> Activation:
+    """Make ``model_id`` the model every replica serves (one transaction). A
+    ``registered`` version must still be there (``NotFoundError`` if it was deleted
+    while it loaded here): its row is locked as ``delete_record`` locks it."""
     activation = Activation(model_id, utcnow().isoformat())
     with db.session() as session:
+        if registered and session.get(ModelRecord, model_id, with_for_update=True) is None:
+            raise NotFoundError(f"model {model_id!r} was deleted while it was being activated")
         session.merge(Meta(key="active_model", value=model_id, updated_at=utcnow()))
         session.merge(
             Meta(key="active_model_changed_at", value=activation.changed_at, updated_at=utcnow())
@@ -110,10 +113,11 @@ def get_record(db: Database, model_id: str) -> ModelRecord | None:
         return session.get(ModelRecord, model_id)
 
 
-def delete_record(db: Database, model_id: str) -> None:
-    """Remove a registered version: its row, then its checkpoint in the store and
-    here. 404 for an id that is no registered version (the built-in ones included);
-    409 while it is the active model or the base of a queued or running job."""
+def delete_record(db: Database, model_id: str) -> str:
+    """Remove a registered version's row; returns its checkpoint's key (for
+    ``db.objects.discard``). 404 for an id that is no registered version (the
+    built-in ones included); 409 while it is the active model or the base of a
+    queued or running job."""
     with db.session() as session:
         record = session.get(ModelRecord, model_id, with_for_update=True)
         if record is None:
@@ -136,9 +140,8 @@ def delete_record(db: Database, model_id: str) -> None:
                 "cancel the job or wait for it to finish, then delete the model"
             )
         session.delete(record)
-    with contextlib.suppress(StorageError):  # logged; the object stays, named by no row
-        db.objects.delete(record.path)
     log.info("model %s deleted", model_id)
+    return record.path
 
 
 def count_jobs(db: Database) -> dict[str, int]:

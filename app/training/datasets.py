@@ -9,7 +9,6 @@ leaves nothing on disk. These functions block (disk, database); routes call
 them from worker threads.
 """
 
-import contextlib
 import logging
 import os
 import shutil
@@ -23,7 +22,6 @@ from app.errors import ConflictError, NotFoundError, QuotaError
 from app.inputs.archive import ArchiveLimits, Extracted, extract_zip
 from app.settings import Settings
 from app.store.db import ACTIVE_STATES, Database, DatasetRecord, TrainingJobRecord, new_id
-from app.store.objects import StorageError
 from app.store.staging import publish, staging
 from model import (
     ANNOTATIONS_FILE,
@@ -81,8 +79,7 @@ def store_dataset(
         with db.session() as session:
             session.add(record)
     except BaseException:
-        with contextlib.suppress(StorageError):  # logged
-            db.objects.delete(relative)
+        db.objects.discard(relative, folder=True)
         raise
     log.info("dataset %s stored: %d images", dataset_id, record.num_images)
     return record
@@ -172,9 +169,9 @@ def get_dataset(db: Database, dataset_id: str) -> DatasetRecord:
     return record
 
 
-def delete_dataset(db: Database, dataset_id: str) -> None:
-    """Remove the row, then the folder. 409 while a queued or running job uses it;
-    finished jobs keep the id as history."""
+def delete_dataset(db: Database, dataset_id: str) -> str:
+    """Remove the row; returns the key of its files, for ``remove_dataset_files``.
+    409 while a queued or running job uses it; finished jobs keep the id as history."""
     with db.session() as session:
         record = session.get(DatasetRecord, dataset_id, with_for_update=True)
         if record is None:
@@ -192,7 +189,7 @@ def delete_dataset(db: Database, dataset_id: str) -> None:
                 "cancel the job or wait for it to finish, then delete the dataset"
             )
         session.delete(record)
-    _remove_folder(db, record.path)
+    return record.path
 
 
 def validation_image(path: Path, val_fraction: float, seed: int, index: int) -> bytes:
@@ -206,10 +203,10 @@ def validation_image(path: Path, val_fraction: float, seed: int, index: int) -> 
     return (path / images[index % len(images)]["file_name"]).read_bytes()
 
 
-def _remove_folder(db: Database, relative: str) -> None:
-    """Rename the local copy out of ``datasets/`` first (atomic), so a half-deleted
-    folder is never visible under the dataset's path; then the store's (its row is
-    gone already: a store that fails leaves objects no row names, and says so)."""
+def remove_dataset_files(db: Database, relative: str) -> None:
+    """After its row: rename the local copy out of ``datasets/`` first (atomic), so a
+    half-deleted folder is never visible under the dataset's path; then the store's
+    (a store that fails leaves objects no row names, and says so)."""
     folder = db.objects.local(relative)
     trash: Path | None = db.data_dir / "tmp" / f"deleted-{folder.name}-{new_id('rm')}"
     try:
@@ -222,8 +219,7 @@ def _remove_folder(db: Database, relative: str) -> None:
         trash = folder
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    with contextlib.suppress(StorageError):  # logged, with the store's reason
-        db.objects.delete(relative)
+    db.objects.discard(relative, folder=True)
 
 
 def sweep_staging(data_dir: Path, *, older_than_s: float = STALE_STAGING_S) -> int:

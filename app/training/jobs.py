@@ -105,7 +105,8 @@ def create_job(
                 code="unknown_dataset",
             )
         base = config["base_model"]
-        if base not in BASE_MODELS and session.get(ModelRecord, base) is None:
+        # locked as deleting the model locks it: one of the two waits for the other
+        if base not in BASE_MODELS and session.get(ModelRecord, base, with_for_update=True) is None:
             raise BadRequestError(
                 f"unknown base_model {base!r}: expected {', '.join(BASE_MODELS)} "
                 "or a model id from GET /v1/models",

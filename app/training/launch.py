@@ -5,12 +5,14 @@ process. They train as one DDP run (nccl on GPUs, gloo on the CPU); rank 0 alone
 validates, writes progress and the checkpoint, and registers the model.
 
 ``python -m app.training.launch N JOB_ID WORKER_ID`` runs torchrun in this
-process, so that it exits as its first failed rank did (torchrun's own exit code
-is 1 for any failure): the worker reads a stop or a database outage from it as
-from a lone runner. When the worker goes away (its pipe on stdin closes) or stops
-the job (SIGTERM), torchrun stops every rank before it exits.
+process, so that it exits as its first failed rank did, with its code or by its
+signal (torchrun's own exit code is 1 for any failure): the worker reads a stop, a
+database outage or a kill from it as from a lone runner. When the worker goes away
+(its pipe on stdin closes) or stops the job (SIGTERM), torchrun stops every rank
+before it exits.
 """
 
+import contextlib
 import logging
 import os
 import signal
@@ -78,7 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         code = failure.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         log.error("job %s: rank %d of %s %s", job_id, rank, processes, how)
-        return code if code > 0 else 128 - code
+        if code > 0:
+            return code
+        die_by(-code)  # so that the worker reads the same signal a lone runner gives
+        return 128 - code
+
+
+def die_by(sig: int) -> None:
+    """End this process by signal ``sig``, whatever handler torchrun set for it."""
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL takes no handler
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,10 @@ def test_the_overlays_place_pods_on_gpu_or_cpu_nodes(rendered):
             "effect": "NoSchedule",
         } in tolerations
         assert "nvidia.com/gpu" not in container(rendered["base"], name)["resources"]["limits"]
+    shm = {v["name"]: v for v in pod(rendered["gpu"], "maskrcnn-worker")["spec"]["volumes"]}["shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"  # NCCL between the worker's GPUs
+    mounts = container(rendered["gpu"], "maskrcnn-worker")["volumeMounts"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in mounts
     cpu = rendered["cpu"]
     assert settings(cpu)["MASKRCNN_DEVICE"] == "cpu"
     assert int(container(cpu, "maskrcnn-api")["resources"]["requests"]["cpu"]) >= 4

@@ -4,6 +4,7 @@ The endpoints are plain ``def``: FastAPI runs them in threads, so
 extraction, validation and database calls never block the event loop.
 """
 
+import asyncio
 from pathlib import PurePosixPath
 from typing import Annotated
 
@@ -110,8 +111,9 @@ def get_dataset(dataset_id: str, db: DatabaseDep) -> DatasetPublic:
     response_class=Response,
     responses=error_responses(404, 409),
 )
-@within_database_timeout
-def delete_dataset(dataset_id: str, db: DatabaseDep) -> Response:
+async def delete_dataset(dataset_id: str, db: DatabaseDep) -> Response:
     """Delete a dataset and its files; 409 while a queued or running training job uses it."""
-    datasets.delete_dataset(db, dataset_id)
+    key = await db.run(datasets.delete_dataset, db, dataset_id)
+    # not under the database's timeout: the object store's calls, after the row
+    await asyncio.to_thread(datasets.remove_dataset_files, db, key)
     return Response(status_code=204)

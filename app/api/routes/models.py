@@ -1,6 +1,7 @@
 """``/v1/models``: the models this deployment knows (registry versions, the
 start-up model, the served one) and activation."""
 
+import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -127,7 +128,9 @@ async def delete_model(model_id: str, service: ServiceDep) -> Response:
     """Delete a registered version and its checkpoint (in the object store too). 409
     `conflict` while it is the active model or the base of a queued or running
     training job; 404 for the built-in models. Needs the admin token."""
-    await service.db.run(registry.delete_record, service.db, model_id)
+    key = await service.db.run(registry.delete_record, service.db, model_id)
+    # not under the database's timeout: the object store's call, after the row
+    await asyncio.to_thread(service.db.objects.discard, key)
     return Response(status_code=204)
 
 
@@ -182,7 +185,7 @@ async def export_model(
     `(3, height, width)` in [0, 1] in, `boxes`, `labels`, `scores` and `masks` out.
     Exported on the CPU at the first request for a model (about 20 s for R50-FPN;
     one export at a time), then kept. Needs the admin token."""
-    spec = await service.db.run(service.models.spec_for, model_id)
+    spec = await service.models.resolve(model_id)
     data_dir = service.settings.data_dir
     folder = await exported(spec, model_id, data_dir)
     if triton is None:

@@ -5,6 +5,7 @@ code under test."""
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import pytest
@@ -57,10 +58,35 @@ def test_the_default_store_is_data_dir_itself(tmp_path):
         store.fetch_folder("datasets/ds-2")
     with pytest.raises(FileNotFoundError):
         store.fetch_file("models/model-1.safetensors")
-    store.delete("datasets/ds-1")
+    store.delete("datasets/ds-1", folder=True)
     assert not (store.cache / "datasets" / "ds-1").exists() and files
     # the same folder by another spelling is still not a second copy
     assert not ObjectStore(f"file://{tmp_path}/data/", tmp_path / "data").remote
+
+
+def test_a_folder_elsewhere_is_a_store_too(tmp_path):
+    """``file://`` (a mounted filesystem, say): copied there and back like a bucket."""
+    writer = ObjectStore(f"file://{tmp_path}/store", tmp_path / "writer")
+    assert writer.remote
+    files = write_dataset(writer.cache, "datasets/ds-1")
+    writer.put("datasets/ds-1")
+    assert (tmp_path / "store" / "datasets" / "ds-1" / "images" / "nested" / "b.png").is_file()
+    folder = ObjectStore(f"file://{tmp_path}/store", tmp_path / "reader").fetch_folder(
+        "datasets/ds-1"
+    )
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.*")} == files
+
+
+def test_processes_that_fetch_one_key_at_once_fetch_it_once(bucket, tmp_path, caplog):
+    """The ranks of one training job share a cache: one copy, fetched once."""
+    write_dataset(tmp_path / "writer", "datasets/ds-1")
+    ObjectStore(bucket, tmp_path / "writer").put("datasets/ds-1")
+    stores = [ObjectStore(bucket, tmp_path / "shared") for _ in range(4)]
+    with caplog.at_level(logging.INFO, logger="app.store.objects"), ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda s: s.fetch_folder("datasets/ds-1"), stores))
+    assert len(set(folders)) == 1 and len(list(folders[0].rglob("*.*"))) == 3
+    assert caplog.text.count("fetched datasets/ds-1 from the object store (3 files)") == 1
+    assert [p.suffix for p in (tmp_path / "shared" / "tmp").iterdir()] == [".lock"]
 
 
 def test_a_bucket_holds_each_object_whole_and_another_cache_fetches_it(bucket, tmp_path):
@@ -81,7 +107,8 @@ def test_a_bucket_holds_each_object_whole_and_another_cache_fetches_it(bucket, t
     fetched = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.*")}
     assert fetched == files
     assert reader.fetch_file("models/model-1.safetensors").read_bytes() == b"weights"
-    assert not list((tmp_path / "reader" / "tmp").iterdir())  # staged, then renamed
+    staged = [p for p in (tmp_path / "reader" / "tmp").iterdir() if p.suffix != ".lock"]
+    assert not staged  # fetched into tmp/, then renamed into place
 
     # fetched once: the cache answers even when the store no longer has it
     bucket_name, prefix = bucket.removeprefix("s3://").split("/", 1)
@@ -97,11 +124,11 @@ def test_deleting_removes_the_objects_and_the_local_copy(bucket, tmp_path):
     write_dataset(store.cache, "datasets/ds-10")  # a key that starts like it
     store.put("datasets/ds-1")
     store.put("datasets/ds-10")
-    store.delete("datasets/ds-1")
+    store.delete("datasets/ds-1", folder=True)
     assert not (store.cache / "datasets" / "ds-1").exists()
     assert all(key.startswith("datasets/ds-10/") for key in bucket_keys(bucket))
     assert len(bucket_keys(bucket)) == 3
-    store.delete("datasets/ds-1")  # gone already: not an error
+    store.delete("datasets/ds-1", folder=True)  # gone already: not an error
     with pytest.raises(FileNotFoundError):
         ObjectStore(bucket, tmp_path / "other").fetch_folder("datasets/ds-1")
 

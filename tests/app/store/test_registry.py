@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
+from app.errors import NotFoundError
 from app.main import create_app
 from app.serving.predictors import InProcessPredictor
 from app.settings import load_settings
@@ -160,7 +161,7 @@ def test_an_activation_the_database_cannot_record_changes_nothing(
     """Recorded before the swap: a replica never serves a model the others don't follow."""
     model_id = register_model(db, dummy)
 
-    def unavailable(*_):
+    def unavailable(*_, **__):
         raise OperationalError("UPDATE meta", {}, Exception("database is gone"))
 
     with app_client(data_dir) as client:
@@ -235,6 +236,16 @@ def test_a_registered_model_is_deleted_with_its_checkpoint_unless_in_use(data_di
                                       "not_found")  # fmt: skip
     assert registry.get_record(db, kept) is not None
     assert db.objects.local(f"models/{kept}.safetensors").is_file()
+
+
+def test_a_version_deleted_while_it_loads_is_never_recorded_as_active(db, dummy):
+    """Activation loads the model, then records it; a delete between the two wins."""
+    model_id = register_model(db, dummy)
+    assert registry.delete_record(db, model_id) == f"models/{model_id}.safetensors"
+    with pytest.raises(NotFoundError, match="deleted while it was being activated"):
+        registry.write_activation(db, model_id, registered=True)
+    assert registry.read_activation(db) is None
+    assert registry.write_activation(db, "demo").model_id == "demo"  # no row to check
 
 
 def test_a_model_that_fails_its_warm_up_is_freed(data_dir, db, dummy):
