@@ -91,7 +91,7 @@ class ObjectStore:
             sources = [str(p) for p in files]
         else:
             sources, targets = [str(source)], [self._path(key)]
-        with self._calling(f"storing {key}"):
+        with self._calling("storing", key):
             if sources:
                 self.fs.put(sources, targets)
         log.info("stored %s in the object store (%d files)", key, len(sources))
@@ -108,7 +108,7 @@ class ObjectStore:
         if not self.remote:
             return
         # the inner suppress: never stored, or deleted already
-        with self._calling(f"deleting {key}"), contextlib.suppress(FileNotFoundError):
+        with self._calling("deleting", key), contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(key), recursive=folder)
 
     def discard(self, key: str, *, folder: bool = False) -> None:
@@ -131,7 +131,7 @@ class ObjectStore:
             return local
         with self._fetching(local, folder=False) as staged:
             if staged is not None:
-                with self._calling(f"fetching {key}", missing=True):
+                with self._calling("fetching", key, missing=True):
                     self.fs.get_file(self._path(key), str(staged))
                 log.info("fetched %s from the object store", key)
         return local
@@ -147,7 +147,7 @@ class ObjectStore:
         prefix = self._path(key)
         with self._fetching(local, folder=True) as staged:
             if staged is not None:
-                with self._calling(f"fetching {key}", missing=True):
+                with self._calling("fetching", key, missing=True):
                     self.fs.invalidate_cache(prefix)  # a listing from before it was stored
                     found = self.fs.find(prefix)
                     if not found:
@@ -186,7 +186,7 @@ class ObjectStore:
                     staged.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def _calling(self, what: str, *, missing: bool = False) -> Iterator[None]:
+    def _calling(self, doing: str, key: str, *, missing: bool = False) -> Iterator[None]:
         """The store's failures as ``StorageError``; with ``missing``, a missing
         object stays ``FileNotFoundError`` (a missing bucket is a failure either way
         when writing)."""
@@ -194,9 +194,9 @@ class ObjectStore:
             yield
         except FileNotFoundError as e:
             if missing:
-                raise FileNotFoundError(f"STORAGE_URL/{what.split()[-1]} does not exist") from e
-            log.error("object store %s: %s failed: not found (%s)", self.url, what, e)
-            raise StorageError(f"the object store failed {what} (STORAGE_URL)") from None
+                raise FileNotFoundError(f"{self.location(key)} does not exist") from e
+            log.error("object store %s: %s %s failed: not found (%s)", self.url, doing, key, e)
+            raise StorageError(f"the object store failed {doing} {key} (STORAGE_URL)") from None
         except Exception as e:
-            log.error("object store %s: %s failed: %s", self.url, what, e)
-            raise StorageError(f"the object store failed {what} (STORAGE_URL)") from e
+            log.error("object store %s: %s %s failed: %s", self.url, doing, key, e)
+            raise StorageError(f"the object store failed {doing} {key} (STORAGE_URL)") from e
