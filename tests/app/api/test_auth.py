@@ -3,7 +3,8 @@
 An operation's ``security`` in the document says which token it takes (``app.api.openapi``
 derives it from the route's auth dependencies); these tests hold every operation to
 what its entry says, and hold the entries to the security rules: every ``/v1`` route takes
-a token, and dataset, training-job and activation routes take the admin one.
+a token, and dataset, training-job, activation, export and model deletion routes take
+the admin one.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ ADMIN = "admin-token-123"
 TOKENS = {"api_tokens": f"{API},{OTHER_API}", "admin_token": ADMIN}
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
 ADMIN_PATHS = re.compile(r"^/v1/(datasets|training-jobs)(/|$)|^/v1/models/[^/]+/(activate|export)$")
+ADMIN_OPERATIONS = {("DELETE", "/v1/models/{model_id}")}  # its GET takes an inference token
 DOCS = ("/openapi.json", "/docs", "/redoc")
 
 
@@ -57,15 +59,17 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
 def test_the_document_marks_every_route_as_spec_9_says():
     with fake_client(**TOKENS) as client:
         ops = operations(client)
-    kinds = {template: kind for _, _, kind, template in ops}
-    assert {"/v1/segment", "/v1/segment/json", "/v1/models", "/healthz"} <= set(kinds)
-    for template, kind in kinds.items():
+    kinds = {(method, template): kind for method, _, kind, template in ops}
+    templates = {template for _, template in kinds}
+    assert {"/v1/segment", "/v1/segment/json", "/v1/models", "/healthz"} <= templates
+    assert set(kinds) >= ADMIN_OPERATIONS
+    for (method, template), kind in kinds.items():
         if template in OPEN_PATHS:
             assert kind == "open", template
-        elif ADMIN_PATHS.search(template):
-            assert kind == "admin", template  # an admin route without AdminToken
+        elif ADMIN_PATHS.search(template) or (method, template) in ADMIN_OPERATIONS:
+            assert kind == "admin", (method, template)  # an admin route without AdminToken
         else:
-            assert template.startswith("/v1/") and kind == "api", template
+            assert template.startswith("/v1/") and kind == "api", (method, template)
 
 
 def test_every_operation_answers_as_its_security_says():
