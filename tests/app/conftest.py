@@ -512,15 +512,17 @@ def s3_server(log_path: Path) -> Iterator[str]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's server exited:\n{log_path.read_text()}")
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(url + "/moto-api/", timeout=2)
+            return True  # any answer: it listens
+        return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                httpx.get(url + "/moto-api/", timeout=2)
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto's server did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+        wait_for(answering, 60, "moto's S3 server to answer")
         yield url
     finally:
         process.terminate()

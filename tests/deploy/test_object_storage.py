@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -119,12 +118,12 @@ def run_the_flow(a: ServerProcess, b: ServerProcess, archive, storage: str, dirs
     )
     assert job.status_code == 202, job.text
     job_id = job.json()["id"]
-    deadline = time.monotonic() + 240
-    while (done := b.client.get(f"/v1/training-jobs/{job_id}", headers=AS_ADMIN).json())[
-        "state"
-    ] in ("queued", "running"):
-        assert time.monotonic() < deadline, done
-        time.sleep(0.5)
+
+    def ended() -> dict | None:
+        job = b.client.get(f"/v1/training-jobs/{job_id}", headers=AS_ADMIN).json()
+        return job if job["state"] not in ("queued", "running") else None
+
+    done = wait_for(ended, 240, "the job to end")
     assert done["state"] == "succeeded", done
     model_id = done["model_id"]
     assert f"models/{model_id}.safetensors" in bucket_keys(storage)
